@@ -1,0 +1,29 @@
+// @ts-check
+// `npm run bench` (add `-- --quick` for a smoke run): every benchmark in one
+// process tree, one markdown table per topic.
+import { environment } from "./lib.mjs";
+import { limiterOverhead } from "./limiter.mjs";
+import { accuracy } from "./accuracy.mjs";
+
+const quick = process.argv.includes("--quick");
+const json = process.argv.includes("--json");
+const topics = [
+  ["limiter", limiterOverhead],
+  ["accuracy", accuracy],
+];
+const only = process.argv.slice(2).filter((a) => !a.startsWith("--"));
+
+console.log(
+  `## paceline benchmarks${
+    quick ? " (--quick: small sizes, not for quoting)" : ""
+  }\n`,
+);
+console.log(environment(["limiter", "p-queue"]) + "\n");
+const all = {};
+for (const [name, fn] of topics) {
+  if (only.length && !only.includes(name)) continue;
+  const { markdown, results } = await fn({ quick });
+  all[name] = results;
+  console.log(markdown + "\n");
+}
+if (json) console.log(JSON.stringify(all));

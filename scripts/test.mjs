@@ -1,0 +1,164 @@
+#!/usr/bin/env node
+// @ts-check
+// The whole test suite, one step after another: `npm test` runs this.
+// Each step's output is shown only when it fails (or with --verbose), so the
+// log stays readable; the last line is "N passed, N failed".
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+
+const root = resolve(import.meta.dirname, "..");
+const verbose = process.argv.includes("--verbose");
+const only = process.argv.slice(2).filter((a) => !a.startsWith("--"));
+const bin = (name) => join(root, "node_modules", ".bin", name);
+
+/** @type {[string, () => string | void][]} */
+const steps = [];
+const step = (name, fn) => steps.push([name, fn]);
+
+/** Runs a command; throws with its output if it fails. */
+function run(cmd, args, opts = {}) {
+  const r = spawnSync(cmd, args, {
+    cwd: opts.cwd ?? root,
+    encoding: "utf8",
+    env: { ...process.env, NO_COLOR: "1", FORCE_COLOR: "0", ...opts.env },
+    maxBuffer: 64 * 1024 * 1024,
+  });
+  const out = `${r.stdout ?? ""}${r.stderr ?? ""}`;
+  if (r.status !== 0) {
+    throw new Error(
+      `${cmd} ${args.join(" ")} exited ${r.status ?? r.signal}\n${out}`,
+    );
+  }
+  return out;
+}
+
+const deno = (...args) => run(bin("deno"), args);
+
+step("build", () => run("npm", ["run", "--silent", "build"]));
+step("typecheck (tsc)", () => run(bin("tsc"), ["-p", "tsconfig.json"]));
+step("vitest (Node)", () => run(bin("vitest"), ["run"]));
+step("deno check", () => deno("check", "mod.ts", "mod_test.ts"));
+step("deno lint", () => deno("lint"));
+step("deno fmt --check", () => deno("fmt", "--check"));
+step("deno doc --lint mod.ts", () => deno("doc", "--lint", "mod.ts"));
+step(
+  "deno publish --dry-run",
+  () => deno("publish", "--dry-run", "--allow-dirty"),
+);
+step("deno test", () => deno("test", "-A", "mod_test.ts"));
+step(
+  "deno test --doc (JSDoc examples run)",
+  () => deno("test", "--doc", "-A", "mod.ts"),
+);
+step("README examples run (Deno)", () => {
+  const readme = readFileSync(join(root, "README.md"), "utf8");
+  const blocks = [...readme.matchAll(/```ts\n([\s\S]*?)```/g)].map((m) => m[1]);
+  if (blocks.length === 0) throw new Error("no ts blocks in README.md");
+  const dir = mkdtempSync(join(root, ".tmp-readme-"));
+  try {
+    blocks.forEach((code, i) => {
+      const file = join(dir, `block${i}.ts`);
+      writeFileSync(
+        file,
+        code.replaceAll('from "paceline"', 'from "../mod.ts"'),
+      );
+      deno("run", "-A", file);
+    });
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  return `${blocks.length} blocks`;
+});
+step("bun test", () => run(bin("bun"), ["test", "mod_test.ts"]));
+step("package (npm pack, install, import, types)", () => {
+  const dir = mkdtempSync(join(tmpdir(), "paceline-pack-"));
+  try {
+    const packed = run("npm", ["pack", "--silent", "--pack-destination", dir]);
+    const tgz = join(dir, packed.trim().split("\n").pop() ?? "");
+    const app = join(dir, "app");
+    run("mkdir", ["-p", app]);
+    writeFileSync(
+      join(app, "package.json"),
+      JSON.stringify({ name: "app", private: true, type: "module" }),
+    );
+    run("npm", ["install", "--silent", "--no-audit", "--no-fund", tgz], {
+      cwd: app,
+    });
+    writeFileSync(
+      join(app, "main.mjs"),
+      `import { RateLimiter, ManualClock, Mutex, systemClock } from "paceline";
+const clock = new ManualClock();
+const limiter = new RateLimiter({ rpm: 2, marginMs: 0, clock });
+await limiter.acquire();
+await limiter.acquire();
+if (limiter.tryAcquire()) throw new Error("third request admitted");
+if (typeof systemClock.now() !== "number" || !new Mutex()) throw new Error("exports");
+console.log("ok");
+`,
+    );
+    const out = run("node", ["main.mjs"], { cwd: app });
+    if (out.trim() !== "ok") throw new Error(`consumer printed ${out}`);
+    writeFileSync(
+      join(app, "consumer.ts"),
+      `import { RateLimiter, type Permit, type WindowUsage } from "paceline";
+const limiter = new RateLimiter({ rpm: 50, itpm: 30_000 });
+const permit: Permit | undefined = limiter.tryAcquire({ requests: 1, inputTokens: 10 });
+permit?.settle({ inputTokens: 5 });
+const usage: WindowUsage[] = limiter.usage();
+const n: number = usage.length;
+// @ts-expect-error: costs are numbers
+limiter.tryAcquire({ requests: "1" });
+export { n };
+`,
+    );
+    writeFileSync(
+      join(app, "tsconfig.json"),
+      JSON.stringify({
+        compilerOptions: {
+          strict: true,
+          noEmit: true,
+          module: "NodeNext",
+          moduleResolution: "NodeNext",
+          target: "ES2022",
+          lib: ["ES2022", "DOM", "ESNext.Disposable"],
+          types: [],
+        },
+        files: ["consumer.ts"],
+      }),
+    );
+    run(bin("tsc"), ["-p", "tsconfig.json"], { cwd: app });
+    run(bin("publint"), ["run", tgz, "--strict"]);
+    run(bin("attw"), [
+      tgz,
+      "--profile",
+      "esm-only",
+      "--format",
+      "table-flipped",
+    ]);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+let passed = 0;
+let failed = 0;
+for (const [name, fn] of steps) {
+  if (only.length && !only.some((o) => name.includes(o))) continue;
+  const t0 = performance.now();
+  try {
+    const out = fn();
+    passed++;
+    const s = ((performance.now() - t0) / 1000).toFixed(1);
+    console.log(`ok   ${name} (${s} s)`);
+    if (verbose && out) console.log(out);
+  } catch (error) {
+    failed++;
+    console.log(
+      `FAIL ${name}\n${error instanceof Error ? error.message : error}`,
+    );
+  }
+}
+console.log(`\n${passed} passed, ${failed} failed`);
+process.exitCode = failed ? 1 : 0;
