@@ -1147,63 +1147,1130 @@ class SlidingWindow {
   }
 }
 
-function checkLimit(value: unknown, name: string): void {
+function checkNumber(
+  value: unknown,
+  name: string,
+  where: string,
+): asserts value is number {
   if (typeof value !== "number") {
     throw new TypeError(
-      `RateLimiter '${name}' must be a number: received ${typeof value} ${
+      `${where} '${name}' must be a number: received ${typeof value} ${
         String(value)
       }`,
     );
   }
-  if (!(value > 0) || value === Infinity) {
+}
+
+/** A finite number ≥ 0. */
+function checkNonNegative(
+  value: unknown,
+  name: string,
+  where: string,
+): asserts value is number {
+  checkNumber(value, name, where);
+  if (!(value >= 0) || value === Infinity) {
     throw new RangeError(
-      `RateLimiter '${name}' must be a positive finite number: received ${value}`,
+      `${where} '${name}' must be a finite number >= 0: received ${value}`,
     );
   }
+}
+
+/** A finite number > 0. */
+function checkPositive(
+  value: unknown,
+  name: string,
+  where: string,
+): asserts value is number {
+  checkNumber(value, name, where);
+  if (!(value > 0) || value === Infinity) {
+    throw new RangeError(
+      `${where} '${name}' must be a positive finite number: received ${value}`,
+    );
+  }
+}
+
+function checkLimit(value: unknown, name: string): void {
+  checkPositive(value, name, "RateLimiter");
 }
 
 function checkMs(value: unknown, name: string): void {
-  if (typeof value !== "number") {
-    throw new TypeError(
-      `RateLimiter '${name}' must be a number of milliseconds: received ${typeof value} ${
-        String(value)
-      }`,
-    );
-  }
-  if (!(value > 0) || value === Infinity) {
-    throw new RangeError(
-      `RateLimiter '${name}' must be a positive finite number of milliseconds: received ${value}`,
-    );
-  }
+  checkPositive(value, name, "RateLimiter");
 }
 
 function checkMargin(value: unknown, name: string): void {
-  if (typeof value !== "number") {
-    throw new TypeError(
-      `RateLimiter '${name}' must be a number: received ${typeof value} ${
-        String(value)
-      }`,
-    );
-  }
-  if (!(value >= 0) || value === Infinity) {
-    throw new RangeError(
-      `RateLimiter '${name}' must be a finite number >= 0: received ${value}`,
-    );
-  }
+  checkNonNegative(value, name, "RateLimiter");
 }
 
 function checkAmount(value: unknown, key: string, where: string): number {
-  if (typeof value !== "number") {
+  checkNonNegative(value, key, `RateLimiter ${where}`);
+  return value;
+}
+
+// =============================================================================
+// Retry
+// =============================================================================
+
+/** How {@linkcode backoff} spreads delays. */
+export type Jitter = "full" | "equal" | "none";
+
+/** Options for {@linkcode backoff}. */
+export interface BackoffOptions {
+  /** Delay before the first retry (before jitter), in ms. Default 500. */
+  baseMs?: number;
+  /** Upper bound on any backoff delay, in ms. Default 20,000. */
+  maxMs?: number;
+  /** Growth per attempt. Default 2. */
+  factor?: number;
+  /**
+   * `"equal"` (default): uniform in [d/2, d] — never near 0, so a failing
+   * server is not hammered. `"full"`: uniform in [0, d]. `"none"`: exactly d.
+   */
+  jitter?: Jitter;
+}
+
+const JITTERS: readonly string[] = ["full", "equal", "none"];
+
+/**
+ * The exponential backoff delay before retry number `attempt`:
+ * `d = min(maxMs, baseMs × factor^(attempt − 1))`, then jittered.
+ *
+ * @param attempt Failures so far: 1 before the first retry. An integer ≥ 1.
+ * @param options Base, cap, factor and jitter; see {@linkcode BackoffOptions}.
+ * @param random A source of uniform numbers in [0, 1); default `Math.random`.
+ * @returns The delay in milliseconds.
+ * @throws {RangeError | TypeError} If an argument is out of range or of the
+ *   wrong type, naming it.
+ *
+ * @example
+ * ```ts
+ * import { backoff } from "./mod.ts";
+ *
+ * const d = [1, 2, 3, 4].map((n) => backoff(n, { baseMs: 100, maxMs: 500, jitter: "none" }));
+ * if (d.join() !== "100,200,400,500") throw new Error(d.join());
+ * ```
+ */
+export function backoff(
+  attempt: number,
+  options: BackoffOptions = {},
+  random: () => number = Math.random,
+): number {
+  if (
+    typeof attempt !== "number" || !Number.isInteger(attempt) || attempt < 1
+  ) {
+    throw new RangeError(
+      `backoff 'attempt' must be an integer >= 1: received ${String(attempt)}`,
+    );
+  }
+  const { baseMs, maxMs, factor, jitter } = backoffDefaults(options, "backoff");
+  const d = Math.min(maxMs, baseMs * factor ** (attempt - 1));
+  if (jitter === "none") return d;
+  const r = random();
+  if (typeof r !== "number" || !(r >= 0 && r < 1)) {
+    throw new RangeError(
+      `backoff 'random' must return a number in [0, 1): received ${String(r)}`,
+    );
+  }
+  return jitter === "full" ? d * r : d / 2 + (d / 2) * r;
+}
+
+function backoffDefaults(
+  options: BackoffOptions,
+  where: string,
+): Required<BackoffOptions> {
+  const { baseMs = 500, maxMs = 20_000, factor = 2, jitter = "equal" } =
+    options;
+  checkNonNegative(baseMs, "baseMs", where);
+  checkNonNegative(maxMs, "maxMs", where);
+  checkNumber(factor, "factor", where);
+  if (!(factor >= 1) || factor === Infinity) {
+    throw new RangeError(
+      `${where} 'factor' must be a finite number >= 1: received ${factor}`,
+    );
+  }
+  if (!JITTERS.includes(jitter)) {
     throw new TypeError(
-      `RateLimiter ${where} '${key}' must be a number: received ${typeof value} ${
-        String(value)
+      `${where} 'jitter' must be "full", "equal" or "none": received ${
+        String(jitter)
       }`,
     );
   }
-  if (!(value >= 0) || value === Infinity) {
-    throw new RangeError(
-      `RateLimiter ${where} '${key}' must be a finite number >= 0: received ${value}`,
+  return { baseMs, maxMs, factor, jitter };
+}
+
+/** Headers as a `Headers` object or a plain record (keys in any case). */
+export type HeadersLike =
+  | Headers
+  | Record<string, string | readonly string[] | number | null | undefined>;
+
+/** Options for {@linkcode parseRetryAfter}. */
+export interface ParseRetryAfterOptions {
+  /**
+   * Also read the providers' rate-limit reset headers (Anthropic
+   * `anthropic-ratelimit-*-reset`, OpenAI `x-ratelimit-reset-*`, IETF
+   * `ratelimit`/`ratelimit-reset`, GitHub `x-ratelimit-reset`). Use it for
+   * 429 responses only: on other responses they describe the quota, not a
+   * wait. Default `true`.
+   */
+  resetHeaders?: boolean;
+}
+
+/** Server-told waits longer than this are treated as garbage. */
+const ABSURD_MS = 86_400_000;
+
+/**
+ * How long a server asked us to wait, in ms, or `undefined` if it did not say
+ * so in a form we trust. Reads, in order:
+ *
+ * 1. `retry-after-ms` — milliseconds, decimals allowed (OpenAI, Anthropic);
+ * 2. `retry-after` — delay-seconds (decimals allowed) or an HTTP-date in any
+ *    of RFC 9110's three forms (IMF-fixdate, RFC 850, asctime);
+ * 3. with `resetHeaders` (default): the providers' reset headers. Anthropic
+ *    `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-reset`
+ *    (RFC 3339 times); OpenAI and Azure `x-ratelimit-reset-{requests,tokens}`
+ *    (Go durations like `6m0s`, `19m45.394s`, `90ms`, or whole seconds); IETF
+ *    `RateLimit: …;t=N` and `RateLimit-Reset` (delta-seconds); GitHub
+ *    `x-ratelimit-reset` (epoch seconds). Buckets whose `remaining` is 0 are
+ *    preferred; the longest of those (or of all, if none says 0) wins.
+ *
+ * Parsing is strict: no `Date.parse`. Garbage, negative values, `NaN`, dates
+ * without a zone and waits over one day yield `undefined`, so the caller
+ * falls back to its own backoff instead of hammering or sleeping for years.
+ * A date in the past also yields `undefined`. Repeated values (`"5, 10"`)
+ * yield the longest.
+ *
+ * @param headers A `Headers` object or a plain record.
+ * @param now The current wall-clock time in epoch ms, for dates; default
+ *   `Date.now()`.
+ * @param options See {@linkcode ParseRetryAfterOptions}.
+ * @returns Milliseconds to wait (≥ 0, ≤ one day), or `undefined`.
+ *
+ * @example
+ * ```ts
+ * import { parseRetryAfter } from "./mod.ts";
+ *
+ * const now = Date.UTC(2015, 9, 21, 7, 27, 0);
+ * const cases = [
+ *   parseRetryAfter({ "Retry-After": "2" }),
+ *   parseRetryAfter({ "retry-after": "Wed, 21 Oct 2015 07:28:00 GMT" }, now),
+ *   parseRetryAfter(new Headers({ "x-ratelimit-reset-requests": "1m26.4s" })),
+ *   parseRetryAfter({ "retry-after": "-3" }),
+ * ];
+ * if (cases.join() !== "2000,60000,86400,") throw new Error(cases.join());
+ * ```
+ */
+export function parseRetryAfter(
+  headers: HeadersLike | undefined | null,
+  now: number = Date.now(),
+  options: ParseRetryAfterOptions = {},
+): number | undefined {
+  if (!headers) return undefined;
+  const { resetHeaders = true } = options;
+  const get = headerGetter(headers);
+  const ms = get("retry-after-ms");
+  if (ms !== undefined) {
+    const v = maxOfList(ms, (s) => parseDecimal(s));
+    if (v !== undefined) return sane(v);
+  }
+  const ra = get("retry-after");
+  if (ra !== undefined) {
+    const v = parseDelaySecondsOrDate(ra, now);
+    if (v !== undefined) return sane(v);
+  }
+  if (!resetHeaders) return undefined;
+  return sane(parseResets(get, now));
+}
+
+function sane(v: number | undefined): number | undefined {
+  return v !== undefined && v >= 0 && v <= ABSURD_MS ? v : undefined;
+}
+
+/** A case-insensitive single-value getter over either kind of headers. */
+function headerGetter(
+  headers: HeadersLike,
+): (name: string) => string | undefined {
+  if (typeof (headers as Headers).get === "function") {
+    const h = headers as Headers;
+    return (name) => h.get(name) ?? undefined;
+  }
+  const lower = new Map<string, string>();
+  for (const [k, v] of Object.entries(headers)) {
+    if (v === undefined || v === null) continue;
+    const s = Array.isArray(v) ? v.join(", ") : String(v);
+    const key = k.toLowerCase();
+    const prev = lower.get(key);
+    lower.set(key, prev === undefined ? s : `${prev}, ${s}`);
+  }
+  return (name) => lower.get(name);
+}
+
+/** `"1500"`, `"1.5"`: non-negative decimal numbers, nothing else. */
+function parseDecimal(s: string): number | undefined {
+  const t = s.trim();
+  if (!/^\d{1,15}(\.\d{1,9})?$/.test(t)) return undefined;
+  return Number(t);
+}
+
+/** Applies `parse` to each comma-separated part; the maximum, or undefined if any fails. */
+function maxOfList(
+  value: string,
+  parse: (s: string) => number | undefined,
+): number | undefined {
+  let best: number | undefined;
+  for (const part of value.split(",")) {
+    const v = parse(part);
+    if (v === undefined) return undefined;
+    if (best === undefined || v > best) best = v;
+  }
+  return best;
+}
+
+function parseDelaySecondsOrDate(
+  value: string,
+  now: number,
+): number | undefined {
+  const seconds = maxOfList(value, parseDecimal);
+  if (seconds !== undefined) return seconds * 1000;
+  // A single HTTP-date contains a comma (IMF-fixdate, RFC 850); a repeated
+  // header joins several with ", ", so split before each weekday name.
+  let best: number | undefined;
+  const parts = value.split(/,\s*(?=[A-Za-z]{3,9}(?:,|\s))/);
+  for (const part of parts) {
+    const t = parseHttpDate(part);
+    if (t === undefined) return undefined;
+    if (best === undefined || t > best) best = t;
+  }
+  if (best === undefined) return undefined;
+  const delta = best - now;
+  return delta >= 0 ? delta : undefined; // a past date: fall back to backoff
+}
+
+const MONTHS = [
+  "jan",
+  "feb",
+  "mar",
+  "apr",
+  "may",
+  "jun",
+  "jul",
+  "aug",
+  "sep",
+  "oct",
+  "nov",
+  "dec",
+];
+const DAY = "(?:mon|tue|wed|thu|fri|sat|sun)";
+const LONG_DAY = "(?:monday|tuesday|wednesday|thursday|friday|saturday|sunday)";
+const MON = "(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)";
+const TIME = "(\\d{2}):(\\d{2}):(\\d{2})";
+const IMF_FIXDATE = new RegExp(
+  `^${DAY},\\s+(\\d{1,2})\\s+${MON}\\s+(\\d{4})\\s+${TIME}\\s+gmt$`,
+  "i",
+);
+const RFC850 = new RegExp(
+  `^${LONG_DAY},\\s+(\\d{1,2})-${MON}-(\\d{2})\\s+${TIME}\\s+gmt$`,
+  "i",
+);
+const ASCTIME = new RegExp(
+  `^${DAY}\\s+${MON}\\s+(\\d{1,2})\\s+${TIME}\\s+(\\d{4})$`,
+  "i",
+);
+
+/**
+ * Epoch ms of an HTTP-date (RFC 9110 §5.6.7) in any of its three forms, or
+ * undefined. Case and runs of spaces are forgiven; the zone is not.
+ */
+function parseHttpDate(value: string): number | undefined {
+  const s = value.trim();
+  let m = IMF_FIXDATE.exec(s);
+  if (m) return utc(+m[3]!, m[2]!, +m[1]!, +m[4]!, +m[5]!, +m[6]!);
+  m = RFC850.exec(s);
+  if (m) {
+    // Two-digit years: the most recent year with those digits that is not
+    // more than 50 years in the future (RFC 9110).
+    const yy = +m[3]!;
+    const thisYear = new Date().getUTCFullYear();
+    let year = Math.floor(thisYear / 100) * 100 + yy;
+    if (year > thisYear + 50) year -= 100;
+    return utc(year, m[2]!, +m[1]!, +m[4]!, +m[5]!, +m[6]!);
+  }
+  m = ASCTIME.exec(s);
+  if (m) return utc(+m[6]!, m[1]!, +m[2]!, +m[3]!, +m[4]!, +m[5]!);
+  return undefined;
+}
+
+function utc(
+  year: number,
+  month: string,
+  day: number,
+  h: number,
+  min: number,
+  sec: number,
+): number | undefined {
+  const mon = MONTHS.indexOf(month.toLowerCase());
+  if (day < 1 || day > 31 || h > 23 || min > 59 || sec > 60) return undefined;
+  const t = Date.UTC(year, mon, day, h, min, Math.min(sec, 59));
+  // Reject days that roll over into the next month (e.g. 31 Feb).
+  return new Date(t).getUTCDate() === day ? t : undefined;
+}
+
+const RFC3339 =
+  /^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$/;
+
+/** Epoch ms of an RFC 3339 timestamp, or undefined. */
+function parseRfc3339(value: string): number | undefined {
+  const m = RFC3339.exec(value.trim());
+  if (!m) return undefined;
+  const [, y, mo, d, h, mi, s, frac, zone] = m;
+  if (+mo! < 1 || +mo! > 12 || +d! < 1 || +h! > 23 || +mi! > 59 || +s! > 60) {
+    return undefined;
+  }
+  let t = Date.UTC(+y!, +mo! - 1, +d!, +h!, +mi!, Math.min(+s!, 59));
+  if (new Date(t).getUTCDate() !== +d!) return undefined;
+  if (frac) t += Number(`0${frac}`) * 1000;
+  if (zone !== "Z" && zone !== "z") {
+    const sign = zone![0] === "-" ? -1 : 1;
+    const oh = +zone!.slice(1, 3);
+    const om = +zone!.slice(4, 6);
+    if (oh > 23 || om > 59) return undefined;
+    t -= sign * (oh * 60 + om) * 60_000;
+  }
+  return t;
+}
+
+const GO_UNITS: Record<string, number> = {
+  h: 3_600_000,
+  m: 60_000,
+  s: 1000,
+  ms: 1,
+  us: 0.001,
+  "µs": 0.001,
+  "μs": 0.001,
+  ns: 0.000001,
+};
+
+/** Milliseconds of a Go duration (`1h4m48s`, `19m45.394s`, `90ms`, `0s`), or undefined. */
+function parseGoDuration(value: string): number | undefined {
+  const s = value.trim();
+  if (!/^(?:\d+(?:\.\d+)?(?:h|ms|m|s|us|µs|μs|ns))+$/.test(s)) return undefined;
+  let total = 0;
+  for (const m of s.matchAll(/(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|μs|ns)/g)) {
+    total += Number(m[1]) * GO_UNITS[m[2]!]!;
+  }
+  return total;
+}
+
+const ANTHROPIC_BUCKETS = [
+  "requests",
+  "tokens",
+  "input-tokens",
+  "output-tokens",
+];
+const OPENAI_BUCKETS = ["requests", "tokens"];
+
+function parseResets(
+  get: (name: string) => string | undefined,
+  now: number,
+): number | undefined {
+  const zero: number[] = [];
+  const all: number[] = [];
+  const add = (wait: number | undefined, remaining: string | undefined) => {
+    if (wait === undefined || !(wait >= 0)) return;
+    all.push(wait);
+    if (remaining !== undefined && parseDecimal(remaining) === 0) {
+      zero.push(wait);
+    }
+  };
+  for (const b of ANTHROPIC_BUCKETS) {
+    const reset = get(`anthropic-ratelimit-${b}-reset`);
+    if (reset === undefined) continue;
+    const t = parseRfc3339(reset);
+    add(
+      t === undefined ? undefined : Math.max(0, t - now),
+      get(`anthropic-ratelimit-${b}-remaining`),
     );
   }
-  return value;
+  for (const b of OPENAI_BUCKETS) {
+    const reset = get(`x-ratelimit-reset-${b}`);
+    if (reset === undefined) continue;
+    // OpenAI: Go durations. Azure: whole seconds.
+    const secs = parseDecimal(reset);
+    add(
+      secs !== undefined ? secs * 1000 : parseGoDuration(reset),
+      get(`x-ratelimit-remaining-${b}`),
+    );
+  }
+  const ietf = get("ratelimit");
+  if (ietf !== undefined) {
+    const m = /(?:^|;)\s*t=(\d+)\s*(?:;|,|$)/.exec(ietf);
+    const r = /(?:^|;)\s*r=(\d+)\s*(?:;|,|$)/.exec(ietf);
+    if (m) add(Number(m[1]) * 1000, r?.[1]);
+  }
+  const legacy = get("ratelimit-reset");
+  if (legacy !== undefined) {
+    const secs = parseDecimal(legacy);
+    add(
+      secs === undefined ? undefined : secs * 1000,
+      get("ratelimit-remaining"),
+    );
+  }
+  const github = get("x-ratelimit-reset");
+  if (github !== undefined) {
+    const epoch = parseDecimal(github);
+    add(
+      epoch === undefined ? undefined : Math.max(0, epoch * 1000 - now),
+      get("x-ratelimit-remaining"),
+    );
+  }
+  const pick = zero.length ? zero : all;
+  return pick.length ? Math.max(...pick) : undefined;
+}
+
+/**
+ * Thrown by {@linkcode retry} when it gives up on a retryable failure: the
+ * attempts ran out, the server asked for a wait longer than
+ * `maxRetryAfterMs`, or the next wait would pass `maxElapsedMs`.
+ *
+ * @example
+ * ```ts
+ * import { retry, RetryError } from "./mod.ts";
+ *
+ * const error = await retry(() => {
+ *   throw Object.assign(new Error("overloaded"), { status: 529 });
+ * }, { retries: 0 }).catch((e) => e);
+ * if (!(error instanceof RetryError) || error.attempts !== 1) throw error;
+ * ```
+ */
+export class RetryError extends Error {
+  /** How many times the function was called. */
+  readonly attempts: number;
+  /**
+   * The last `Response`, when the function returned one (its body unread),
+   * so a fetch wrapper can hand it back to its caller.
+   */
+  readonly response: Response | undefined;
+
+  /**
+   * Creates the error; {@linkcode retry} does this for you.
+   *
+   * @param message What happened, for humans.
+   * @param attempts How many attempts were made.
+   * @param cause The last failure.
+   * @param response The last `Response`, if the failure was one.
+   */
+  constructor(
+    message: string,
+    attempts: number,
+    cause: unknown,
+    response?: Response,
+  ) {
+    super(message, { cause });
+    this.name = "RetryError";
+    this.attempts = attempts;
+    this.response = response;
+  }
+}
+
+/**
+ * Thrown at once, without retrying, when a 429 means the account's quota,
+ * credit or spend limit is exhausted (Anthropic `enforced_spend_limit_reached`;
+ * OpenAI `insufficient_quota`, `credit_balance_exhausted`, and the spend and
+ * usage limit codes). Waiting will not help; stop the batch.
+ *
+ * @example
+ * ```ts
+ * import { QuotaError, retry } from "./mod.ts";
+ *
+ * const error = await retry(() => {
+ *   throw Object.assign(new Error("quota"), {
+ *     status: 429,
+ *     error: { error: { type: "insufficient_quota", code: "insufficient_quota" } },
+ *   });
+ * }).catch((e) => e);
+ * if (!(error instanceof QuotaError) || error.code !== "insufficient_quota") throw error;
+ * ```
+ */
+export class QuotaError extends Error {
+  /** The provider's code, e.g. `"insufficient_quota"`. */
+  readonly code: string;
+  /** How many times the function was called (always 1 unless other failures came first). */
+  readonly attempts: number;
+  /** The `Response`, when the function returned one (its body unread). */
+  readonly response: Response | undefined;
+
+  /**
+   * Creates the error; {@linkcode retry} does this for you.
+   *
+   * @param code The provider's error code.
+   * @param attempts Attempts made.
+   * @param cause The failure.
+   * @param response The `Response`, if the failure was one.
+   */
+  constructor(
+    code: string,
+    attempts: number,
+    cause: unknown,
+    response?: Response,
+  ) {
+    super(
+      `Quota exhausted (${code}): the provider refuses further requests until the quota, credit or spend limit is raised or resets; not retried`,
+      { cause },
+    );
+    this.name = "QuotaError";
+    this.code = code;
+    this.attempts = attempts;
+    this.response = response;
+  }
+}
+
+/**
+ * An HTTP response that failed: status, the provider's error type and
+ * message, request id and headers. Carries no request data, so no API key.
+ *
+ * @example
+ * ```ts
+ * import { HttpError } from "./mod.ts";
+ *
+ * const e = new HttpError(429, { type: "rate_limit_error", message: "Slow down" });
+ * if (e.message !== "HTTP 429 rate_limit_error: Slow down") throw e;
+ * ```
+ */
+export class HttpError extends Error {
+  /** The HTTP status. */
+  readonly status: number;
+  /** The provider's error type or code, e.g. `"rate_limit_error"`. */
+  readonly type: string | undefined;
+  /** The request id header (`request-id`, `x-request-id`), if any. */
+  readonly requestId: string | undefined;
+  /** The response headers. */
+  readonly headers: Headers;
+  /** The parsed error body, if it was JSON. */
+  readonly body: unknown;
+
+  /**
+   * Creates the error; see {@linkcode HttpError.from} to build one from a
+   * `Response`.
+   *
+   * @param status The HTTP status.
+   * @param details Provider error type, message, request id, headers, body.
+   */
+  constructor(
+    status: number,
+    details: {
+      type?: string;
+      message?: string;
+      requestId?: string;
+      headers?: Headers;
+      body?: unknown;
+    } = {},
+  ) {
+    const what = [details.type, details.message].filter(Boolean).join(": ");
+    super(`HTTP ${status}${what ? ` ${what}` : ""}`);
+    this.name = "HttpError";
+    this.status = status;
+    this.type = details.type;
+    this.requestId = details.requestId;
+    this.headers = details.headers ?? new Headers();
+    this.body = details.body;
+  }
+
+  /**
+   * Builds an `HttpError` from a response and its body text, reading the
+   * Anthropic (`{type:"error", error:{type, message}}`) and OpenAI
+   * (`{error:{message, type, code}}`) shapes.
+   *
+   * @param response The failed response (its body is not read).
+   * @param text The body text, if read.
+   * @returns The error.
+   */
+  static from(response: Response, text = ""): HttpError {
+    let body: unknown = undefined;
+    try {
+      body = text ? JSON.parse(text) : undefined;
+    } catch {
+      body = text.slice(0, 500);
+    }
+    const err = (body as { error?: Record<string, unknown> } | undefined)
+      ?.error;
+    const type = typeof err?.type === "string"
+      ? err.type
+      : typeof err?.code === "string"
+      ? err.code
+      : undefined;
+    const message = typeof err?.message === "string"
+      ? err.message
+      : typeof body === "string"
+      ? body
+      : response.statusText;
+    return new HttpError(response.status, {
+      type,
+      message,
+      requestId: response.headers.get("request-id") ??
+        response.headers.get("x-request-id") ?? undefined,
+      headers: response.headers,
+      body,
+    });
+  }
+}
+
+/** What {@linkcode retry} passes to `onRetry` before each wait. */
+export interface RetryInfo {
+  /** The attempt that just failed (1 for the first). */
+  attempt: number;
+  /** What it failed with: the thrown error, or the `Response`. */
+  error: unknown;
+  /** How long we wait before the next attempt, in ms. */
+  delayMs: number;
+  /** Whether the delay came from the server (`retry-after` …) rather than backoff. */
+  serverTold: boolean;
+}
+
+/** Options for {@linkcode retry}. */
+export interface RetryOptions extends BackoffOptions {
+  /** Retries after the first attempt: an integer ≥ 0 or `Infinity`. Default 5. */
+  retries?: number;
+  /** Give up when the next wait would end more than this many ms after the start. Default `Infinity`. */
+  maxElapsedMs?: number;
+  /**
+   * The longest server-told wait we honour, in ms. A server asking for more
+   * fails at once with a {@linkcode RetryError} that says how long it asked
+   * for. Default 120,000 (two minutes: a per-minute window plus slack; longer
+   * asks usually mean a daily limit, where failing fast beats a silent stall).
+   */
+  maxRetryAfterMs?: number;
+  /**
+   * Overrides the default classification: return `true` to retry, `false`
+   * to stop, `undefined` to use the default.
+   */
+  shouldRetry?: (failure: unknown, attempt: number) => boolean | undefined;
+  /** Called before each wait. */
+  onRetry?: (info: RetryInfo) => void;
+  /** Aborting it stops at once (during an attempt or a wait) with `signal.reason`. */
+  signal?: AbortSignal;
+  /** Time source for waits; default {@linkcode systemClock}. */
+  clock?: Clock;
+  /** Wall-clock epoch ms, for HTTP-date and RFC 3339 headers; default `Date.now`. */
+  dateNow?: () => number;
+  /** Uniform numbers in [0, 1) for jitter; default `Math.random`. */
+  random?: () => number;
+}
+
+const RETRY_OPTIONS = new Set([
+  "baseMs",
+  "maxMs",
+  "factor",
+  "jitter",
+  "retries",
+  "maxElapsedMs",
+  "maxRetryAfterMs",
+  "shouldRetry",
+  "onRetry",
+  "signal",
+  "clock",
+  "dateNow",
+  "random",
+]);
+
+/** Quota and billing codes that a retry can never fix. */
+const QUOTA_CODES = new Set([
+  "enforced_spend_limit_reached",
+  "insufficient_quota",
+  "credit_balance_exhausted",
+  "organization_spend_limit_exceeded",
+  "project_spend_limit_exceeded",
+  "organization_usage_limit_exceeded",
+]);
+
+const NETWORK_CODES = new Set([
+  "ECONNRESET",
+  "ECONNREFUSED",
+  "ECONNABORTED",
+  "ETIMEDOUT",
+  "EPIPE",
+  "EAI_AGAIN",
+  "ENETUNREACH",
+  "EHOSTUNREACH",
+  "UND_ERR_SOCKET",
+  "UND_ERR_CONNECT_TIMEOUT",
+  "UND_ERR_HEADERS_TIMEOUT",
+  "UND_ERR_BODY_TIMEOUT",
+  "UND_ERR_CLOSED",
+  "ConnectionRefused",
+  "ConnectionClosed",
+]);
+
+/**
+ * Calls `fn` until it succeeds, retrying what is transient with backoff and
+ * honouring every form of server-told wait.
+ *
+ * `fn(attempt, signal)` may throw or return a `Response`. A failure is
+ * retried when it is HTTP 408, 409, 429 or 5xx (529 included), or a network
+ * error — unless the response says `x-should-retry: false` (and
+ * `x-should-retry: true` makes anything retryable). Never retried: other
+ * 4xx, aborts, and 429s that mean an exhausted quota ({@linkcode QuotaError}).
+ * Non-retryable errors are rethrown as they are; a non-retryable `Response`
+ * (e.g. 400, or 200) is returned as it is.
+ *
+ * Errors are read the way the official SDKs shape them: `status`,
+ * `headers` (a `Headers` or a record) or `response.headers`, and the body in
+ * `error` (`@anthropic-ai/sdk`, `openai`).
+ *
+ * The wait before each retry is the server's ({@linkcode parseRetryAfter}:
+ * `retry-after-ms`, `retry-after`, and for 429s the reset headers), exactly,
+ * without jitter, if it gave one; otherwise {@linkcode backoff}. There is no
+ * wait after the last attempt. The bodies of discarded responses are
+ * cancelled so connections are freed.
+ *
+ * @param fn The operation; gets the attempt number (from 1) and the signal.
+ * @param options Limits and hooks; see {@linkcode RetryOptions}.
+ * @returns What `fn` returned.
+ * @throws {RetryError} When it gives up on a retryable failure.
+ * @throws {QuotaError} At once, for a quota or billing 429.
+ * @throws {TypeError | RangeError} For invalid options.
+ *
+ * @example Retry a flaky call, honouring `retry-after`
+ * ```ts
+ * import { ManualClock, retry } from "./mod.ts";
+ *
+ * const clock = new ManualClock();
+ * let calls = 0;
+ * const result = retry(async () => {
+ *   if (++calls < 3) {
+ *     return new Response("busy", { status: 503, headers: { "retry-after": "2" } });
+ *   }
+ *   return new Response("ok");
+ * }, { clock });
+ * await clock.advance(4000);
+ * const response = await result;
+ * if ((await response.text()) !== "ok" || clock.now() !== 4000) throw new Error();
+ * ```
+ */
+export async function retry<T>(
+  fn: (attempt: number, signal: AbortSignal | undefined) => T | Promise<T>,
+  options: RetryOptions = {},
+): Promise<T> {
+  if (typeof fn !== "function") {
+    throw new TypeError(`retry 'fn' must be a function: received ${typeof fn}`);
+  }
+  const o = checkRetryOptions(options);
+  const { signal, clock, random } = o;
+  const start = clock.now();
+  for (let attempt = 1;; attempt++) {
+    if (signal?.aborted) throw signal.reason;
+    let failure: Failure;
+    try {
+      const value = await fn(attempt, signal);
+      if (
+        !(value instanceof Response) ||
+        (value.status < 400 && value.headers.get("x-should-retry") !== "true")
+      ) return value;
+      failure = await describeResponse(value);
+    } catch (error) {
+      if (signal?.aborted) throw signal.reason;
+      failure = describeError(error);
+    }
+    let retryable = failure.retryable;
+    const verdict = o.shouldRetry?.(failure.value, attempt);
+    if (verdict !== undefined) retryable = verdict;
+    else if (failure.quota) {
+      throw new QuotaError(
+        failure.quota,
+        attempt,
+        failure.cause,
+        failure.response,
+      );
+    }
+    if (!retryable) {
+      if (failure.response) return failure.response as T;
+      throw failure.value;
+    }
+    const giveUp = (why: string): never => {
+      throw new RetryError(
+        `${why}; last failure: ${failure.summary}`,
+        attempt,
+        failure.cause,
+        failure.response,
+      );
+    };
+    if (attempt > o.retries) {
+      giveUp(`Gave up after ${attempt} attempt${attempt === 1 ? "" : "s"}`);
+    }
+    const told = parseRetryAfter(failure.headers, o.dateNow(), {
+      resetHeaders: failure.status === 429,
+    });
+    let delayMs: number;
+    if (told !== undefined) {
+      if (told > o.maxRetryAfterMs) {
+        giveUp(
+          `The server asked to wait ${
+            formatMs(told)
+          }, longer than maxRetryAfterMs (${
+            formatMs(o.maxRetryAfterMs)
+          }); not waiting`,
+        );
+      }
+      delayMs = told;
+    } else delayMs = backoff(attempt, o, random);
+    const elapsed = clock.now() - start;
+    if (elapsed + delayMs > o.maxElapsedMs) {
+      giveUp(
+        `Gave up after ${attempt} attempts: waiting ${
+          formatMs(delayMs)
+        } more would pass maxElapsedMs (${formatMs(o.maxElapsedMs)})`,
+      );
+    }
+    await failure.response?.body?.cancel().catch(() => {});
+    o.onRetry?.({
+      attempt,
+      error: failure.value,
+      delayMs,
+      serverTold: told !== undefined,
+    });
+    await clock.sleep(delayMs, signal);
+  }
+}
+
+interface Failure {
+  /** What fn threw, or the Response it returned. */
+  value: unknown;
+  /** An Error for RetryError.cause: the thrown error, or an HttpError. */
+  cause: unknown;
+  response: Response | undefined;
+  status: number | undefined;
+  headers: HeadersLike | undefined;
+  retryable: boolean;
+  quota: string | undefined;
+  summary: string;
+}
+
+function isRetryableStatus(r: Response): boolean {
+  const should = r.headers.get("x-should-retry");
+  if (should === "true") return true;
+  if (should === "false") return false;
+  return retryableStatus(r.status);
+}
+
+function retryableStatus(status: number): boolean {
+  return status === 408 || status === 409 || status === 429 || status >= 500;
+}
+
+async function describeResponse(response: Response): Promise<Failure> {
+  let text = "";
+  if (response.status < 500) {
+    // Small error bodies; read a copy, so the caller can still read the original.
+    text = await response.clone().text().catch(() => "");
+  }
+  const error = HttpError.from(response, text);
+  return {
+    value: response,
+    cause: error,
+    response,
+    status: response.status,
+    headers: response.headers,
+    retryable: isRetryableStatus(response),
+    quota: response.status === 429 ? quotaCode(error.body) : undefined,
+    summary: error.message,
+  };
+}
+
+function describeError(error: unknown): Failure {
+  const e = (typeof error === "object" && error !== null ? error : {}) as {
+    status?: unknown;
+    statusCode?: unknown;
+    headers?: unknown;
+    response?: { status?: unknown; headers?: unknown };
+    error?: unknown;
+    body?: unknown;
+    code?: unknown;
+    type?: unknown;
+    name?: unknown;
+    message?: unknown;
+    cause?: unknown;
+  };
+  const status = [e.status, e.statusCode, e.response?.status].find((s) =>
+    typeof s === "number"
+  ) as number | undefined;
+  const rawHeaders = e.headers ?? e.response?.headers;
+  const headers = typeof rawHeaders === "object" && rawHeaders !== null
+    ? rawHeaders as HeadersLike
+    : undefined;
+  const should = headers ? headerGetter(headers)("x-should-retry") : undefined;
+  let retryable: boolean;
+  if (should === "true") retryable = true;
+  else if (should === "false") retryable = false;
+  else if (status !== undefined) retryable = retryableStatus(status);
+  else retryable = isNetworkError(error);
+  const quota = status === 429
+    ? quotaCode(e.error) ?? quotaCode(e.body) ?? quotaCode(e)
+    : undefined;
+  const summary = error instanceof Error
+    ? `${error.name}: ${error.message}`
+    : String(error);
+  return {
+    value: error,
+    cause: error,
+    response: undefined,
+    status,
+    headers,
+    retryable,
+    quota,
+    summary,
+  };
+}
+
+function isAbortError(error: unknown): boolean {
+  const name = (error as { name?: unknown } | null)?.name;
+  return name === "AbortError" || name === "TimeoutError";
+}
+
+function isNetworkError(error: unknown): boolean {
+  if (typeof error !== "object" || error === null) return false;
+  if (isAbortError(error)) return false;
+  const seen = new Set<unknown>();
+  for (let e: unknown = error; e && typeof e === "object" && !seen.has(e);) {
+    seen.add(e);
+    const x = e as {
+      code?: unknown;
+      name?: unknown;
+      message?: unknown;
+      cause?: unknown;
+    };
+    if (typeof x.code === "string" && NETWORK_CODES.has(x.code)) return true;
+    if (
+      x.name === "APIConnectionError" ||
+      x.name === "APIConnectionTimeoutError" ||
+      x.name === "FetchError"
+    ) return true;
+    if (
+      x.name === "TypeError" && typeof x.message === "string" &&
+      /fetch failed|network|socket|connection|terminated|reset|refused|error sending request/i
+        .test(x.message)
+    ) return true;
+    e = x.cause;
+  }
+  return false;
+}
+
+/** The quota/billing code in an error body (any of the providers' shapes), if any. */
+function quotaCode(body: unknown): string | undefined {
+  const seen = new Set<unknown>();
+  const visit = (v: unknown, depth: number): string | undefined => {
+    if (typeof v !== "object" || v === null || depth > 4 || seen.has(v)) {
+      return undefined;
+    }
+    seen.add(v);
+    const o = v as Record<string, unknown>;
+    for (const k of ["error_code", "code", "type"]) {
+      const c = o[k];
+      if (typeof c === "string" && QUOTA_CODES.has(c)) return c;
+    }
+    for (const k of ["error", "details"]) {
+      const found = visit(o[k], depth + 1);
+      if (found) return found;
+    }
+    return undefined;
+  };
+  return visit(body, 0);
+}
+
+function formatMs(ms: number): string {
+  if (ms === Infinity) return "unlimited";
+  if (ms < 1000) return `${Math.round(ms)} ms`;
+  if (ms < 120_000) return `${+(ms / 1000).toFixed(1)} s`;
+  if (ms < 7_200_000) return `${+(ms / 60_000).toFixed(1)} min`;
+  return `${+(ms / 3_600_000).toFixed(1)} h`;
+}
+
+interface CheckedRetryOptions extends Required<BackoffOptions> {
+  retries: number;
+  maxElapsedMs: number;
+  maxRetryAfterMs: number;
+  shouldRetry: RetryOptions["shouldRetry"];
+  onRetry: RetryOptions["onRetry"];
+  signal: AbortSignal | undefined;
+  clock: Clock;
+  dateNow: () => number;
+  random: () => number;
+}
+
+function checkRetryOptions(options: RetryOptions): CheckedRetryOptions {
+  if (typeof options !== "object" || options === null) {
+    throw new TypeError(
+      `retry options must be an object: received ${String(options)}`,
+    );
+  }
+  for (const k of Object.keys(options)) {
+    if (!RETRY_OPTIONS.has(k)) {
+      throw new TypeError(
+        `Unknown retry option '${k}': expected one of ${
+          [...RETRY_OPTIONS].join(", ")
+        }`,
+      );
+    }
+  }
+  const {
+    retries = 5,
+    maxElapsedMs = Infinity,
+    maxRetryAfterMs = 120_000,
+    shouldRetry,
+    onRetry,
+    signal,
+    clock = systemClock,
+    dateNow = Date.now,
+    random = Math.random,
+  } = options;
+  checkNumber(retries, "retries", "retry");
+  if (!(retries >= 0) || (!Number.isInteger(retries) && retries !== Infinity)) {
+    throw new RangeError(
+      `retry 'retries' must be an integer >= 0 or Infinity: received ${retries}`,
+    );
+  }
+  checkNumber(maxElapsedMs, "maxElapsedMs", "retry");
+  if (!(maxElapsedMs > 0)) {
+    throw new RangeError(
+      `retry 'maxElapsedMs' must be a number > 0 or Infinity: received ${maxElapsedMs}`,
+    );
+  }
+  checkNumber(maxRetryAfterMs, "maxRetryAfterMs", "retry");
+  if (!(maxRetryAfterMs >= 0)) {
+    throw new RangeError(
+      `retry 'maxRetryAfterMs' must be a number >= 0 or Infinity: received ${maxRetryAfterMs}`,
+    );
+  }
+  for (
+    const [name, f] of [
+      ["shouldRetry", shouldRetry],
+      ["onRetry", onRetry],
+      ["dateNow", dateNow],
+      ["random", random],
+    ] as const
+  ) {
+    if (f !== undefined && typeof f !== "function") {
+      throw new TypeError(
+        `retry '${name}' must be a function: received ${typeof f}`,
+      );
+    }
+  }
+  if (signal !== undefined && !(signal instanceof AbortSignal)) {
+    throw new TypeError(`retry 'signal' must be an AbortSignal`);
+  }
+  if (
+    typeof clock !== "object" || clock === null ||
+    typeof clock.now !== "function" || typeof clock.sleep !== "function"
+  ) {
+    throw new TypeError(
+      "retry 'clock' must have now() and sleep(ms, signal) methods",
+    );
+  }
+  return {
+    ...backoffDefaults(options, "retry"),
+    retries,
+    maxElapsedMs,
+    maxRetryAfterMs,
+    shouldRetry,
+    onRetry,
+    signal,
+    clock,
+    dateNow,
+    random,
+  };
 }

@@ -4,12 +4,20 @@
 import { describe, expect, it } from "vitest";
 import fc from "fast-check";
 import {
+  backoff,
   type Clock,
   type Cost,
+  HttpError,
   ManualClock,
   Mutex,
+  parseRetryAfter,
   type Permit,
+  QuotaError,
   RateLimiter,
+  retry,
+  RetryError,
+  type RetryInfo,
+  type RetryOptions,
   systemClock,
   type WindowSpec,
 } from "./mod.ts";
@@ -923,5 +931,699 @@ describe("RateLimiter memory", () => {
     }
     expect(limiter.usage()[0]!.entries).toBeLessThanOrEqual(8192);
     expect(limiter.usage()[0]!.used).toBeCloseTo(100, 6);
+  });
+});
+
+// -----------------------------------------------------------------------------
+// Retry
+// -----------------------------------------------------------------------------
+
+const NOW = Date.UTC(2025, 1, 24, 22, 25, 0); // Mon, 24 Feb 2025 22:25:00 GMT
+
+describe("backoff", () => {
+  it("grows exponentially up to the cap, jittered as asked", () => {
+    const none = [1, 2, 3, 4, 5, 6].map((n) =>
+      backoff(n, { baseMs: 100, maxMs: 1000, factor: 3, jitter: "none" })
+    );
+    expect(none).toEqual([100, 300, 900, 1000, 1000, 1000]);
+    expect(backoff(3, { baseMs: 100, jitter: "full" }, () => 0.25)).toBe(100);
+    expect(backoff(3, { baseMs: 100, jitter: "equal" }, () => 0)).toBe(200);
+    expect(backoff(3, { baseMs: 100 }, () => 0.5)).toBe(300); // equal by default
+    expect(backoff(1)).toBeGreaterThanOrEqual(250);
+    expect(backoff(100, { jitter: "none" })).toBe(20_000); // default cap
+  });
+
+  it("validates its arguments", () => {
+    expect(() => backoff(0)).toThrow(/'attempt'.*0/);
+    expect(() => backoff(1.5)).toThrow(RangeError);
+    expect(() => backoff(1, { baseMs: -1 })).toThrow(/'baseMs'.*-1/);
+    expect(() => backoff(1, { maxMs: NaN })).toThrow(/'maxMs'.*NaN/);
+    expect(() => backoff(1, { factor: 0.5 })).toThrow(/'factor'.*0\.5/);
+    expect(() => backoff(1, { jitter: "half" as never })).toThrow(
+      /'jitter'.*half/,
+    );
+    expect(() => backoff(1, {}, () => 1)).toThrow(/'random'.*1/);
+  });
+});
+
+describe("parseRetryAfter", () => {
+  const HOUR = 3_600_000;
+  const cases: [
+    string,
+    Record<string, string | string[]>,
+    number | undefined,
+  ][] = [
+    ["no headers", {}, undefined],
+    ["empty", { "retry-after": "" }, undefined],
+    ["blank", { "retry-after": " " }, undefined],
+    ["negative", { "retry-after": "-3" }, undefined],
+    ["minus one", { "retry-after": "-1" }, undefined],
+    ["exponent", { "retry-after": "1e3" }, undefined],
+    ["hex", { "retry-after": "0x10" }, undefined],
+    ["NaN", { "retry-after": "NaN" }, undefined],
+    ["Infinity", { "retry-after": "Infinity" }, undefined],
+    ["trailing junk", { "retry-after": "10abc" }, undefined],
+    ["huge", { "retry-after": "99999999999999999999" }, undefined],
+    ["seconds", { "retry-after": "2" }, 2000],
+    ["zero", { "retry-after": "0" }, 0],
+    ["decimal seconds", { "retry-after": "1.5" }, 1500],
+    ["padded", { "retry-after": " 3 " }, 3000],
+    ["one day", { "retry-after": "86400" }, 86_400_000],
+    ["over a day", { "retry-after": "86401" }, undefined],
+    ["IMF-fixdate", { "retry-after": "Mon, 24 Feb 2025 22:25:30 GMT" }, 30_000],
+    ["RFC 850", { "retry-after": "Monday, 24-Feb-25 22:26:00 GMT" }, 60_000],
+    ["asctime", { "retry-after": "Mon Feb 24 22:25:10 2025" }, 10_000],
+    [
+      "asctime in the past",
+      { "retry-after": "Sun Nov  6 08:49:37 1994" },
+      undefined,
+    ],
+    [
+      "date far in the past",
+      { "retry-after": "Wed, 21 Oct 2015 07:28:00 GMT" },
+      undefined,
+    ],
+    [
+      "date 30 years ahead",
+      { "retry-after": "Sat, 24 Feb 2055 22:25:00 GMT" },
+      undefined,
+    ],
+    [
+      "date without zone",
+      { "retry-after": "Wed, 21 Oct 2015 07:28:00" },
+      undefined,
+    ],
+    [
+      "date with other zone",
+      { "retry-after": "Mon, 24 Feb 2025 22:25:30 PST" },
+      undefined,
+    ],
+    [
+      "lowercase date",
+      { "retry-after": "mon, 24 feb 2025 22:25:30 gmt" },
+      30_000,
+    ],
+    ["extra spaces in date", {
+      "retry-after": "Mon,  24 Feb 2025   22:25:30 GMT",
+    }, 30_000],
+    [
+      "impossible date",
+      { "retry-after": "Mon, 31 Feb 2025 22:25:30 GMT" },
+      undefined,
+    ],
+    ["bad hour", { "retry-after": "Mon, 24 Feb 2025 25:25:30 GMT" }, undefined],
+    ["retry-after-ms decimal", { "retry-after-ms": "1500.5" }, 1500.5],
+    [
+      "retry-after-ms wins",
+      { "retry-after-ms": "250", "retry-after": "10" },
+      250,
+    ],
+    ["bad retry-after-ms falls through", {
+      "retry-after-ms": "abc",
+      "retry-after": "3",
+    }, 3000],
+    ["negative retry-after-ms", { "retry-after-ms": "-5" }, undefined],
+    ["duplicated values", { "retry-after": "5, 10" }, 10_000],
+    ["array values", { "retry-after": ["5", "10"] }, 10_000],
+    ["duplicated dates", {
+      "retry-after":
+        "Mon, 24 Feb 2025 22:25:30 GMT, Mon, 24 Feb 2025 22:25:40 GMT",
+    }, 40_000],
+    ["one bad value in a list", { "retry-after": "5, soon" }, undefined],
+    ["mixed-case name", { "Retry-After": "7" }, 7000],
+    ["Go 1m26.4s", { "x-ratelimit-reset-requests": "1m26.4s" }, 86_400],
+    ["Go 2ms", { "x-ratelimit-reset-requests": "2ms" }, 2],
+    ["Go -1", { "x-ratelimit-reset-requests": "-1" }, undefined],
+    ["Go 0s", { "x-ratelimit-reset-requests": "0s" }, 0],
+    ["Go 6m0s", { "x-ratelimit-reset-tokens": "6m0s" }, 360_000],
+    ["Go 19m45.394s", { "x-ratelimit-reset-tokens": "19m45.394s" }, 1_185_394],
+    ["Go 1h4m48s", { "x-ratelimit-reset-tokens": "1h4m48s" }, 3_888_000],
+    ["Go 90ms", { "x-ratelimit-reset-tokens": "90ms" }, 90],
+    ["Go 1.5h", { "x-ratelimit-reset-tokens": "1.5h" }, 1.5 * HOUR],
+    ["Go garbage", { "x-ratelimit-reset-tokens": "6 minutes" }, undefined],
+    ["Azure seconds", { "x-ratelimit-reset-requests": "10" }, 10_000],
+    ["Anthropic RFC 3339", {
+      "anthropic-ratelimit-requests-reset": "2025-02-24T22:25:32Z",
+    }, 32_000],
+    ["RFC 3339 +08:00", {
+      "anthropic-ratelimit-tokens-reset": "2025-02-25T06:26:00+08:00",
+    }, 60_000],
+    ["RFC 3339 fraction", {
+      "anthropic-ratelimit-tokens-reset": "2025-02-24T22:25:01.5Z",
+    }, 1500],
+    ["RFC 3339 in the past", {
+      "anthropic-ratelimit-tokens-reset": "2025-02-24T22:20:00Z",
+    }, 0],
+    ["RFC 3339 garbage", {
+      "anthropic-ratelimit-tokens-reset": "2025-02-24 soon",
+    }, undefined],
+    ["exhausted bucket preferred", {
+      "x-ratelimit-reset-requests": "1s",
+      "x-ratelimit-remaining-requests": "0",
+      "x-ratelimit-reset-tokens": "6m0s",
+      "x-ratelimit-remaining-tokens": "5000",
+    }, 1000],
+    ["no exhausted bucket: the longest", {
+      "anthropic-ratelimit-requests-reset": "2025-02-24T22:25:01Z",
+      "anthropic-ratelimit-requests-remaining": "3",
+      "anthropic-ratelimit-input-tokens-reset": "2025-02-24T22:25:20Z",
+      "anthropic-ratelimit-input-tokens-remaining": "100",
+    }, 20_000],
+    ["retry-after beats reset headers", {
+      "retry-after": "3",
+      "anthropic-ratelimit-requests-reset": "2025-02-24T22:25:40Z",
+    }, 3000],
+    ["IETF RateLimit t=", { ratelimit: '"default";r=0;t=30' }, 30_000],
+    ["IETF RateLimit-Reset", { "ratelimit-reset": "12" }, 12_000],
+    [
+      "GitHub epoch reset",
+      { "x-ratelimit-reset": String(NOW / 1000 + 45) },
+      45_000,
+    ],
+  ];
+
+  for (const [name, headers, want] of cases) {
+    it(name, () => {
+      const got = parseRetryAfter(headers, NOW);
+      expect(got).toBe(want);
+      // The same through a Headers object.
+      const h = new Headers();
+      for (const [k, v] of Object.entries(headers)) {
+        for (const x of Array.isArray(v) ? v : [v]) h.append(k, x);
+      }
+      expect(parseRetryAfter(h, NOW)).toBe(want);
+    });
+  }
+
+  it("has at least 40 cases and never yields NaN, negatives or over a day", () => {
+    expect(cases.length).toBeGreaterThanOrEqual(40);
+    for (const [, headers] of cases) {
+      const got = parseRetryAfter(headers, NOW);
+      if (got !== undefined) {
+        expect(got).toBeGreaterThanOrEqual(0);
+        expect(got).toBeLessThanOrEqual(86_400_000);
+      }
+    }
+  });
+
+  it("fuzz: no input yields NaN, a negative or more than a day", () => {
+    fc.assert(
+      fc.property(
+        fc.constantFrom(
+          "retry-after",
+          "retry-after-ms",
+          "x-ratelimit-reset-tokens",
+          "anthropic-ratelimit-tokens-reset",
+          "ratelimit",
+          "x-ratelimit-reset",
+        ),
+        fc.oneof(
+          fc.string(),
+          fc.double().map(String),
+          fc.integer().map(String),
+          fc.date({ noInvalidDate: true }).map((d) => d.toUTCString()),
+          fc.date({ noInvalidDate: true }).map((d) => d.toISOString()),
+        ),
+        (name, value) => {
+          const got = parseRetryAfter({ [name]: value }, NOW);
+          return got === undefined ||
+            (got >= 0 && got <= 86_400_000 && !Number.isNaN(got));
+        },
+      ),
+      { numRuns: 2000 },
+    );
+  });
+
+  it("asctime with a space-padded day", () => {
+    const now = Date.UTC(2025, 2, 1, 22, 24, 0);
+    expect(parseRetryAfter({ "retry-after": "Sat Mar  1 22:25:00 2025" }, now))
+      .toBe(60_000);
+  });
+
+  it("reads reset headers only when asked", () => {
+    const h = { "x-ratelimit-reset-requests": "2s" };
+    expect(parseRetryAfter(h, NOW, { resetHeaders: false })).toBeUndefined();
+    expect(parseRetryAfter(undefined)).toBeUndefined();
+  });
+});
+
+/** A retry harness: fn's outcomes in order, and the sleeps retry made. */
+function scripted(outcomes: (() => unknown)[]) {
+  let calls = 0;
+  const fn = () => {
+    const f = outcomes[Math.min(calls, outcomes.length - 1)]!;
+    calls++;
+    return f();
+  };
+  return { fn, calls: () => calls };
+}
+
+const resp =
+  (status: number, headers: Record<string, string> = {}, body = "") => () =>
+    new Response(body || null, { status, headers });
+const thrown = (status: number, extra: Record<string, unknown> = {}) => () => {
+  throw Object.assign(new Error(`HTTP ${status}`), { status, ...extra });
+};
+
+async function runRetry<T>(
+  fn: () => T,
+  options: RetryOptions = {},
+): Promise<
+  {
+    sleeps: number[];
+    result: { value?: unknown; error?: unknown };
+    clock: ManualClock;
+  }
+> {
+  const clock = new ManualClock();
+  const sleeps: number[] = [];
+  const result: { value?: unknown; error?: unknown } = {};
+  let done = false;
+  retry(fn, {
+    clock,
+    random: () => 0.5,
+    dateNow: () => NOW + clock.now(),
+    onRetry: (i) => sleeps.push(i.delayMs),
+    ...options,
+  }).then((v) => {
+    result.value = v;
+    done = true;
+  }, (e) => {
+    result.error = e;
+    done = true;
+  });
+  for (let i = 0; i < 100 && !done; i++) {
+    const next = clock.nextAt;
+    await (next === undefined
+      ? clock.flush()
+      : clock.advance(next - clock.now()));
+  }
+  expect(done).toBe(true);
+  expect(clock.pending).toBe(0); // no sleep left behind (none after the last attempt)
+  return { sleeps, result, clock };
+}
+
+describe("retry", () => {
+  it("429 with retry-after: 2 waits exactly 2000 ms, no jitter", async () => {
+    const s = scripted([
+      resp(429, { "retry-after": "2" }),
+      resp(200, {}, "ok"),
+    ]);
+    const { sleeps, result, clock } = await runRetry(s.fn);
+    expect(sleeps).toEqual([2000]);
+    expect(s.calls()).toBe(2);
+    expect(await (result.value as Response).text()).toBe("ok");
+    expect(clock.now()).toBe(2000);
+  });
+
+  it("503 without headers backs off exponentially and never sleeps after the last attempt", async () => {
+    const s = scripted([resp(503)]);
+    const { sleeps, result, clock } = await runRetry(s.fn, { retries: 3 });
+    // equal jitter with random 0.5: d/2 + d/4 = 0.75 d, d = 500, 1000, 2000
+    expect(sleeps).toEqual([375, 750, 1500]);
+    expect(s.calls()).toBe(4);
+    expect(result.error).toBeInstanceOf(RetryError);
+    const e = result.error as RetryError;
+    expect(e.attempts).toBe(4);
+    expect(e.name).toBe("RetryError");
+    expect(e.message).toMatch(/Gave up after 4 attempts.*HTTP 503/);
+    expect(e.cause).toBeInstanceOf(HttpError);
+    expect(e.response?.status).toBe(503);
+    expect(clock.now()).toBe(2625);
+  });
+
+  it("a mix: 503, 429 retry-after-ms, 500, 529 then success", async () => {
+    const s = scripted([
+      resp(503),
+      resp(429, { "retry-after-ms": "1200" }),
+      thrown(500),
+      thrown(529, { headers: new Headers({ "retry-after": "3" }) }),
+      () => "done",
+    ]);
+    const { sleeps, result } = await runRetry(s.fn);
+    expect(sleeps).toEqual([375, 1200, 1500, 3000]);
+    expect(result.value).toBe("done");
+    expect(s.calls()).toBe(5);
+  });
+
+  it("retries 408, 409 and network errors; not 400/401/403/404/413", async () => {
+    for (const f of [thrown(408), thrown(409), resp(408)]) {
+      const s = scripted([f, () => 1]);
+      expect((await runRetry(s.fn)).result.value).toBe(1);
+    }
+    const net = [
+      () => {
+        throw new TypeError("fetch failed", {
+          cause: Object.assign(new Error("other side closed"), {
+            code: "UND_ERR_SOCKET",
+          }),
+        });
+      },
+      () => {
+        throw Object.assign(new Error("socket hang up"), {
+          code: "ECONNRESET",
+        });
+      },
+      () => {
+        throw Object.assign(new Error("Connection error."), {
+          name: "APIConnectionError",
+        });
+      },
+    ];
+    for (const f of net) {
+      const s = scripted([f, () => 1]);
+      expect((await runRetry(s.fn)).result.value).toBe(1);
+    }
+    for (const status of [400, 401, 403, 404, 413]) {
+      const err = thrown(status);
+      const s = scripted([err]);
+      const { result, sleeps } = await runRetry(s.fn);
+      expect((result.error as { status: number }).status).toBe(status); // rethrown as is
+      expect(s.calls()).toBe(1);
+      expect(sleeps).toEqual([]);
+      const r = scripted([resp(status)]);
+      const out = await runRetry(r.fn);
+      expect((out.result.value as Response).status).toBe(status); // returned as is
+      expect(r.calls()).toBe(1);
+    }
+    const plain = scripted([() => {
+      throw new Error("a bug in user code");
+    }]);
+    expect(((await runRetry(plain.fn)).result.error as Error).message).toBe(
+      "a bug in user code",
+    );
+    expect(plain.calls()).toBe(1);
+  });
+
+  it("x-should-retry overrides the status", async () => {
+    const no = scripted([resp(503, { "x-should-retry": "false" })]);
+    expect(((await runRetry(no.fn)).result.value as Response).status).toBe(503);
+    expect(no.calls()).toBe(1);
+    const noThrown = scripted([
+      thrown(503, { headers: { "X-Should-Retry": "false" } }),
+    ]);
+    await runRetry(noThrown.fn);
+    expect(noThrown.calls()).toBe(1);
+    const yes = scripted([resp(400, { "x-should-retry": "true" }), () => "ok"]);
+    expect((await runRetry(yes.fn)).result.value).toBe("ok");
+    expect(yes.calls()).toBe(2);
+    const yesThrown = scripted([
+      thrown(400, {
+        response: { headers: new Headers({ "x-should-retry": "true" }) },
+      }),
+      () => "ok",
+    ]);
+    expect((await runRetry(yesThrown.fn)).result.value).toBe("ok");
+  });
+
+  it("a server-told wait over maxRetryAfterMs fails at once, saying how long", async () => {
+    const s = scripted([resp(429, { "retry-after": "300" })]);
+    const { result, sleeps } = await runRetry(s.fn);
+    expect(sleeps).toEqual([]);
+    expect(s.calls()).toBe(1);
+    expect(result.error).toBeInstanceOf(RetryError);
+    expect((result.error as Error).message).toMatch(
+      /asked to wait 5 min, longer than maxRetryAfterMs \(2 min\)/,
+    );
+    const ok = scripted([resp(429, { "retry-after": "300" }), () => "ok"]);
+    expect((await runRetry(ok.fn, { maxRetryAfterMs: 300_000 })).sleeps)
+      .toEqual([300_000]);
+  });
+
+  it("maxElapsedMs stops a retry whose wait would pass the budget", async () => {
+    const s = scripted([resp(503)]);
+    const { result, sleeps, clock } = await runRetry(s.fn, {
+      maxElapsedMs: 1500,
+    });
+    expect(sleeps).toEqual([375, 750]); // the next (1500) would end at 2625 > 1500
+    expect(s.calls()).toBe(3);
+    expect((result.error as Error).message).toMatch(/maxElapsedMs/);
+    expect(clock.now()).toBe(1125);
+  });
+
+  it("abort during a wait rejects at once with the reason and clears the timer", async () => {
+    const clock = new ManualClock();
+    const ctl = new AbortController();
+    const p = retry(() => {
+      throw Object.assign(new Error("busy"), { status: 503 });
+    }, { clock, signal: ctl.signal });
+    const r = track(clock, p);
+    await clock.flush();
+    expect(clock.pending).toBe(1);
+    ctl.abort("user stop");
+    await clock.flush();
+    expect(r.error).toBe("user stop");
+    expect(clock.pending).toBe(0);
+    await expect(retry(() => 1, { signal: AbortSignal.abort("pre") })).rejects
+      .toBe("pre");
+  });
+
+  it("an abort during an attempt is not retried", async () => {
+    const ctl = new AbortController();
+    let calls = 0;
+    const p = retry((_, signal) => {
+      calls++;
+      ctl.abort(new Error("stop"));
+      throw signal?.reason;
+    }, { signal: ctl.signal, clock: new ManualClock() });
+    await expect(p).rejects.toThrow("stop");
+    expect(calls).toBe(1);
+  });
+
+  const quotaBodies: [string, unknown][] = [
+    ["enforced_spend_limit_reached", {
+      type: "error",
+      error: {
+        type: "rate_limit_error",
+        message: "You have reached your specified workspace API usage limits.",
+        details: { error_code: "enforced_spend_limit_reached" },
+      },
+    }],
+    ...[
+      "insufficient_quota",
+      "credit_balance_exhausted",
+      "organization_spend_limit_exceeded",
+      "project_spend_limit_exceeded",
+      "organization_usage_limit_exceeded",
+    ].map((code): [string, unknown] => [code, {
+      error: {
+        message: "You exceeded your current quota.",
+        type: code,
+        param: null,
+        code,
+      },
+    }]),
+    ["insufficient_quota (type only)", {
+      error: {
+        message: "quota",
+        type: "insufficient_quota",
+        param: null,
+        code: null,
+      },
+    }],
+  ];
+  for (const [name, body] of quotaBodies) {
+    for (const withRetryAfter of [false, true]) {
+      it(`quota 429 ${name}${withRetryAfter ? " with retry-after" : ""} is attempted once`, async () => {
+        const headers: Record<string, string> = withRetryAfter
+          ? { "retry-after": "1" }
+          : {};
+        const code = name.split(" ")[0]!;
+        const r = scripted([resp(429, headers, JSON.stringify(body))]);
+        const out = await runRetry(r.fn);
+        expect(r.calls()).toBe(1);
+        expect(out.sleeps).toEqual([]);
+        expect(out.result.error).toBeInstanceOf(QuotaError);
+        const qe = out.result.error as QuotaError;
+        expect(qe.code).toBe(code);
+        expect(qe.message).toMatch(/Quota exhausted/);
+        expect(await qe.response!.json()).toEqual(body); // body still readable
+        // The same as a thrown SDK-style error.
+        const t = scripted([
+          thrown(429, { headers: new Headers(headers), error: body }),
+        ]);
+        const out2 = await runRetry(t.fn);
+        expect(t.calls()).toBe(1);
+        expect((out2.result.error as QuotaError).code).toBe(code);
+      });
+    }
+  }
+
+  it("an ordinary rate-limit 429 body is retried", async () => {
+    const body = JSON.stringify({
+      error: {
+        message: "Rate limit reached for gpt-4o. Please try again in 1.146s.",
+        type: "tokens",
+        param: null,
+        code: "rate_limit_exceeded",
+      },
+    });
+    const s = scripted([
+      resp(429, { "retry-after-ms": "1146" }, body),
+      () => "ok",
+    ]);
+    const out = await runRetry(s.fn);
+    expect(out.sleeps).toEqual([1146]);
+    expect(out.result.value).toBe("ok");
+  });
+
+  it("reset headers count for 429s only", async () => {
+    const s = scripted([
+      resp(429, {
+        "x-ratelimit-reset-requests": "2s",
+        "x-ratelimit-remaining-requests": "0",
+      }),
+      resp(503, { "x-ratelimit-reset-requests": "7s" }),
+      () => "ok",
+    ]);
+    expect((await runRetry(s.fn)).sleeps).toEqual([2000, 750]);
+  });
+
+  it("cancels the bodies of discarded responses", async () => {
+    let cancelled = 0;
+    const body = () =>
+      new ReadableStream({
+        pull(c) {
+          c.enqueue(new TextEncoder().encode("x"));
+        },
+        cancel() {
+          cancelled++;
+        },
+      });
+    const s = scripted([
+      () => new Response(body(), { status: 503 }),
+      () => new Response(body(), { status: 500 }),
+      () => "ok",
+    ]);
+    await runRetry(s.fn);
+    expect(cancelled).toBe(2);
+  });
+
+  it("shouldRetry overrides the default; onRetry sees attempt, error and delay", async () => {
+    const infos: RetryInfo[] = [];
+    const s = scripted([thrown(400), thrown(503), () => "ok"]);
+    const out = await runRetry(s.fn, {
+      shouldRetry: (e) =>
+        (e as { status: number }).status === 400 ? true : undefined,
+      onRetry: (i) => infos.push(i),
+    });
+    expect(out.result.value).toBe("ok");
+    expect(
+      infos.map((
+        i,
+      ) => [i.attempt, (i.error as { status: number }).status, i.delayMs]),
+    )
+      .toEqual([[1, 400, 375], [2, 503, 750]]);
+    const never = scripted([thrown(503)]);
+    await runRetry(never.fn, { shouldRetry: () => false });
+    expect(never.calls()).toBe(1);
+  });
+
+  it("validates its options", async () => {
+    const f = () => 1;
+    await expect(retry(f, { retries: -1 })).rejects.toThrow(/'retries'.*-1/);
+    await expect(retry(f, { retries: 1.5 })).rejects.toThrow(RangeError);
+    await expect(retry(f, { retries: "3" as never })).rejects.toThrow(
+      TypeError,
+    );
+    await expect(retry(f, { maxElapsedMs: 0 })).rejects.toThrow(
+      /'maxElapsedMs'.*0/,
+    );
+    await expect(retry(f, { maxRetryAfterMs: NaN })).rejects.toThrow(
+      /'maxRetryAfterMs'/,
+    );
+    await expect(retry(f, { baseMs: -5 })).rejects.toThrow(
+      /retry 'baseMs'.*-5/,
+    );
+    await expect(retry(f, { jitter: "x" as never })).rejects.toThrow(
+      /'jitter'/,
+    );
+    await expect(retry(f, { onRetry: 5 as never })).rejects.toThrow(
+      /'onRetry'/,
+    );
+    await expect(retry(f, { retires: 3 } as never)).rejects.toThrow(
+      /Unknown retry option 'retires'/,
+    );
+    await expect(retry(5 as never)).rejects.toThrow(/'fn'/);
+    expect(await retry(f, { retries: Infinity })).toBe(1);
+  });
+});
+
+describe("retry with @anthropic-ai/sdk errors from a real HTTP server", () => {
+  it("classifies the SDK's RateLimitError and honours its retry-after", async () => {
+    const { createServer } = await import("node:http");
+    const { default: Anthropic } = await import("@anthropic-ai/sdk");
+    let hits = 0;
+    const server = createServer((req, res) => {
+      hits++;
+      req.resume();
+      req.on("end", () => {
+        if (hits === 1) {
+          res.writeHead(429, {
+            "content-type": "application/json",
+            "retry-after": "1",
+            "request-id": "req_test_1",
+          });
+          res.end(JSON.stringify({
+            type: "error",
+            error: {
+              type: "rate_limit_error",
+              message:
+                "Number of request tokens has exceeded your per-minute rate limit",
+            },
+          }));
+          return;
+        }
+        res.writeHead(200, {
+          "content-type": "application/json",
+          "request-id": "req_test_2",
+        });
+        res.end(JSON.stringify({
+          id: "msg_1",
+          type: "message",
+          role: "assistant",
+          model: "claude-test",
+          content: [{ type: "text", text: "hello" }],
+          stop_reason: "end_turn",
+          stop_sequence: null,
+          usage: { input_tokens: 5, output_tokens: 1 },
+        }));
+      });
+    });
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+    const { port } = server.address() as { port: number };
+    try {
+      const client = new Anthropic({
+        apiKey: "sk-test-not-a-key",
+        baseURL: `http://127.0.0.1:${port}`,
+        maxRetries: 0,
+      });
+      const clock = new ManualClock();
+      const infos: RetryInfo[] = [];
+      const p = retry(
+        () =>
+          client.messages.create({
+            model: "claude-test",
+            max_tokens: 10,
+            messages: [{ role: "user", content: "hi" }],
+          }),
+        { clock, onRetry: (i) => infos.push(i) },
+      );
+      // Wait (in real time) for the first attempt to fail and the retry to sleep.
+      for (let i = 0; i < 200 && clock.pending === 0; i++) {
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      expect(clock.pending).toBe(1);
+      expect(infos).toHaveLength(1);
+      expect(infos[0]!.delayMs).toBe(1000);
+      expect(infos[0]!.serverTold).toBe(true);
+      expect((infos[0]!.error as { name: string }).name).toBe("RateLimitError");
+      await clock.advance(1000);
+      const message = await p;
+      expect(message.content[0]).toEqual({ type: "text", text: "hello" });
+      expect(hits).toBe(2);
+    } finally {
+      await new Promise((r) => server.close(r));
+    }
   });
 });

@@ -25,7 +25,9 @@ function run(cmd, args, opts = {}) {
     env: { ...process.env, NO_COLOR: "1", FORCE_COLOR: "0", ...opts.env },
     maxBuffer: 64 * 1024 * 1024,
   });
-  const out = `${r.stdout ?? ""}${r.stderr ?? ""}`;
+  // Deno warns that it cannot resolve @types/node's own references; noise.
+  const out = `${r.stdout ?? ""}${r.stderr ?? ""}`
+    .replace(/^.*Failed resolving types.*\n.*\n/gm, "");
   if (r.status !== 0) {
     throw new Error(
       `${cmd} ${args.join(" ")} exited ${r.status ?? r.signal}\n${out}`,
