@@ -2274,3 +2274,570 @@ function checkRetryOptions(options: RetryOptions): CheckedRetryOptions {
     random,
   };
 }
+
+// =============================================================================
+// Concurrency
+// =============================================================================
+
+/** Progress of a {@linkcode mapConcurrent} run, passed to `onProgress`. */
+export interface MapProgress {
+  /** Items settled so far, successes and failures. */
+  done: number;
+  /** How many of those failed. */
+  failed: number;
+  /** Items whose `fn` is running now. */
+  running: number;
+  /** The number of items, when the input's size is known (arrays, sets, maps, `length`). */
+  total?: number;
+}
+
+/** Options for {@linkcode mapConcurrent} and {@linkcode mapConcurrentSettled}. */
+export interface MapOptions {
+  /** Most `fn` calls running at once: an integer ≥ 1 or `Infinity`. Default 5. */
+  concurrency?: number;
+  /**
+   * Aborting it stops pulling input, aborts the signal given to running
+   * `fn`s, and rejects with `signal.reason` once they have settled.
+   */
+  signal?: AbortSignal;
+  /**
+   * `true` (default): on the first error start nothing new, abort running
+   * `fn`s, and reject with that error once they have settled. `false`: run
+   * everything, then reject with an `AggregateError` of all errors in input
+   * order. (Ignored by {@linkcode mapConcurrentSettled}.)
+   */
+  stopOnError?: boolean;
+  /** Called once after each item settles. Keep it cheap. */
+  onProgress?: (progress: MapProgress) => void;
+}
+
+/** Options for {@linkcode mapConcurrentIterable}. */
+export interface MapIterableOptions extends Omit<MapOptions, "stopOnError"> {
+  /**
+   * Most results that may wait, finished but not yet taken by the consumer
+   * (counting the items still running ahead of them). Input is not pulled
+   * further until the consumer catches up. An integer ≥ 1 or `Infinity`;
+   * default `2 × concurrency`. Below `concurrency`, it limits concurrency too.
+   */
+  buffer?: number;
+}
+
+/** Anything {@linkcode mapConcurrent} accepts as input. */
+export type MapInput<T> = Iterable<T> | AsyncIterable<T>;
+
+/** The function {@linkcode mapConcurrent} applies to each item. */
+export type MapFn<T, R> = (
+  item: T,
+  index: number,
+  signal: AbortSignal,
+) => R | PromiseLike<R>;
+
+/**
+ * Maps `input` through `fn` with at most `concurrency` calls at once and
+ * returns the results in input order — like `Promise.all(input.map(fn))`,
+ * but bounded, lazy and abortable.
+ *
+ * `input` may be any iterable or async iterable; it is pulled lazily, never
+ * more than `concurrency` items ahead of completion, so an endless generator
+ * is fine. `fn(item, index, signal)` may return a value or a promise, or
+ * throw. On the first error (with `stopOnError`, the default) nothing new
+ * starts, the `signal` given to running calls aborts with the error as
+ * reason, and the returned promise rejects with that error once every running
+ * call has settled: no work is left running behind your back. The input
+ * iterator is closed (`return()`) whenever we stop early.
+ *
+ * @param input The items.
+ * @param fn Called with each item, its index and a signal that aborts when the map stops.
+ * @param options Concurrency, signal, error policy, progress; see {@linkcode MapOptions}.
+ * @returns The results, in input order.
+ * @throws {TypeError | RangeError} (rejects) For an input that is not
+ *   iterable, a `fn` that is not a function, or a bad `concurrency`.
+ * @throws {AggregateError} (rejects) With `stopOnError: false`, all errors in input order.
+ *
+ * @example Three at a time, results in order
+ * ```ts
+ * import { mapConcurrent } from "./mod.ts";
+ *
+ * let running = 0, peak = 0;
+ * const out = await mapConcurrent([30, 10, 20, 5, 15], async (ms, i) => {
+ *   peak = Math.max(peak, ++running);
+ *   await new Promise((r) => setTimeout(r, ms));
+ *   running--;
+ *   return i * 10;
+ * }, { concurrency: 3 });
+ * if (out.join() !== "0,10,20,30,40" || peak !== 3) throw new Error(`${out} ${peak}`);
+ * ```
+ */
+export function mapConcurrent<T, R>(
+  input: MapInput<T>,
+  fn: MapFn<T, R>,
+  options: MapOptions = {},
+): Promise<R[]> {
+  let pool: Pool<T, R>;
+  try {
+    pool = new Pool(input, fn, options, "mapConcurrent");
+  } catch (error) {
+    return Promise.reject(error);
+  }
+  const results: R[] = pool.total !== undefined ? new Array(pool.total) : [];
+  const stopOnError = options.stopOnError ?? true;
+  let errors: unknown[] | undefined;
+  pool.ok = (i, v) => {
+    results[i] = v;
+  };
+  pool.fail = (i, e) => {
+    if (stopOnError) return true;
+    (errors ??= [])[i] = e;
+    return false;
+  };
+  return pool.run().then(() => {
+    if (errors) {
+      const list = errors.filter(() => true); // sparse → dense, in index order
+      throw new AggregateError(
+        list,
+        `${list.length} of ${pool.started} items failed`,
+      );
+    }
+    return results;
+  });
+}
+
+/**
+ * Like {@linkcode mapConcurrent}, but never rejects because of `fn`: every
+ * item's outcome comes back as a `PromiseSettledResult`, in input order —
+ * `Promise.allSettled` with a bound, or Python's
+ * `asyncio.gather(..., return_exceptions=True)` under a semaphore. Still
+ * rejects on an aborted `signal` or an input iterator that throws.
+ *
+ * @param input The items.
+ * @param fn Called with each item, its index and a signal.
+ * @param options Concurrency, signal, progress (`stopOnError` is ignored).
+ * @returns Every outcome, in input order.
+ *
+ * @example
+ * ```ts
+ * import { mapConcurrentSettled } from "./mod.ts";
+ *
+ * const out = await mapConcurrentSettled([1, 2, 3], (n) => {
+ *   if (n === 2) throw new Error("two");
+ *   return n;
+ * });
+ * if (out.map((r) => r.status).join() !== "fulfilled,rejected,fulfilled") throw new Error();
+ * ```
+ */
+export function mapConcurrentSettled<T, R>(
+  input: MapInput<T>,
+  fn: MapFn<T, R>,
+  options: MapOptions = {},
+): Promise<PromiseSettledResult<R>[]> {
+  let pool: Pool<T, R>;
+  try {
+    pool = new Pool(input, fn, options, "mapConcurrentSettled");
+  } catch (error) {
+    return Promise.reject(error);
+  }
+  const results: PromiseSettledResult<R>[] = pool.total !== undefined
+    ? new Array(pool.total)
+    : [];
+  pool.ok = (i, value) => {
+    results[i] = { status: "fulfilled", value };
+  };
+  pool.fail = (i, reason) => {
+    results[i] = { status: "rejected", reason };
+    return false;
+  };
+  return pool.run().then(() => results);
+}
+
+/**
+ * Like {@linkcode mapConcurrent}, but yields results in input order as soon
+ * as the next one is ready, holding at most `buffer` results (finished or
+ * still running) ahead of the consumer — so a 10-million-line input runs in
+ * constant memory. If one item is slow, finished results wait behind it and
+ * no more input is pulled until it is done and the consumer catches up.
+ *
+ * The first error stops the map (as with `stopOnError`), and the iteration
+ * throws it once running calls have settled; wrap `fn` to turn errors into
+ * values if you want to go on. Breaking out of the `for await` loop aborts
+ * running calls, waits for them, and closes the input iterator. Nothing
+ * starts before the first `next()`.
+ *
+ * @param input The items.
+ * @param fn Called with each item, its index and a signal.
+ * @param options Concurrency, buffer, signal, progress; see {@linkcode MapIterableOptions}.
+ * @returns An async iterable of the results, in input order.
+ * @throws {TypeError | RangeError} For invalid arguments, at once.
+ *
+ * @example
+ * ```ts
+ * import { mapConcurrentIterable } from "./mod.ts";
+ *
+ * function* naturals() {
+ *   for (let n = 0;; n++) yield n;
+ * }
+ * const squares: number[] = [];
+ * for await (const sq of mapConcurrentIterable(naturals(), (n) => n * n, { concurrency: 4 })) {
+ *   if (squares.push(sq) === 5) break; // stops the endless input
+ * }
+ * if (squares.join() !== "0,1,4,9,16") throw new Error(squares.join());
+ * ```
+ */
+export function mapConcurrentIterable<T, R>(
+  input: MapInput<T>,
+  fn: MapFn<T, R>,
+  options: MapIterableOptions = {},
+): AsyncIterableIterator<R> {
+  const pool = new Pool<T, R>(input, fn, options, "mapConcurrentIterable");
+  const { buffer = pool.concurrency * 2 } = options;
+  checkCount(buffer, "buffer", "mapConcurrentIterable");
+  return streamPool(pool, buffer);
+}
+
+async function* streamPool<T, R>(
+  pool: Pool<T, R>,
+  buffer: number,
+): AsyncGenerator<R, void, undefined> {
+  const ready = new Map<number, R>();
+  let taken = 0; // index of the next result to yield
+  let wakeConsumer: (() => void) | undefined;
+  let wakeProducers: (() => void) | undefined;
+  let space: Promise<void> | undefined;
+  const notify = (): void => {
+    const w = wakeConsumer;
+    wakeConsumer = undefined;
+    w?.();
+  };
+  pool.ok = (i, v) => {
+    ready.set(i, v);
+    if (i === taken) notify();
+  };
+  pool.fail = () => true;
+  pool.gate = (i) => {
+    if (i - taken < buffer) return undefined;
+    return space ??= new Promise<void>((r) => (wakeProducers = r));
+  };
+  pool.onStop = () => {
+    notify();
+    const w = wakeProducers;
+    wakeProducers = undefined;
+    space = undefined;
+    w?.();
+  };
+  const finished = pool.run();
+  let result: unknown = undefined;
+  let failed = false;
+  finished.then(notify, (e) => {
+    failed = true;
+    result = e;
+    notify();
+  });
+  let completed = false;
+  try {
+    for (;;) {
+      if (ready.has(taken)) {
+        const v = ready.get(taken)!;
+        ready.delete(taken);
+        taken++;
+        if (wakeProducers) {
+          const w = wakeProducers;
+          wakeProducers = undefined;
+          space = undefined;
+          w();
+        }
+        yield v;
+        continue;
+      }
+      if (pool.stopped || pool.settled) {
+        // Stopped by an error or abort: wait for running calls, then report.
+        await finished.catch(() => {});
+        if (failed) throw result;
+        if (ready.has(taken)) continue; // finished normally; drain the rest
+        completed = true;
+        return;
+      }
+      await new Promise<void>((r) => (wakeConsumer = r));
+    }
+  } finally {
+    if (!completed) {
+      pool.stop(
+        new DOMException("The consumer stopped iterating", "AbortError"),
+      );
+      if (wakeProducers) wakeProducers();
+      await finished.catch(() => {});
+    }
+  }
+}
+
+/**
+ * The engine behind the map functions: self-starting workers that pull from
+ * the input one item at a time. Results and errors go to hooks (`ok`,
+ * `fail`), set by the caller; `gate` lets the streaming variant hold workers
+ * back. Workers never reject, so nothing goes unhandled.
+ */
+class Pool<T, R> {
+  readonly concurrency: number;
+  readonly total: number | undefined;
+  ok: (index: number, value: R) => void = () => {};
+  /** Returns true to stop the whole map. */
+  fail: (index: number, error: unknown) => boolean = () => true;
+  gate: ((index: number) => Promise<void> | undefined) | undefined;
+  onStop: (() => void) | undefined;
+  started = 0;
+  stopped = false;
+  settled = false;
+  #fn: MapFn<T, R>;
+  #array: ArrayLike<T> | undefined;
+  #input: MapInput<T>;
+  #iterator: Iterator<T> | AsyncIterator<T> | undefined;
+  #async = false;
+  #exhausted = false;
+  #pulling: Promise<unknown> = Promise.resolve();
+  #ctl = new AbortController();
+  #signal: AbortSignal | undefined;
+  #onProgress: ((p: MapProgress) => void) | undefined;
+  #workers = 0;
+  #running = 0;
+  #done = 0;
+  #failed = 0;
+  #error: unknown;
+  #hasError = false;
+  #finish: (() => void) | undefined;
+  #onAbort: (() => void) | undefined;
+
+  constructor(
+    input: MapInput<T>,
+    fn: MapFn<T, R>,
+    options: MapOptions,
+    where: string,
+  ) {
+    if (
+      input === null || input === undefined ||
+      (typeof (input as Iterable<T>)[Symbol.iterator] !== "function" &&
+        typeof (input as AsyncIterable<T>)[Symbol.asyncIterator] !==
+          "function")
+    ) {
+      throw new TypeError(
+        `${where} 'input' must be an iterable or async iterable: received ${
+          input === null ? "null" : typeof input
+        }`,
+      );
+    }
+    if (typeof fn !== "function") {
+      throw new TypeError(
+        `${where} 'fn' must be a function: received ${typeof fn}`,
+      );
+    }
+    if (typeof options !== "object" || options === null) {
+      throw new TypeError(
+        `${where} options must be an object: received ${String(options)}`,
+      );
+    }
+    const { concurrency = 5, signal, onProgress } = options;
+    checkCount(concurrency, "concurrency", where);
+    if (onProgress !== undefined && typeof onProgress !== "function") {
+      throw new TypeError(
+        `${where} 'onProgress' must be a function: received ${typeof onProgress}`,
+      );
+    }
+    if (signal !== undefined && !(signal instanceof AbortSignal)) {
+      throw new TypeError(`${where} 'signal' must be an AbortSignal`);
+    }
+    this.concurrency = concurrency;
+    this.#fn = fn;
+    this.#input = input;
+    this.#signal = signal;
+    this.#onProgress = onProgress;
+    if (Array.isArray(input)) {
+      this.#array = input;
+      this.total = input.length;
+    } else {
+      const size = (input as { size?: unknown; length?: unknown }).size ??
+        (input as { length?: unknown }).length;
+      this.total = typeof size === "number" && size >= 0 ? size : undefined;
+    }
+  }
+
+  /** Runs to the end; resolves when every worker is done, rejects with the stop reason. */
+  run(): Promise<void> {
+    const signal = this.#signal;
+    if (signal?.aborted) return Promise.reject(signal.reason);
+    if (!this.#array) {
+      const input = this.#input as Partial<AsyncIterable<T> & Iterable<T>>;
+      try {
+        if (typeof input[Symbol.asyncIterator] === "function") {
+          this.#iterator = input[Symbol.asyncIterator]!();
+          this.#async = true;
+        } else this.#iterator = input[Symbol.iterator]!();
+      } catch (error) {
+        return Promise.reject(error);
+      }
+    }
+    return new Promise<void>((resolve, reject) => {
+      this.#finish = () => {
+        if (signal && this.#onAbort) {
+          signal.removeEventListener("abort", this.#onAbort);
+        }
+        this.settled = true;
+        const close = this.stopped && !this.#exhausted
+          ? this.#close()
+          : undefined;
+        const end = (): void => {
+          if (this.#hasError) reject(this.#error);
+          else resolve();
+        };
+        if (close) close.then(end, end);
+        else end();
+      };
+      if (signal) {
+        this.#onAbort = () => this.stop(signal.reason);
+        signal.addEventListener("abort", this.#onAbort, { once: true });
+      }
+      const n = this.#array
+        ? Math.min(this.concurrency, this.#array.length)
+        : 1; // iterables: workers start more workers as items arrive
+      if (n === 0) this.#finish();
+      else for (let i = 0; i < n; i++) this.#spawn();
+    });
+  }
+
+  /** Stops the map: nothing new starts; running calls see their signal abort. */
+  stop(reason: unknown): void {
+    if (this.stopped) return;
+    this.stopped = true;
+    if (!this.#hasError) {
+      this.#hasError = true;
+      this.#error = reason;
+    }
+    this.#ctl.abort(reason);
+    this.onStop?.();
+  }
+
+  #spawn(): void {
+    this.#workers++;
+    this.#work().then(() => {
+      if (--this.#workers === 0) this.#finish!();
+    });
+  }
+
+  /** Closes the input iterator after an early stop; its own errors are ignored. */
+  #close(): Promise<unknown> | undefined {
+    const it = this.#iterator;
+    if (!it || typeof it.return !== "function") return undefined;
+    try {
+      const r = it.return();
+      return r instanceof Promise ? r.catch(() => {}) : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  async #work(): Promise<void> {
+    const fn = this.#fn;
+    const array = this.#array;
+    const signal = this.#ctl.signal;
+    while (!this.stopped) {
+      if (this.gate) {
+        const wait = this.gate(this.started);
+        if (wait) {
+          await wait;
+          continue; // re-check stop and the gate
+        }
+      }
+      let item: T;
+      let i: number;
+      if (array) {
+        i = this.started;
+        if (i >= array.length) return;
+        item = array[i]!;
+        this.started++;
+      } else {
+        if (this.#async) {
+          const r = await this.#pullAsync();
+          if (r === undefined) return;
+          item = r.value;
+          i = r.index;
+        } else {
+          const r = this.#pullSync();
+          if (r === undefined) return;
+          item = r.value;
+          i = this.started - 1;
+        }
+        if (this.#workers < this.concurrency && !this.#exhausted) this.#spawn();
+      }
+      this.#running++;
+      try {
+        this.ok(i, await fn(item, i, signal));
+      } catch (error) {
+        this.#failed++;
+        if (this.fail(i, error)) this.stop(error);
+      }
+      this.#running--;
+      this.#done++;
+      if (this.#onProgress) {
+        this.#onProgress({
+          done: this.#done,
+          failed: this.#failed,
+          running: this.#running,
+          total: this.total,
+        });
+      }
+    }
+  }
+
+  /** The next item, or undefined when the input is exhausted or broke. */
+  #pullSync(): IteratorResult<T> | undefined {
+    if (this.#exhausted) return undefined;
+    let r: IteratorResult<T>;
+    try {
+      r = (this.#iterator as Iterator<T>).next();
+    } catch (error) {
+      this.#exhausted = true; // a throwing iterator is finished
+      this.stop(error);
+      return undefined;
+    }
+    if (r.done) {
+      this.#exhausted = true;
+      return undefined;
+    }
+    this.started++;
+    return r;
+  }
+
+  /**
+   * The same for async iterators, one pull at a time (they need not support
+   * overlapping `next()` calls). The index is assigned when the pull
+   * completes, so indices follow pull order.
+   */
+  async #pullAsync(): Promise<{ value: T; index: number } | undefined> {
+    const it = this.#iterator as AsyncIterator<T>;
+    const p = this.#pulling.then(() =>
+      this.#exhausted || this.stopped ? undefined : it.next()
+    );
+    this.#pulling = p.catch(() => {});
+    let r: IteratorResult<T> | undefined;
+    try {
+      r = await p;
+    } catch (error) {
+      this.#exhausted = true;
+      this.stop(error);
+      return undefined;
+    }
+    if (r === undefined) return undefined;
+    if (r.done) {
+      this.#exhausted = true;
+      return undefined;
+    }
+    if (this.stopped) return undefined;
+    return { value: r.value, index: this.started++ };
+  }
+}
+
+/** An integer ≥ 1, or Infinity. */
+function checkCount(value: unknown, name: string, where: string): void {
+  checkNumber(value, name, where);
+  if (!(value >= 1) || (!Number.isInteger(value) && value !== Infinity)) {
+    throw new RangeError(
+      `${where} '${name}' must be an integer >= 1 or Infinity: received ${value}`,
+    );
+  }
+}

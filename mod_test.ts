@@ -9,6 +9,10 @@ import {
   type Cost,
   HttpError,
   ManualClock,
+  mapConcurrent,
+  mapConcurrentIterable,
+  mapConcurrentSettled,
+  type MapProgress,
   Mutex,
   parseRetryAfter,
   type Permit,
@@ -1625,5 +1629,501 @@ describe("retry with @anthropic-ai/sdk errors from a real HTTP server", () => {
     } finally {
       await new Promise((r) => server.close(r));
     }
+  });
+});
+
+// -----------------------------------------------------------------------------
+// Concurrency
+// -----------------------------------------------------------------------------
+
+/** Collects unhandled rejections while `body` runs (Node, Bun and Deno). */
+async function noUnhandled(body: () => Promise<void>): Promise<void> {
+  const seen: unknown[] = [];
+  const proc = (globalThis as {
+    process?: {
+      on(e: string, f: (r: unknown) => void): void;
+      off(e: string, f: (r: unknown) => void): void;
+    };
+  }).process;
+  const onNode = (r: unknown) => seen.push(r);
+  const onWeb = (e: Event) => {
+    e.preventDefault();
+    seen.push((e as PromiseRejectionEvent).reason);
+  };
+  const web = typeof globalThis.addEventListener === "function" && !proc;
+  if (proc) proc.on("unhandledRejection", onNode);
+  if (web) globalThis.addEventListener("unhandledrejection", onWeb);
+  try {
+    await body();
+    await new Promise((r) => setTimeout(r, 10)); // let stragglers surface
+  } finally {
+    if (proc) proc.off("unhandledRejection", onNode);
+    if (web) globalThis.removeEventListener("unhandledrejection", onWeb);
+  }
+  expect(seen).toEqual([]);
+}
+
+/** Runs the clock until `p` settles; returns how it settled. */
+async function settle<T>(clock: ManualClock, p: Promise<T>) {
+  const r = track(clock, p);
+  for (let i = 0; i < 10_000 && !r.done; i++) {
+    const next = clock.nextAt;
+    await (next === undefined
+      ? clock.flush()
+      : clock.advance(next - clock.now()));
+  }
+  expect(r.done).toBe(true);
+  return r;
+}
+
+/** An instrumented fn: sleeps `delays[i]` on the clock, tracks concurrency. */
+function sleepy(clock: ManualClock, delays: (i: number) => number) {
+  const stats = { running: 0, peak: 0, calls: 0, finished: 0 };
+  const fn = async (item: number, i: number, signal: AbortSignal) => {
+    stats.calls++;
+    stats.peak = Math.max(stats.peak, ++stats.running);
+    try {
+      await clock.sleep(delays(i), signal);
+      return item * 2;
+    } finally {
+      stats.running--;
+      stats.finished++;
+    }
+  };
+  return { fn, stats };
+}
+
+function* counting(
+  log: { pulled: number; returned: boolean },
+  limit = Infinity,
+) {
+  try {
+    for (let i = 0; i < limit; i++) {
+      log.pulled++;
+      yield i;
+    }
+  } finally {
+    log.returned = true;
+  }
+}
+
+describe("mapConcurrent", () => {
+  it("keeps input order with random completion times; never exceeds and fills concurrency", async () => {
+    await noUnhandled(async () => {
+      const clock = new ManualClock();
+      const delays = Array.from(
+        { length: 200 },
+        (_, i) => ((i * 7919) % 97) + 1,
+      );
+      const { fn, stats } = sleepy(clock, (i) => delays[i]!);
+      const input = Array.from({ length: 200 }, (_, i) => i);
+      const r = await settle(
+        clock,
+        mapConcurrent(input, fn, { concurrency: 7 }),
+      );
+      expect(r.value).toEqual(input.map((x) => x * 2));
+      expect(stats.peak).toBe(7);
+      expect(stats.calls).toBe(200);
+    });
+  });
+
+  it("pulls lazily: never more than concurrency items ahead of completion", async () => {
+    const clock = new ManualClock();
+    const log = { pulled: 0, returned: false };
+    let maxAhead = 0;
+    const { fn, stats } = sleepy(clock, () => 10);
+    const wrapped = (x: number, i: number, s: AbortSignal) => {
+      maxAhead = Math.max(maxAhead, log.pulled - stats.finished);
+      return fn(x, i, s);
+    };
+    const r = await settle(
+      clock,
+      mapConcurrent(counting(log, 50), wrapped, { concurrency: 4 }),
+    );
+    expect((r.value as number[]).length).toBe(50);
+    expect(maxAhead).toBeLessThanOrEqual(4);
+    expect(stats.peak).toBe(4);
+  });
+
+  it("an infinite generator stops at the first error and is closed", async () => {
+    await noUnhandled(async () => {
+      const clock = new ManualClock();
+      const log = { pulled: 0, returned: false };
+      const boom = new Error("item 25 failed");
+      const { fn, stats } = sleepy(clock, () => 5);
+      const r = await settle(
+        clock,
+        mapConcurrent(counting(log), (x, i, s) => {
+          if (i === 25) throw boom;
+          return fn(x, i, s);
+        }, { concurrency: 3 }),
+      );
+      expect(r.error).toBe(boom);
+      expect(log.returned).toBe(true);
+      expect(log.pulled).toBeLessThanOrEqual(28);
+      expect(stats.running).toBe(0); // structured: nothing still running
+    });
+  });
+
+  it("aborts running fns with the error and rejects only after they settle", async () => {
+    await noUnhandled(async () => {
+      const clock = new ManualClock();
+      const boom = new Error("boom");
+      const reasons: unknown[] = [];
+      let running = 0;
+      const p = mapConcurrent([0, 1, 2, 3], async (x, _i, signal) => {
+        running++;
+        try {
+          if (x === 1) {
+            await clock.sleep(5);
+            throw boom;
+          }
+          // Ignores the abort for a while, like a slow cleanup.
+          await clock.sleep(100).then(() => signal.throwIfAborted());
+          return x;
+        } catch (e) {
+          reasons.push(e);
+          throw e;
+        } finally {
+          running--;
+        }
+      }, { concurrency: 3 });
+      const r = track(clock, p);
+      await clock.advance(50);
+      expect(r.done).toBe(false); // items 0 and 2 still running
+      await clock.advance(100);
+      expect(r.error).toBe(boom);
+      expect(running).toBe(0);
+      expect(reasons).toEqual([boom, boom, boom]); // 0 and 2 saw the abort reason
+    });
+  });
+
+  it("accepts async iterables", async () => {
+    const clock = new ManualClock();
+    async function* gen() {
+      for (let i = 0; i < 20; i++) {
+        await clock.sleep(1);
+        yield i;
+      }
+    }
+    const { fn, stats } = sleepy(clock, (i) => 20 - i);
+    const r = await settle(clock, mapConcurrent(gen(), fn, { concurrency: 5 }));
+    expect(r.value).toEqual(Array.from({ length: 20 }, (_, i) => i * 2));
+    expect(stats.peak).toBeLessThanOrEqual(5);
+  });
+
+  it("reports a throwing iterator as the error and stops", async () => {
+    await noUnhandled(async () => {
+      const bad = new Error("input broke");
+      function* gen() {
+        yield 1;
+        yield 2;
+        throw bad;
+      }
+      await expect(mapConcurrent(gen(), (x) => x)).rejects.toBe(bad);
+      const asyncBad = {
+        [Symbol.asyncIterator]() {
+          let n = 0;
+          return {
+            next: () =>
+              n++ < 2
+                ? Promise.resolve({ value: n, done: false })
+                : Promise.reject(bad),
+          };
+        },
+      };
+      await expect(mapConcurrent(asyncBad, (x) => x)).rejects.toBe(bad);
+    });
+  });
+
+  it("sync throws, non-Error throws, sync values", async () => {
+    await noUnhandled(async () => {
+      await expect(mapConcurrent([1, 2], () => {
+        throw new TypeError("sync");
+      })).rejects.toThrow("sync");
+      await expect(mapConcurrent([1, 2], () => {
+        throw "a string";
+      })).rejects.toBe("a string");
+      await expect(mapConcurrent([1, 2], () => Promise.reject(undefined)))
+        .rejects.toBe(undefined);
+      expect(await mapConcurrent(new Set([1, 2, 3]), (x) => x + 1)).toEqual([
+        2,
+        3,
+        4,
+      ]);
+      expect(await mapConcurrent("abc", (c, i) => c + i)).toEqual([
+        "a0",
+        "b1",
+        "c2",
+      ]);
+    });
+  });
+
+  it("concurrency Infinity starts everything; empty input resolves to []", async () => {
+    const clock = new ManualClock();
+    const { fn, stats } = sleepy(clock, () => 10);
+    const r = await settle(
+      clock,
+      mapConcurrent(Array.from({ length: 100 }, (_, i) => i), fn, {
+        concurrency: Infinity,
+      }),
+    );
+    expect((r.value as number[]).length).toBe(100);
+    expect(stats.peak).toBe(100);
+    const log = { pulled: 0, returned: false };
+    const s2 = sleepy(clock, () => 10);
+    await settle(
+      clock,
+      mapConcurrent(counting(log, 30), s2.fn, { concurrency: Infinity }),
+    );
+    expect(s2.stats.peak).toBe(30);
+    expect(await mapConcurrent([], () => 1)).toEqual([]);
+    expect(await mapConcurrent((function* () {})(), () => 1)).toEqual([]);
+  });
+
+  it("a signal aborted before the start rejects at once; fn is never called", async () => {
+    let calls = 0;
+    const log = { pulled: 0, returned: false };
+    await expect(
+      mapConcurrent(counting(log), () => calls++, {
+        signal: AbortSignal.abort("early"),
+      }),
+    ).rejects.toBe("early");
+    expect(calls).toBe(0);
+    expect(log.pulled).toBe(0);
+  });
+
+  it("aborting the outer signal stops, aborts running fns, closes the input, cleans up", async () => {
+    await noUnhandled(async () => {
+      const clock = new ManualClock();
+      const { ctl, listeners } = countedSignal();
+      const log = { pulled: 0, returned: false };
+      const { fn, stats } = sleepy(clock, () => 100);
+      const r = track(
+        clock,
+        mapConcurrent(counting(log), fn, {
+          concurrency: 4,
+          signal: ctl.signal,
+        }),
+      );
+      await clock.advance(250);
+      expect(listeners()).toBe(1);
+      ctl.abort("stop now");
+      await clock.flush();
+      expect(r.error).toBe("stop now");
+      expect(stats.running).toBe(0);
+      expect(log.returned).toBe(true);
+      expect(listeners()).toBe(0);
+      expect(clock.pending).toBe(0);
+    });
+  });
+
+  it("removes its abort listener after a normal finish", async () => {
+    const { ctl, listeners } = countedSignal();
+    await mapConcurrent([1, 2, 3], (x) => x, { signal: ctl.signal });
+    expect(listeners()).toBe(0);
+    await mapConcurrent([1, 2, 3], () => {
+      throw new Error("x");
+    }, { signal: ctl.signal }).catch(() => {});
+    expect(listeners()).toBe(0);
+  });
+
+  it("stopOnError: false runs everything and rejects with all errors in input order", async () => {
+    await noUnhandled(async () => {
+      const clock = new ManualClock();
+      const errs = new Map([[7, new Error("e7")], [2, new Error("e2")], [
+        11,
+        new Error("e11"),
+      ]]);
+      const { fn, stats } = sleepy(clock, (i) => 50 - i * 3);
+      const r = await settle(
+        clock,
+        mapConcurrent(
+          Array.from({ length: 15 }, (_, i) => i),
+          async (x, i, s) => {
+            const v = await fn(x, i, s);
+            if (errs.has(i)) throw errs.get(i);
+            return v;
+          },
+          { concurrency: 4, stopOnError: false },
+        ),
+      );
+      expect(stats.calls).toBe(15);
+      expect(r.error).toBeInstanceOf(AggregateError);
+      expect((r.error as AggregateError).errors).toEqual([
+        errs.get(2),
+        errs.get(7),
+        errs.get(11),
+      ]);
+      expect((r.error as AggregateError).message).toBe("3 of 15 items failed");
+    });
+  });
+
+  it("onProgress: once per settled item, with total for sized inputs", async () => {
+    const seen: MapProgress[] = [];
+    await mapConcurrent([1, 2, 3, 4], (x) => {
+      if (x === 3) throw new Error("3");
+      return x;
+    }, { stopOnError: false, concurrency: 2, onProgress: (p) => seen.push(p) })
+      .catch(() => {});
+    expect(seen.length).toBe(4);
+    expect(seen.at(-1)).toEqual({ done: 4, failed: 1, running: 0, total: 4 });
+    const gen: MapProgress[] = [];
+    await mapConcurrent(
+      (function* () {
+        yield 1;
+        yield 2;
+      })(),
+      (x) => x,
+      { onProgress: (p) => gen.push(p) },
+    );
+    expect(gen.at(-1)).toEqual({
+      done: 2,
+      failed: 0,
+      running: 0,
+      total: undefined,
+    });
+  });
+
+  it("validates its arguments", async () => {
+    await expect(mapConcurrent(5 as never, (x) => x)).rejects.toThrow(
+      /'input'.*number/,
+    );
+    await expect(mapConcurrent(null as never, (x) => x)).rejects.toThrow(
+      TypeError,
+    );
+    await expect(mapConcurrent([1], "f" as never)).rejects.toThrow(/'fn'/);
+    for (const c of [0, -1, 1.5, NaN]) {
+      await expect(mapConcurrent([1], (x) => x, { concurrency: c })).rejects
+        .toThrow(
+          RangeError,
+        );
+    }
+    await expect(mapConcurrent([1], (x) => x, { concurrency: 0 })).rejects
+      .toThrow(
+        /'concurrency'.*0/,
+      );
+    await expect(mapConcurrent([1], (x) => x, { concurrency: "2" as never }))
+      .rejects
+      .toThrow(TypeError);
+    expect(() => mapConcurrentIterable([1], (x) => x, { buffer: 0 })).toThrow(
+      /'buffer'.*0/,
+    );
+  });
+});
+
+describe("mapConcurrentSettled", () => {
+  it("returns every outcome in order and never rejects because of fn", async () => {
+    await noUnhandled(async () => {
+      const out = await mapConcurrentSettled([1, 2, 3, 4], async (x) => {
+        await Promise.resolve();
+        if (x % 2 === 0) throw new Error(`bad ${x}`);
+        return x * 10;
+      }, { concurrency: 2 });
+      expect(
+        out.map((r) =>
+          r.status === "fulfilled" ? r.value : (r.reason as Error).message
+        ),
+      )
+        .toEqual([10, "bad 2", 30, "bad 4"]);
+    });
+  });
+});
+
+describe("mapConcurrentIterable", () => {
+  it("yields in order; with item 0 slow, at most `buffer` results wait", async () => {
+    await noUnhandled(async () => {
+      const clock = new ManualClock();
+      const log = { pulled: 0, returned: false };
+      let finishedUnyielded = 0;
+      let maxWaiting = 0;
+      const out: number[] = [];
+      const it = mapConcurrentIterable(counting(log, 100), async (x, i, s) => {
+        await clock.sleep(i === 0 ? 1000 : 1, s);
+        finishedUnyielded++;
+        maxWaiting = Math.max(maxWaiting, finishedUnyielded);
+        return x;
+      }, { concurrency: 3, buffer: 8 });
+      const consumer = (async () => {
+        for await (const v of it) {
+          finishedUnyielded--;
+          out.push(v);
+        }
+      })();
+      await clock.advance(500);
+      expect(out).toEqual([]);
+      expect(log.pulled).toBeLessThanOrEqual(8); // input not pulled past the buffer
+      expect(maxWaiting).toBeLessThanOrEqual(8);
+      await settle(clock, consumer);
+      expect(out).toEqual(Array.from({ length: 100 }, (_, i) => i));
+      expect(maxWaiting).toBeLessThanOrEqual(8);
+    });
+  });
+
+  it("break aborts running work and closes the input iterator", async () => {
+    await noUnhandled(async () => {
+      const clock = new ManualClock();
+      const log = { pulled: 0, returned: false };
+      const { fn, stats } = sleepy(clock, (i) => (i === 1 ? 10_000 : 5));
+      const aborted: unknown[] = [];
+      const got: number[] = [];
+      const consumer = (async () => {
+        for await (
+          const v of mapConcurrentIterable(counting(log), async (x, i, s) => {
+            s.addEventListener("abort", () => aborted.push(s.reason), {
+              once: true,
+            });
+            return await fn(x, i, s);
+          }, { concurrency: 4 })
+        ) {
+          got.push(v);
+          if (got.length === 1) break;
+        }
+      })();
+      await settle(clock, consumer);
+      expect(got).toEqual([0]);
+      expect(log.returned).toBe(true);
+      expect(stats.running).toBe(0);
+      expect(aborted.length).toBeGreaterThan(0);
+      expect((aborted[0] as DOMException).name).toBe("AbortError");
+      expect(clock.pending).toBe(0);
+    });
+  });
+
+  it("throws the first error after running work settles", async () => {
+    await noUnhandled(async () => {
+      const clock = new ManualClock();
+      const { fn, stats } = sleepy(clock, () => 10);
+      const got: number[] = [];
+      const boom = new Error("item 5");
+      const r = await settle(
+        clock,
+        (async () => {
+          for await (
+            const v of mapConcurrentIterable(
+              Array.from({ length: 50 }, (_, i) => i),
+              (x, i, s) => {
+                if (i === 5) throw boom;
+                return fn(x, i, s);
+              },
+              { concurrency: 3 },
+            )
+          ) got.push(v);
+        })(),
+      );
+      expect(r.error).toBe(boom);
+      // Items 3 and 4 were running when item 5 threw: they were aborted.
+      expect(got).toEqual([0, 2, 4]);
+      expect(stats.running).toBe(0);
+    });
+  });
+
+  it("does nothing before the first next()", async () => {
+    let calls = 0;
+    const log = { pulled: 0, returned: false };
+    mapConcurrentIterable(counting(log), () => calls++);
+    await new Promise((r) => setTimeout(r, 5));
+    expect(calls).toBe(0);
+    expect(log.pulled).toBe(0);
   });
 });

@@ -4,12 +4,16 @@
 import { environment } from "./lib.mjs";
 import { limiterOverhead } from "./limiter.mjs";
 import { accuracy } from "./accuracy.mjs";
+import { poolOverhead } from "./pool.mjs";
+import { memory } from "./memory.mjs";
 
 const quick = process.argv.includes("--quick");
 const json = process.argv.includes("--json");
 const topics = [
+  ["pool", poolOverhead],
   ["limiter", limiterOverhead],
   ["accuracy", accuracy],
+  ["memory", memory],
 ];
 const only = process.argv.slice(2).filter((a) => !a.startsWith("--"));
 
@@ -18,7 +22,9 @@ console.log(
     quick ? " (--quick: small sizes, not for quoting)" : ""
   }\n`,
 );
-console.log(environment(["limiter", "p-queue"]) + "\n");
+console.log(
+  environment(["p-map", "p-limit", "p-queue", "async-sema", "limiter"]) + "\n",
+);
 const all = {};
 for (const [name, fn] of topics) {
   if (only.length && !only.includes(name)) continue;

@@ -74,6 +74,27 @@ step("README examples run (Deno)", () => {
   return `${blocks.length} blocks`;
 });
 step("bun test", () => run(bin("bun"), ["test", "mod_test.ts"]));
+step("bench --quick (smoke: it runs and yields numbers)", () => {
+  const out = run("node", ["bench/run.mjs", "--quick", "--json"]);
+  const json = JSON.parse(out.trim().split("\n").pop() ?? "{}");
+  const numbers = [];
+  const walk = (v) => {
+    if (typeof v === "number") numbers.push(v);
+    else if (v && typeof v === "object") Object.values(v).forEach(walk);
+  };
+  walk(json);
+  for (const topic of ["pool", "limiter", "accuracy", "memory"]) {
+    if (!(topic in json)) {
+      throw new Error(`bench topic ${topic} missing\n${out}`);
+    }
+  }
+  if (numbers.length < 50 || numbers.some((x) => Number.isNaN(x))) {
+    throw new Error(
+      `bench produced ${numbers.length} numbers, some NaN\n${out}`,
+    );
+  }
+  return out;
+});
 step("package (npm pack, install, import, types)", () => {
   const dir = mkdtempSync(join(tmpdir(), "paceline-pack-"));
   try {
