@@ -3,7 +3,7 @@
 // The whole test suite, one step after another: `npm test` runs this.
 // Each step's output is shown only when it fails (or with --verbose), so the
 // log stays readable; the last line is "N passed, N failed".
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -13,7 +13,7 @@ const verbose = process.argv.includes("--verbose");
 const only = process.argv.slice(2).filter((a) => !a.startsWith("--"));
 const bin = (name) => join(root, "node_modules", ".bin", name);
 
-/** @type {[string, () => string | void][]} */
+/** @type {[string, () => unknown][]} */
 const steps = [];
 const step = (name, fn) => steps.push([name, fn]);
 
@@ -40,8 +40,11 @@ const deno = (...args) => run(bin("deno"), args);
 
 step("build", () => run("npm", ["run", "--silent", "build"]));
 step("typecheck (tsc)", () => run(bin("tsc"), ["-p", "tsconfig.json"]));
-step("vitest (Node)", () => run(bin("vitest"), ["run"]));
-step("deno check", () => deno("check", "mod.ts", "mod_test.ts"));
+step(
+  "vitest (Node: mod_test.ts, sim_test.ts)",
+  () => run(bin("vitest"), ["run"]),
+);
+step("deno check", () => deno("check", "mod.ts", "mod_test.ts", "sim.ts"));
 step("deno lint", () => deno("lint"));
 step("deno fmt --check", () => deno("fmt", "--check"));
 step("deno doc --lint mod.ts", () => deno("doc", "--lint", "mod.ts"));
@@ -64,7 +67,10 @@ step("README examples run (Deno)", () => {
       const file = join(dir, `block${i}.ts`);
       writeFileSync(
         file,
-        code.replaceAll('from "paceline"', 'from "../mod.ts"'),
+        code.replaceAll('from "paceline"', 'from "../mod.ts"').replaceAll(
+          'from "./',
+          'from "../',
+        ),
       );
       deno("run", "-A", file);
     });
@@ -74,6 +80,66 @@ step("README examples run (Deno)", () => {
   return `${blocks.length} blocks`;
 });
 step("bun test", () => run(bin("bun"), ["test", "mod_test.ts"]));
+const smoke = (cmd, args) => {
+  const out = run(cmd, args);
+  if (!/^ok$/m.test(out)) {
+    throw new Error(`no "ok" from the smoke test\n${out}`);
+  }
+  return out;
+};
+step(
+  "simulator smoke (Deno)",
+  () => smoke(bin("deno"), ["run", "-A", "test/sim_smoke.ts"]),
+);
+step("simulator smoke (Bun)", () => smoke(bin("bun"), ["test/sim_smoke.ts"]));
+step("simulator standalone (node dist/sim.js, deno run sim.ts)", async () => {
+  for (
+    const [cmd, args] of [
+      ["node", ["dist/sim.js", "--port", "0", "--rpm", "1"]],
+      [bin("deno"), ["run", "-A", "sim.ts", "--port", "0", "--rpm", "1"]],
+    ]
+  ) {
+    const child = spawn(cmd, args, {
+      cwd: root,
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    try {
+      const url = await new Promise((resolve, reject) => {
+        let out = "";
+        const timer = setTimeout(
+          () => reject(new Error(`no URL printed: ${out}`)),
+          20_000,
+        );
+        child.stdout.on("data", (d) => {
+          out += d;
+          const m = /listening on (http:\/\/\S+)/.exec(out);
+          if (m) {
+            clearTimeout(timer);
+            resolve(m[1]);
+          }
+        });
+        child.on("exit", (code) => reject(new Error(`exited ${code}: ${out}`)));
+      });
+      const ask = () =>
+        fetch(`${url}/v1/messages`, {
+          method: "POST",
+          body: JSON.stringify({
+            model: "m",
+            max_tokens: 5,
+            messages: [{ role: "user", content: "x" }],
+          }),
+        });
+      const a = await ask();
+      const b = await ask();
+      await Promise.all([a.text(), b.text()]);
+      if (a.status !== 200 || b.status !== 429) {
+        throw new Error(`${cmd}: ${a.status} ${b.status}`);
+      }
+    } finally {
+      child.kill();
+    }
+  }
+});
 step("bench --quick (smoke: it runs and yields numbers)", () => {
   const out = run("node", ["bench/run.mjs", "--quick", "--json"]);
   const json = JSON.parse(out.trim().split("\n").pop() ?? "{}");
@@ -171,7 +237,7 @@ for (const [name, fn] of steps) {
   if (only.length && !only.some((o) => name.includes(o))) continue;
   const t0 = performance.now();
   try {
-    const out = fn();
+    const out = await fn();
     passed++;
     const s = ((performance.now() - t0) / 1000).toFixed(1);
     console.log(`ok   ${name} (${s} s)`);

@@ -1,0 +1,500 @@
+// Tests of the simulator: real HTTP on loopback, short windows, real clients.
+import { afterEach, describe, expect, it } from "vitest";
+import Anthropic from "@anthropic-ai/sdk";
+import OpenAI from "openai";
+import { parseRetryAfter } from "./mod.ts";
+import {
+  countTokens,
+  goDuration,
+  inputTokensOf,
+  parseSimArgs,
+  type Simulator,
+  startSimulator,
+} from "./sim.ts";
+
+const open: Simulator[] = [];
+async function sim(
+  options: Parameters<typeof startSimulator>[0] = {},
+): Promise<Simulator> {
+  const s = await startSimulator(options);
+  open.push(s);
+  return s;
+}
+afterEach(async () => {
+  await Promise.all(open.splice(0).map((s) => s.close()));
+});
+
+const ask = (content: string, extra: Record<string, unknown> = {}) => ({
+  model: "claude-sim",
+  max_tokens: 100,
+  messages: [{ role: "user" as const, content }],
+  ...extra,
+});
+
+function post(
+  url: string,
+  path: string,
+  body: unknown,
+  headers: Record<string, string> = {},
+) {
+  return fetch(`${url}${path}`, {
+    method: "POST",
+    headers: { "content-type": "application/json", ...headers },
+    body: JSON.stringify(body),
+  });
+}
+
+describe("simulator token rule", () => {
+  it("counts ASCII runs by 4, CJK and symbols by 1, whitespace free", () => {
+    expect(countTokens("")).toBe(0);
+    expect(countTokens("abcd")).toBe(1);
+    expect(countTokens("abcde fg")).toBe(3);
+    expect(countTokens("你好，世界")).toBe(5);
+    expect(countTokens("日本語のテキスト")).toBe(8);
+    expect(countTokens("hi!")).toBe(2);
+    expect(inputTokensOf(ask("abcd"))).toBe(1 + 3 + 1);
+    expect(
+      inputTokensOf({
+        system: "be brief",
+        messages: [{ role: "user", content: [{ type: "text", text: "你好" }] }],
+      }),
+    )
+      .toBe(1 + 3 + 3 + 2); // "be" 1 + "brief" 2; "你好" 2
+  });
+
+  it("writes Go durations that parse back", () => {
+    for (
+      const ms of [
+        0,
+        2,
+        90,
+        1000,
+        1500,
+        59_999,
+        60_000,
+        86_400,
+        360_000,
+        1_185_394,
+        3_888_000,
+      ]
+    ) {
+      const back = parseRetryAfter({
+        "x-ratelimit-reset-requests": goDuration(ms),
+      });
+      expect(Math.abs(back! - ms)).toBeLessThanOrEqual(1);
+    }
+  });
+});
+
+describe("simulator limits (sliding)", () => {
+  it("10 requests per 500 ms: 11 concurrent → exactly 10 accepted, 1 refused with a correct retry-after", async () => {
+    const s = await sim({
+      limits: { requests: 10, windowMs: 500 },
+      retryAfterMs: true,
+    });
+    const t0 = performance.now();
+    const rs = await Promise.all(
+      Array.from(
+        { length: 11 },
+        (_, i) => post(s.url, "/v1/messages", ask(`q${i}`)),
+      ),
+    );
+    const statuses = rs.map((r) => r.status).sort();
+    expect(statuses.filter((x) => x === 200).length).toBe(10);
+    expect(statuses.filter((x) => x === 429).length).toBe(1);
+    const refused = rs.find((r) => r.status === 429)!;
+    expect(refused.headers.get("retry-after")).toBe("1");
+    const ms = Number(refused.headers.get("retry-after-ms"));
+    expect(ms).toBeGreaterThan(0);
+    expect(ms).toBeLessThanOrEqual(500 - (performance.now() - t0) + 5 + 500); // within the window
+    const body = await refused.json();
+    expect(body.type).toBe("error");
+    expect(body.error.type).toBe("rate_limit_error");
+    expect(s.stats().rateLimited.requests).toBe(1);
+    expect(s.stats().maxInWindow.requests).toBe(10);
+    // After the window, room again.
+    await new Promise((r) => setTimeout(r, ms + 5));
+    expect((await post(s.url, "/v1/messages", ask("later"))).status).toBe(200);
+  });
+
+  it("input-token and output-token windows are exact too", async () => {
+    const one = ask("the same question each time");
+    const input = inputTokensOf(one);
+    const probe = await sim();
+    const out = (await (await post(probe.url, "/v1/messages", one)).json())
+      .usage.output_tokens as number;
+    for (
+      const [limits, dim] of [
+        [{ inputTokens: input * 10, windowMs: 500 }, "inputTokens"],
+        [{ outputTokens: out * 10, windowMs: 500 }, "outputTokens"],
+        [{ tokens: (input + out) * 10, windowMs: 500 }, "tokens"],
+      ] as const
+    ) {
+      const s = await sim({ limits });
+      const rs = await Promise.all(
+        Array.from({ length: 11 }, () => post(s.url, "/v1/messages", one)),
+      );
+      expect(rs.filter((r) => r.status === 200).length).toBe(10);
+      expect(rs.filter((r) => r.status === 429).length).toBe(1);
+      expect(s.stats().rateLimited[dim]).toBe(1);
+      await Promise.all(rs.map((r) => r.body?.cancel()));
+    }
+  });
+
+  it("max_tokens counting reserves max_tokens at admission (OpenAI style)", async () => {
+    const s = await sim({
+      limits: { outputTokens: 1000, windowMs: 500 },
+      outputCounting: "max_tokens",
+    });
+    const rs = await Promise.all(
+      Array.from(
+        { length: 3 },
+        (_, i) =>
+          post(s.url, "/v1/messages", ask(`x${i}`, { max_tokens: 400 })),
+      ),
+    );
+    expect(rs.map((r) => r.status).sort()).toEqual([200, 200, 429]);
+  });
+
+  it("refuses at once a request larger than a limit, without retry-after", async () => {
+    const s = await sim({ limits: { inputTokens: 10 } });
+    const r = await post(
+      s.url,
+      "/v1/messages",
+      ask("a long prompt that has more than ten tokens in it, surely"),
+    );
+    expect(r.status).toBe(429);
+    expect(r.headers.get("retry-after")).toBeNull();
+  });
+
+  it("sends rate-limit headers that parse back to the simulator's values", async () => {
+    const s = await sim({
+      limits: { requests: 5, tokens: 10_000, windowMs: 60_000 },
+    });
+    await post(s.url, "/v1/messages", ask("one"));
+    const r = await post(s.url, "/v1/chat/completions", ask("two"));
+    const h = r.headers;
+    expect(h.get("request-id")).toMatch(/^req_/);
+    expect(h.get("x-request-id")).toBe(h.get("request-id"));
+    expect(h.get("anthropic-ratelimit-requests-limit")).toBe("5");
+    expect(h.get("anthropic-ratelimit-requests-remaining")).toBe("3");
+    expect(h.get("x-ratelimit-limit-requests")).toBe("5");
+    expect(h.get("x-ratelimit-remaining-requests")).toBe("3");
+    expect(h.get("anthropic-ratelimit-requests-reset")).toMatch(
+      /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$/,
+    );
+    const rfc = parseRetryAfter({
+      "anthropic-ratelimit-requests-reset": h.get(
+        "anthropic-ratelimit-requests-reset",
+      )!,
+    });
+    expect(rfc).toBeGreaterThan(58_000);
+    expect(rfc).toBeLessThanOrEqual(61_000);
+    const go = parseRetryAfter({
+      "x-ratelimit-reset-requests": h.get("x-ratelimit-reset-requests")!,
+    });
+    expect(go).toBeGreaterThan(59_000);
+    expect(go).toBeLessThanOrEqual(60_000);
+    expect(h.get("x-ratelimit-reset-requests")).toMatch(
+      /^\d+(\.\d+)?s$|^1m0s$|^\d+s$/,
+    );
+  });
+});
+
+describe("simulator limits (bucket)", () => {
+  it("refills continuously at limit / window", async () => {
+    const s = await sim({
+      limits: { requests: 10, windowMs: 1000 },
+      mode: "bucket",
+    });
+    const rs = await Promise.all(
+      Array.from(
+        { length: 11 },
+        (_, i) => post(s.url, "/v1/messages", ask(`b${i}`)),
+      ),
+    );
+    expect(rs.filter((r) => r.status === 429).length).toBe(1);
+    await new Promise((r) => setTimeout(r, 130)); // one request refills every 100 ms
+    expect((await post(s.url, "/v1/messages", ask("refilled"))).status).toBe(
+      200,
+    );
+    expect((await post(s.url, "/v1/messages", ask("too soon"))).status).toBe(
+      429,
+    );
+  });
+});
+
+describe("simulator auth, shapes and modes", () => {
+  it("checks the key in x-api-key or Authorization: Bearer, never echoing it", async () => {
+    const key = "sk-sim-secret-123";
+    const s = await sim({ apiKey: key });
+    const bad = await post(s.url, "/v1/messages", ask("hi"), {
+      "x-api-key": "wrong-key",
+    });
+    expect(bad.status).toBe(401);
+    const text = await bad.text();
+    expect(JSON.parse(text).error.type).toBe("authentication_error");
+    expect(text).not.toContain("wrong-key");
+    expect(
+      (await post(s.url, "/v1/messages", ask("hi"), { "x-api-key": key }))
+        .status,
+    ).toBe(200);
+    expect(
+      (await post(s.url, "/v1/messages", ask("hi"), {
+        authorization: `Bearer ${key}`,
+      })).status,
+    ).toBe(200);
+    const oa = await post(s.url, "/v1/chat/completions", ask("hi"));
+    expect((await oa.json()).error.code).toBe("invalid_api_key");
+    expect(s.stats().rejected.auth).toBe(2);
+  });
+
+  it("answers count_tokens, 400 for bad bodies, 404 elsewhere", async () => {
+    const s = await sim();
+    const c = await post(s.url, "/v1/messages/count_tokens", ask("你好"));
+    expect(await c.json()).toEqual({ input_tokens: 1 + 3 + 2 });
+    const bad = await post(s.url, "/v1/messages", { model: "x" });
+    expect(bad.status).toBe(400);
+    expect((await bad.json()).error.type).toBe("invalid_request_error");
+    const noMax = await post(s.url, "/v1/messages", {
+      model: "x",
+      messages: [],
+    });
+    expect(noMax.status).toBe(400);
+    expect((await post(s.url, "/v1/nothing", {})).status).toBe(404);
+  });
+
+  it("quota mode: after N accepted, the non-retryable spend-limit 429 without retry-after", async () => {
+    const s = await sim({ quotaAfter: 2 });
+    const statuses = [];
+    for (let i = 0; i < 4; i++) {
+      statuses.push((await post(s.url, "/v1/messages", ask(`q${i}`))).status);
+    }
+    expect(statuses).toEqual([200, 200, 429, 429]);
+    const r = await post(s.url, "/v1/messages", ask("again"));
+    expect(r.headers.get("retry-after")).toBeNull();
+    expect((await r.json()).error.details.error_code).toBe(
+      "enforced_spend_limit_reached",
+    );
+    const o = await post(s.url, "/v1/chat/completions", ask("again"));
+    expect((await o.json()).error.code).toBe("insufficient_quota");
+  });
+
+  it("counts attempts and successes per client request id", async () => {
+    const s = await sim();
+    await post(s.url, "/v1/messages", ask("a"), {
+      "x-client-request-id": "job-1",
+    });
+    await post(
+      s.url,
+      "/v1/messages",
+      ask("a", { metadata: { user_id: "job-2" } }),
+    );
+    await post(s.url, "/v1/chat/completions", ask("a", { user: "job-3" }));
+    expect(s.stats().perClient).toEqual({
+      "job-1": { attempts: 1, succeeded: 1 },
+      "job-2": { attempts: 1, succeeded: 1 },
+      "job-3": { attempts: 1, succeeded: 1 },
+    });
+    s.reset();
+    expect(s.stats().received).toBe(0);
+  });
+});
+
+describe("simulator with the official SDKs", () => {
+  it("@anthropic-ai/sdk: create, stream with final usage, RateLimitError with headers", async () => {
+    const key = "sk-ant-sim";
+    const s = await sim({
+      apiKey: key,
+      limits: { requests: 3, windowMs: 60_000 },
+    });
+    const client = new Anthropic({
+      apiKey: key,
+      baseURL: s.url,
+      maxRetries: 0,
+    });
+    const m = await client.messages.create(ask("Hello there"));
+    expect(m.type).toBe("message");
+    expect(m.content[0]!.type).toBe("text");
+    expect(m.usage.input_tokens).toBe(inputTokensOf(ask("Hello there")));
+    const stream = client.messages.stream(ask("Stream this please"));
+    let text = "";
+    stream.on("text", (t) => (text += t));
+    const final = await stream.finalMessage();
+    expect(final.usage.output_tokens).toBeGreaterThanOrEqual(8);
+    expect(countTokens(text)).toBe(final.usage.output_tokens);
+    expect(s.stats().usage.outputTokens).toBe(
+      m.usage.output_tokens + final.usage.output_tokens,
+    );
+    await client.messages.create(ask("third"));
+    const err = await client.messages.create(ask("fourth")).catch((e) => e);
+    expect(err).toBeInstanceOf(Anthropic.RateLimitError);
+    expect(err.status).toBe(429);
+    expect(Number(err.headers.get("retry-after"))).toBeGreaterThan(0);
+    expect(err.error.error.type).toBe("rate_limit_error");
+  });
+
+  it("@anthropic-ai/sdk raw stream: events in the documented order", async () => {
+    const s = await sim();
+    const client = new Anthropic({
+      apiKey: "k",
+      baseURL: s.url,
+      maxRetries: 0,
+    });
+    const events: string[] = [];
+    const stream = await client.messages.create({
+      ...ask("order please"),
+      stream: true,
+    });
+    for await (const e of stream) events.push(e.type);
+    expect(events[0]).toBe("message_start");
+    expect(events[1]).toBe("content_block_start");
+    expect(events.filter((e) => e === "content_block_delta").length)
+      .toBeGreaterThanOrEqual(8);
+    expect(events.slice(-3)).toEqual([
+      "content_block_stop",
+      "message_delta",
+      "message_stop",
+    ]);
+  });
+
+  it("openai: create, stream with include_usage, RateLimitError", async () => {
+    const s = await sim({ limits: { requests: 3, windowMs: 60_000 } });
+    const client = new OpenAI({
+      apiKey: "sk-sim",
+      baseURL: `${s.url}/v1`,
+      maxRetries: 0,
+    });
+    const c = await client.chat.completions.create({
+      model: "gpt-sim",
+      max_completion_tokens: 50,
+      messages: [{ role: "user", content: "Hi" }],
+    });
+    expect(c.choices[0]!.message.content).toBeTruthy();
+    expect(c.usage!.prompt_tokens).toBe(1 + 3 + 1);
+    const stream = await client.chat.completions.create({
+      model: "gpt-sim",
+      max_completion_tokens: 50,
+      messages: [{ role: "user", content: "Stream" }],
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+    let text = "";
+    let usage: { completion_tokens: number } | undefined;
+    for await (const chunk of stream) {
+      text += chunk.choices[0]?.delta?.content ?? "";
+      if (chunk.usage) usage = chunk.usage;
+    }
+    expect(usage!.completion_tokens).toBe(countTokens(text));
+    await client.chat.completions.create({
+      model: "m",
+      max_tokens: 5,
+      messages: [{ role: "user", content: "3" }],
+    });
+    const err = await client.chat.completions.create({
+      model: "m",
+      max_tokens: 5,
+      messages: [{ role: "user", content: "4" }],
+    }).catch((e) => e);
+    expect(err).toBeInstanceOf(OpenAI.RateLimitError);
+    expect(err.code).toBe("rate_limit_exceeded");
+    expect(err.headers.get("retry-after")).toBeTruthy();
+  });
+});
+
+describe("simulator faults", () => {
+  const faults = {
+    error500: 0.1,
+    overloaded529: 0.1,
+    unavailable503: 0.05,
+    reset: 0.05,
+  };
+
+  async function runSequential(seed: number, n: number) {
+    const s = await sim({ faults, seed });
+    for (let i = 0; i < n; i++) {
+      await post(s.url, "/v1/messages", ask(`f${i}`)).then(
+        (r) => r.body?.cancel(),
+        () => {},
+      );
+    }
+    return s.stats();
+  }
+
+  it("match the configured probabilities and the same seed gives the same sequence", async () => {
+    const n = 400;
+    const a = await runSequential(7, n);
+    const b = await runSequential(7, n);
+    const c = await runSequential(8, n);
+    expect(a.log).toEqual(b.log);
+    expect(a.log).not.toEqual(c.log);
+    expect(a.log.length).toBe(n);
+    // Expected counts (faults are drawn in order: reset, 500, 529, 503).
+    const tol = (p: number) => 4 * Math.sqrt(n * p * (1 - p)) + 2;
+    const expected = {
+      reset: n * 0.05,
+      error500: n * 0.95 * 0.1,
+      overloaded529: n * 0.95 * 0.9 * 0.1,
+      unavailable503: n * 0.95 * 0.9 * 0.9 * 0.05,
+    };
+    for (const [k, e] of Object.entries(expected)) {
+      const got = a.faults[k as keyof typeof a.faults];
+      expect({ k, ok: Math.abs(got - e) <= tol(e / n) }).toEqual({
+        k,
+        ok: true,
+      });
+    }
+  });
+
+  it("mid-stream errors and truncated streams break the stream after some deltas", async () => {
+    const s = await sim({ faults: { midStreamError: 1 } });
+    const client = new Anthropic({
+      apiKey: "k",
+      baseURL: s.url,
+      maxRetries: 0,
+    });
+    const err = await client.messages.stream(ask("boom")).finalMessage().catch((
+      e,
+    ) => e);
+    expect(String(err?.message ?? err)).toMatch(/Overloaded|overloaded/);
+    const t = await sim({ faults: { truncatedStream: 1 } });
+    const r = await post(t.url, "/v1/messages", ask("cut", { stream: true }));
+    expect(r.status).toBe(200);
+    const read = await r.text().catch((e) => e);
+    expect(read instanceof Error || !String(read).includes("message_stop"))
+      .toBe(true);
+    expect(t.stats().faults.truncatedStream).toBe(1);
+  });
+
+  it("slow headers delay the response", async () => {
+    const s = await sim({ faults: { slowHeaders: 1, slowHeadersMs: 120 } });
+    const t0 = performance.now();
+    await (await post(s.url, "/v1/messages", ask("slow"))).text();
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(110);
+  });
+});
+
+describe("simulator CLI flags", () => {
+  it("parses flags and rejects bad ones by name", () => {
+    expect(
+      parseSimArgs([
+        "--port",
+        "0",
+        "--rpm",
+        "50",
+        "--itpm",
+        "30000",
+        "--fault-529",
+        "0.1",
+      ]),
+    ).toMatchObject({
+      port: 0,
+      limits: { requests: 50, inputTokens: 30000 },
+      faults: { overloaded529: 0.1 },
+    });
+    expect(() => parseSimArgs(["--rpm", "fifty"])).toThrow(
+      /--rpm needs a number: received "fifty"/,
+    );
+    expect(() => parseSimArgs(["--nope"])).toThrow(/Unknown flag "--nope"/);
+  });
+});
