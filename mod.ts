@@ -276,12 +276,101 @@ export interface Lock extends Disposable {
   release(): void;
 }
 
-interface MutexWaiter {
-  resolve: (lock: Lock) => void;
+interface Waiter {
+  resolve: () => void;
   reject: (reason: unknown) => void;
   signal: AbortSignal | undefined;
   onAbort: (() => void) | undefined;
   cancelled: boolean;
+}
+
+/**
+ * A FIFO counting semaphore whose waiters can abort; the queue behind
+ * {@linkcode Mutex} and the in-flight slots of {@linkcode rateLimitedFetch}.
+ */
+class Semaphore {
+  #free: number;
+  #queue: (Waiter | undefined)[] = [];
+  #head = 0;
+  #cancelled = 0;
+
+  constructor(permits: number) {
+    this.#free = permits;
+  }
+
+  /** Permits free now. */
+  get free(): number {
+    return this.#free;
+  }
+
+  /** Waiters in the queue (aborted ones excluded). */
+  get waiting(): number {
+    return this.#queue.length - this.#head - this.#cancelled;
+  }
+
+  /** Takes a permit if one is free and nobody waits. */
+  tryAcquire(): boolean {
+    if (this.#free > 0 && this.waiting === 0) {
+      this.#free--;
+      return true;
+    }
+    return false;
+  }
+
+  acquire(signal?: AbortSignal): Promise<void> {
+    if (signal?.aborted) return Promise.reject(signal.reason);
+    if (this.tryAcquire()) return Promise.resolve();
+    return new Promise<void>((resolve, reject) => {
+      const waiter: Waiter = {
+        resolve,
+        reject,
+        signal,
+        onAbort: undefined,
+        cancelled: false,
+      };
+      if (signal) {
+        waiter.onAbort = () => {
+          waiter.cancelled = true;
+          this.#cancelled++;
+          reject(signal.reason);
+        };
+        signal.addEventListener("abort", waiter.onAbort, { once: true });
+      }
+      this.#queue.push(waiter);
+    });
+  }
+
+  /** Returns a permit, handing it straight to the next waiter if any. */
+  release(): void {
+    const q = this.#queue;
+    while (this.#head < q.length) {
+      const w = q[this.#head]!;
+      q[this.#head++] = undefined;
+      if (w.cancelled) {
+        this.#cancelled--;
+        continue;
+      }
+      if (w.signal && w.onAbort) {
+        w.signal.removeEventListener("abort", w.onAbort);
+      }
+      this.#compact();
+      w.resolve();
+      return;
+    }
+    this.#compact();
+    this.#free++;
+  }
+
+  #compact(): void {
+    const q = this.#queue;
+    if (this.#head === q.length) {
+      q.length = 0;
+      this.#head = 0;
+    } else if (this.#head > 1024 && this.#head * 2 > q.length) {
+      this.#queue = q.slice(this.#head);
+      this.#head = 0;
+    }
+  }
 }
 
 /**
@@ -307,19 +396,16 @@ interface MutexWaiter {
  * ```
  */
 export class Mutex {
-  #locked = false;
-  #queue: (MutexWaiter | undefined)[] = [];
-  #head = 0;
-  #cancelled = 0;
+  #sem = new Semaphore(1);
 
   /** Whether some caller holds the lock. */
   get locked(): boolean {
-    return this.#locked;
+    return this.#sem.free === 0;
   }
 
   /** The number of callers waiting for the lock (aborted ones excluded). */
   get waiting(): number {
-    return this.#queue.length - this.#head - this.#cancelled;
+    return this.#sem.waiting;
   }
 
   /**
@@ -331,28 +417,8 @@ export class Mutex {
    */
   lock(signal?: AbortSignal): Promise<Lock> {
     if (signal?.aborted) return Promise.reject(signal.reason);
-    if (!this.#locked) {
-      this.#locked = true;
-      return Promise.resolve(this.#newLock());
-    }
-    return new Promise<Lock>((resolve, reject) => {
-      const waiter: MutexWaiter = {
-        resolve,
-        reject,
-        signal,
-        onAbort: undefined,
-        cancelled: false,
-      };
-      if (signal) {
-        waiter.onAbort = () => {
-          waiter.cancelled = true;
-          this.#cancelled++;
-          reject(signal.reason);
-        };
-        signal.addEventListener("abort", waiter.onAbort, { once: true });
-      }
-      this.#queue.push(waiter);
-    });
+    if (this.#sem.tryAcquire()) return Promise.resolve(this.#newLock());
+    return this.#sem.acquire(signal).then(() => this.#newLock());
   }
 
   #newLock(): Lock {
@@ -360,40 +426,9 @@ export class Mutex {
     const release = (): void => {
       if (!held) return;
       held = false;
-      this.#handOff();
+      this.#sem.release();
     };
     return { release, [Symbol.dispose]: release };
-  }
-
-  #handOff(): void {
-    const q = this.#queue;
-    while (this.#head < q.length) {
-      const w = q[this.#head]!;
-      q[this.#head++] = undefined;
-      if (w.cancelled) {
-        this.#cancelled--;
-        continue;
-      }
-      if (w.signal && w.onAbort) {
-        w.signal.removeEventListener("abort", w.onAbort);
-      }
-      this.#compact();
-      w.resolve(this.#newLock());
-      return;
-    }
-    this.#compact();
-    this.#locked = false;
-  }
-
-  #compact(): void {
-    const q = this.#queue;
-    if (this.#head === q.length) {
-      q.length = 0;
-      this.#head = 0;
-    } else if (this.#head > 1024 && this.#head * 2 > q.length) {
-      this.#queue = q.slice(this.#head);
-      this.#head = 0;
-    }
   }
 }
 
@@ -827,6 +862,58 @@ export class RateLimiter {
   }
 
   /**
+   * Changes the margin of every window with this key (or only the one with
+   * this key and `ms`) at runtime; see {@linkcode RateLimiterOptions.marginMs}.
+   * A wider margin holds entries longer; waiters re-check at once.
+   *
+   * @param key The windows' cost key.
+   * @param marginMs The new margin, a finite number ≥ 0.
+   * @param ms Only the window of this length.
+   * @throws {RangeError} If `marginMs` is invalid or no window matches.
+   */
+  setMargin(key: string, marginMs: number, ms?: number): void {
+    checkMargin(marginMs, "marginMs");
+    const matches = this.#windows.filter((w) =>
+      w.key === key && (ms === undefined || w.ms === ms)
+    );
+    if (matches.length === 0) {
+      throw new RangeError(
+        `RateLimiter.setMargin: no window with key '${key}'${
+          ms === undefined ? "" : ` and ms ${ms}`
+        }`,
+      );
+    }
+    for (const w of matches) {
+      w.margin = marginMs;
+      w.life = w.ms + marginMs;
+    }
+    this.#wakeHead();
+  }
+
+  /**
+   * Records usage that happened outside this limiter — e.g. other clients
+   * sharing the same API key, seen in a server's `remaining` headers — as
+   * if admitted now, without waiting and even if it exceeds a limit.
+   *
+   * @param cost The amounts to record.
+   * @throws {TypeError | RangeError} If an amount is not a finite number ≥ 0.
+   */
+  record(cost: Cost): void {
+    if (typeof cost !== "object" || cost === null) {
+      throw new TypeError(
+        `RateLimiter.record cost must be an object: received ${String(cost)}`,
+      );
+    }
+    const now = this.#clock.now();
+    for (const w of this.#windows) {
+      const a = cost[w.key];
+      if (a === undefined) continue;
+      checkAmount(a, w.key, "record");
+      if (a > 0) w.push(now, a);
+    }
+  }
+
+  /**
    * A snapshot of every window's usage, in window order.
    *
    * @returns One {@linkcode WindowUsage} per window.
@@ -1037,9 +1124,9 @@ class SlidingWindow {
   key: string;
   limit: number;
   readonly ms: number;
-  readonly margin: number;
+  margin: number;
   /** Entry lifetime: an entry at time t counts while now < t + life. */
-  readonly life: number;
+  life: number;
   readonly bucket: number;
   used = 0;
   #times = new Float64Array(16);
@@ -2643,6 +2730,7 @@ class Pool<T, R> {
       throw new TypeError(`${where} 'signal' must be an AbortSignal`);
     }
     this.concurrency = concurrency;
+    shareSignal(this.#ctl.signal); // handed to every call of fn
     this.#fn = fn;
     this.#input = input;
     this.#signal = signal;
@@ -2832,6 +2920,25 @@ class Pool<T, R> {
   }
 }
 
+/**
+ * Lifts Node's "possible EventTarget memory leak" warning (more than 10
+ * listeners) for a signal we share with many concurrent calls by design.
+ * Uses `process.getBuiltinModule` when the runtime has it; a no-op elsewhere.
+ */
+function shareSignal(signal: AbortSignal): void {
+  try {
+    const p = (globalThis as {
+      process?: { getBuiltinModule?: (id: string) => unknown };
+    }).process;
+    const events = p?.getBuiltinModule?.("node:events") as
+      | { setMaxListeners?: (n: number, ...targets: EventTarget[]) => void }
+      | undefined;
+    events?.setMaxListeners?.(0, signal);
+  } catch {
+    // not Node, or not allowed: only a warning is at stake
+  }
+}
+
 /** An integer ≥ 1, or Infinity. */
 function checkCount(value: unknown, name: string, where: string): void {
   checkNumber(value, name, where);
@@ -2840,4 +2947,1637 @@ function checkCount(value: unknown, name: string, where: string): void {
       `${where} '${name}' must be an integer >= 1 or Infinity: received ${value}`,
     );
   }
+}
+
+// =============================================================================
+// Stats
+// =============================================================================
+
+/** A plain snapshot of {@linkcode Stats}, from `toJSON()`. */
+export interface StatsSnapshot {
+  /** Logical calls made (one per `fetch`/`messages` call, retries not counted). */
+  calls: number;
+  /** Calls that ended in a 2xx response. */
+  succeeded: number;
+  /** Calls that ended otherwise (HTTP error after retries, network error, quota, abort). */
+  failed: number;
+  /** HTTP attempts sent, retries included. */
+  requests: number;
+  /** Retries made. */
+  retries: number;
+  /** Attempts answered 429. */
+  rateLimited: number;
+  /** Of those, 429s although our limiter had admitted the request. */
+  unexpected429: number;
+  /** Times the limiter margin was widened after an unexpected 429. */
+  marginWidened: number;
+  /** Failed attempts by kind: `"http_500"`, `"network"`, `"quota"`, `"aborted"` … */
+  errors: Record<string, number>;
+  /** Real input tokens (from responses). */
+  inputTokens: number;
+  /** Real output tokens (from responses). */
+  outputTokens: number;
+  /** `succeeded / (succeeded + failed)`, or 1 before any call ends. */
+  successRate: number;
+  /** Wall time from the first call to the last response, in ms. */
+  elapsedMs: number;
+  /** Achieved requests (attempts) per minute over `elapsedMs`. */
+  requestsPerMinute: number;
+  /** Achieved input + output tokens per minute over `elapsedMs`. */
+  tokensPerMinute: number;
+  /** Attempt latency (send → response complete), ms. */
+  latencyMs: Percentiles;
+  /** Time waiting for a slot and a rate permit before each attempt, ms. */
+  queueWaitMs: Percentiles;
+}
+
+/** p50/p95/p99 and max of a sample. */
+export interface Percentiles {
+  /** Median. */
+  p50: number;
+  /** 95th percentile. */
+  p95: number;
+  /** 99th percentile. */
+  p99: number;
+  /** Largest seen. */
+  max: number;
+  /** Samples seen. */
+  count: number;
+}
+
+const RESERVOIR = 4096;
+
+/** A bounded uniform sample (reservoir sampling) for percentiles. */
+class Sample {
+  #values: number[] = [];
+  #seen = 0;
+  #max = 0;
+  add(v: number): void {
+    this.#seen++;
+    if (v > this.#max) this.#max = v;
+    if (this.#values.length < RESERVOIR) this.#values.push(v);
+    else {
+      const j = Math.floor(Math.random() * this.#seen);
+      if (j < RESERVOIR) this.#values[j] = v;
+    }
+  }
+  percentiles(): Percentiles {
+    const s = [...this.#values].sort((a, b) => a - b);
+    const at = (q: number): number =>
+      s.length ? s[Math.min(s.length - 1, Math.ceil(q * s.length) - 1)]! : 0;
+    return {
+      p50: at(0.5),
+      p95: at(0.95),
+      p99: at(0.99),
+      max: this.#max,
+      count: this.#seen,
+    };
+  }
+}
+
+/**
+ * Counters and timings of a run: what the seed's `APIStats` printed, and
+ * more. {@linkcode rateLimitedFetch} fills one in; `report()` formats it for
+ * humans, `toJSON()` for machines. It never holds request data, URLs or keys.
+ *
+ * @example
+ * ```ts
+ * import { Stats } from "./mod.ts";
+ *
+ * const stats = new Stats();
+ * stats.call();
+ * stats.attempt(12, 340, 200);
+ * stats.end(true);
+ * stats.tokens(900, 120);
+ * const s = stats.toJSON();
+ * if (s.succeeded !== 1 || s.inputTokens !== 900) throw new Error();
+ * if (!stats.report().includes("success")) throw new Error();
+ * ```
+ */
+export class Stats {
+  #calls = 0;
+  #succeeded = 0;
+  #failed = 0;
+  #requests = 0;
+  #retries = 0;
+  #rateLimited = 0;
+  #unexpected429 = 0;
+  #marginWidened = 0;
+  #errors: Record<string, number> = {};
+  #input = 0;
+  #output = 0;
+  #first = -1;
+  #last = -1;
+  #latency = new Sample();
+  #queue = new Sample();
+  #now: () => number;
+
+  /**
+   * Creates empty stats.
+   *
+   * @param clock Time source for rates; default {@linkcode systemClock}.
+   */
+  constructor(clock: Clock = systemClock) {
+    this.#now = () => clock.now();
+  }
+
+  /** Records the start of a logical call. */
+  call(): void {
+    this.#calls++;
+    if (this.#first < 0) this.#first = this.#now();
+  }
+
+  /**
+   * Records one HTTP attempt.
+   *
+   * @param queueMs Time spent waiting for a slot and a permit.
+   * @param latencyMs Send → response complete.
+   * @param status The HTTP status, or 0 for a network error.
+   * @param kind For failures: the error kind (defaults from the status).
+   */
+  attempt(
+    queueMs: number,
+    latencyMs: number,
+    status: number,
+    kind?: string,
+  ): void {
+    this.#requests++;
+    this.#queue.add(queueMs);
+    this.#latency.add(latencyMs);
+    this.#last = this.#now();
+    if (status === 429) this.#rateLimited++;
+    if (status < 200 || status >= 300) {
+      const k = kind ?? (status ? `http_${status}` : "network");
+      this.#errors[k] = (this.#errors[k] ?? 0) + 1;
+    }
+  }
+
+  /** Records a retry. */
+  retry(): void {
+    this.#retries++;
+  }
+
+  /** Records a 429 for a request our limiter had admitted, and whether the margin was widened. */
+  unexpected429(widened: boolean): void {
+    this.#unexpected429++;
+    if (widened) this.#marginWidened++;
+  }
+
+  /**
+   * Records the end of a logical call.
+   *
+   * @param ok Whether it succeeded.
+   * @param kind For failures that made no attempt (e.g. `"aborted"`), the kind.
+   */
+  end(ok: boolean, kind?: string): void {
+    if (ok) this.#succeeded++;
+    else this.#failed++;
+    if (kind) this.#errors[kind] = (this.#errors[kind] ?? 0) + 1;
+    this.#last = this.#now();
+  }
+
+  /** Adds real token usage. */
+  tokens(input: number, output: number): void {
+    this.#input += input;
+    this.#output += output;
+  }
+
+  /** A plain snapshot; see {@linkcode StatsSnapshot}. */
+  toJSON(): StatsSnapshot {
+    const elapsed = this.#first < 0 ? 0 : Math.max(0, this.#last - this.#first);
+    const perMin = (n: number): number =>
+      elapsed > 0 ? (n * 60_000) / elapsed : 0;
+    const ended = this.#succeeded + this.#failed;
+    return {
+      calls: this.#calls,
+      succeeded: this.#succeeded,
+      failed: this.#failed,
+      requests: this.#requests,
+      retries: this.#retries,
+      rateLimited: this.#rateLimited,
+      unexpected429: this.#unexpected429,
+      marginWidened: this.#marginWidened,
+      errors: { ...this.#errors },
+      inputTokens: this.#input,
+      outputTokens: this.#output,
+      successRate: ended ? this.#succeeded / ended : 1,
+      elapsedMs: elapsed,
+      requestsPerMinute: perMin(this.#requests),
+      tokensPerMinute: perMin(this.#input + this.#output),
+      latencyMs: this.#latency.percentiles(),
+      queueWaitMs: this.#queue.percentiles(),
+    };
+  }
+
+  /**
+   * A compact table for humans.
+   *
+   * @returns Several lines of text.
+   */
+  report(): string {
+    const s = this.toJSON();
+    const n = (x: number): string => Math.round(x).toLocaleString("en-US");
+    const ms = (p: Percentiles): string =>
+      `p50 ${n(p.p50)} · p95 ${n(p.p95)} · p99 ${n(p.p99)} · max ${
+        n(p.max)
+      } ms`;
+    const errors = Object.entries(s.errors).map(([k, v]) => `${k} ${v}`)
+      .join(", ") || "none";
+    return [
+      `calls        ${n(s.calls)} (${n(s.succeeded)} ok, ${
+        n(s.failed)
+      } failed; success ${(s.successRate * 100).toFixed(1)}%)`,
+      `requests     ${n(s.requests)} sent, ${n(s.retries)} retries, ${
+        n(s.rateLimited)
+      } × 429 (${n(s.unexpected429)} unexpected)`,
+      `errors       ${errors}`,
+      `tokens       ${n(s.inputTokens)} in, ${n(s.outputTokens)} out`,
+      `throughput   ${n(s.requestsPerMinute)} requests/min, ${
+        n(s.tokensPerMinute)
+      } tokens/min over ${(s.elapsedMs / 1000).toFixed(1)} s`,
+      `latency      ${ms(s.latencyMs)}`,
+      `queue wait   ${ms(s.queueWaitMs)}`,
+    ].join("\n");
+  }
+}
+
+// =============================================================================
+// Fetch
+// =============================================================================
+
+/**
+ * A conservative token estimate for text, used to charge input tokens before
+ * a request is sent (the real count settles the charge afterwards):
+ *
+ * - each run of ASCII letters and digits: ⌈length / 4⌉ tokens;
+ * - each other ASCII symbol: 1 token; whitespace: free;
+ * - each non-ASCII character (CJK, kana, Hangul, accented letters, emoji):
+ *   **1.5 tokens**. Chinese and Japanese run at about one token per
+ *   character or more, so the usual "4 characters per token" rule
+ *   under-counts them 3–4× and causes 429s; erring high only holds capacity
+ *   until the response settles it.
+ *
+ * @param text Any text.
+ * @returns The estimate, rounded up.
+ *
+ * @example
+ * ```ts
+ * import { estimateTokens } from "./mod.ts";
+ *
+ * if (estimateTokens("hello world") !== 4) throw new Error();
+ * if (estimateTokens("你好，世界") !== 8) throw new Error(); // 5 × 1.5, rounded up
+ * ```
+ */
+export function estimateTokens(text: string): number {
+  let n = 0;
+  let run = 0;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if ((c >= 48 && c <= 57) || (c >= 65 && c <= 90) || (c >= 97 && c <= 122)) {
+      run++;
+      continue;
+    }
+    if (run) {
+      n += Math.ceil(run / 4);
+      run = 0;
+    }
+    if (c === 32 || (c >= 9 && c <= 13)) continue;
+    if (c < 128) n += 1;
+    else if (c >= 0xdc00 && c <= 0xdfff) continue; // low surrogate: counted with its pair
+    else n += 1.5;
+  }
+  if (run) n += Math.ceil(run / 4);
+  return Math.ceil(n);
+}
+
+/** Tokens charged per image or document part (its bytes are not text). */
+const MEDIA_TOKENS = 1600;
+
+function textOfContent(content: unknown, add: (text: string) => void): number {
+  if (typeof content === "string") {
+    add(content);
+    return 0;
+  }
+  let media = 0;
+  if (Array.isArray(content)) {
+    for (const part of content) {
+      if (typeof part === "string") add(part);
+      else if (part && typeof part === "object") {
+        const p = part as Record<string, unknown>;
+        if (typeof p.text === "string") add(p.text);
+        else if (
+          p.type === "image" || p.type === "image_url" || p.type === "document"
+        ) {
+          media += MEDIA_TOKENS;
+        } else if (p.content !== undefined) {
+          const inner = textOfContent(p.content, add);
+          media += inner;
+        } else if (p.input !== undefined) add(JSON.stringify(p.input));
+      }
+    }
+  }
+  return media;
+}
+
+/**
+ * The default cost estimate of a request. For Anthropic Messages
+ * (`…/messages`) and OpenAI-style chat completions (`…/chat/completions`)
+ * bodies: `{ requests: 1, inputTokens, outputTokens }` where input tokens
+ * are {@linkcode estimateTokens} of every text (system, messages, tool
+ * definitions and tool inputs) plus 4 per message and 4 per request, 1,600
+ * per image or document, and output tokens are `max_tokens` (or
+ * `max_completion_tokens`; 4,096 if neither is set). Anything else costs
+ * `{ requests: 1 }`.
+ *
+ * @param url The request URL.
+ * @param body The parsed JSON body, if any.
+ * @returns The cost to charge the limiter.
+ *
+ * @example
+ * ```ts
+ * import { estimateCost } from "./mod.ts";
+ *
+ * const cost = estimateCost("https://api.anthropic.com/v1/messages", {
+ *   model: "claude-sonnet-4-5",
+ *   max_tokens: 512,
+ *   messages: [{ role: "user", content: "Hello" }],
+ * });
+ * if (cost.inputTokens !== 2 + 4 + 4 || cost.outputTokens !== 512) throw new Error();
+ * ```
+ */
+export function estimateCost(url: string, body: unknown): Cost {
+  const path = url.split("?")[0]!;
+  if (
+    !body || typeof body !== "object" ||
+    !/\/(messages|chat\/completions)$/.test(path)
+  ) return { requests: 1 };
+  const b = body as Record<string, unknown>;
+  let n = 4;
+  const add = (t: string): void => {
+    n += estimateTokens(t);
+  };
+  // (`n += f()` would read n before f adds to it.)
+  let media = textOfContent(b.system, add);
+  if (Array.isArray(b.messages)) {
+    for (const m of b.messages) {
+      n += 4;
+      media += textOfContent((m as { content?: unknown } | null)?.content, add);
+    }
+  }
+  n += media;
+  if (Array.isArray(b.tools)) add(JSON.stringify(b.tools));
+  const max = Number(b.max_tokens ?? b.max_completion_tokens ?? 4096);
+  return {
+    requests: 1,
+    inputTokens: n,
+    outputTokens: Number.isFinite(max) && max >= 0 ? max : 4096,
+  };
+}
+
+/** Options for {@linkcode usageOf}. */
+export interface UsageOptions {
+  /**
+   * Count Anthropic `cache_read_input_tokens` as input tokens. Default
+   * `false`: for most current models they do not count against input-token
+   * rate limits (`cache_creation_input_tokens` always do).
+   */
+  cacheReadCounts?: boolean;
+}
+
+/**
+ * The real cost in a response body's `usage`, for settling a
+ * {@linkcode Permit}: Anthropic (`input_tokens` + `cache_creation_input_tokens`
+ * [+ `cache_read_input_tokens`], `output_tokens`) or OpenAI (`prompt_tokens`,
+ * `completion_tokens`). `undefined` if the body has no usage.
+ *
+ * @param body A parsed response body (or an SSE event's data).
+ * @param options See {@linkcode UsageOptions}.
+ * @returns `{ inputTokens?, outputTokens? }`, or `undefined`.
+ *
+ * @example
+ * ```ts
+ * import { usageOf } from "./mod.ts";
+ *
+ * const u = usageOf({ usage: { input_tokens: 10, cache_creation_input_tokens: 5, output_tokens: 7 } });
+ * if (u?.inputTokens !== 15 || u.outputTokens !== 7) throw new Error();
+ * ```
+ */
+export function usageOf(
+  body: unknown,
+  options: UsageOptions = {},
+): Cost | undefined {
+  const u = (body as { usage?: Record<string, unknown> } | null)?.usage;
+  if (!u || typeof u !== "object") return undefined;
+  const num = (v: unknown): number | undefined =>
+    typeof v === "number" && Number.isFinite(v) && v >= 0 ? v : undefined;
+  const out: Cost = {};
+  const prompt = num(u.prompt_tokens);
+  const completion = num(u.completion_tokens);
+  if (prompt !== undefined || completion !== undefined) {
+    if (prompt !== undefined) out.inputTokens = prompt;
+    if (completion !== undefined) out.outputTokens = completion;
+    return out;
+  }
+  const input = num(u.input_tokens);
+  if (input !== undefined) {
+    out.inputTokens = input + (num(u.cache_creation_input_tokens) ?? 0) +
+      (options.cacheReadCounts ? num(u.cache_read_input_tokens) ?? 0 : 0);
+  }
+  const output = num(u.output_tokens);
+  if (output !== undefined) out.outputTokens = output;
+  return Object.keys(out).length ? out : undefined;
+}
+
+/** One server-sent event. */
+export interface SseEvent {
+  /** The `event:` field; `"message"` when absent. */
+  event: string;
+  /** The `data:` lines, joined with `\n`. */
+  data: string;
+}
+
+/**
+ * An incremental parser for `text/event-stream`: feed it text as it
+ * arrives, get whole events back. Handles `\n`, `\r\n` and `\r` line ends,
+ * multi-line `data:`, comments and events split across chunks.
+ *
+ * @example
+ * ```ts
+ * import { SseParser } from "./mod.ts";
+ *
+ * const p = new SseParser();
+ * const events = [...p.push("event: ping\ndata: {}\n\nda"), ...p.push("ta: [DONE]\n\n")];
+ * if (events.map((e) => e.event + ":" + e.data).join() !== "ping:{},message:[DONE]") throw new Error();
+ * ```
+ */
+export class SseParser {
+  #buffer = "";
+  #event = "";
+  #data: string[] = [];
+
+  /**
+   * Adds text; returns the events it completed.
+   *
+   * @param text The next piece of the stream.
+   * @returns Completed events, in order.
+   */
+  push(text: string): SseEvent[] {
+    this.#buffer += text;
+    const out: SseEvent[] = [];
+    let start = 0;
+    for (;;) {
+      const nl = this.#buffer.slice(start).search(/\r\n|\r|\n/);
+      if (nl < 0) break;
+      const end = start + nl;
+      if (this.#buffer[end] === "\r" && end + 1 === this.#buffer.length) break; // maybe \r\n split
+      const line = this.#buffer.slice(start, end);
+      start = end + (this.#buffer.startsWith("\r\n", end) ? 2 : 1);
+      this.#line(line, out);
+    }
+    this.#buffer = this.#buffer.slice(start);
+    return out;
+  }
+
+  /**
+   * Ends the stream; returns a last event not followed by a blank line.
+   *
+   * @returns The final event, if any.
+   */
+  end(): SseEvent[] {
+    const out: SseEvent[] = [];
+    if (this.#buffer) this.#line(this.#buffer, out);
+    this.#buffer = "";
+    this.#line("", out);
+    return out;
+  }
+
+  #line(line: string, out: SseEvent[]): void {
+    if (line === "") {
+      if (this.#data.length) {
+        out.push({
+          event: this.#event || "message",
+          data: this.#data.join("\n"),
+        });
+      }
+      this.#event = "";
+      this.#data = [];
+      return;
+    }
+    if (line.startsWith(":")) return;
+    const colon = line.indexOf(":");
+    const field = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? "" : line.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (field === "event") this.#event = value;
+    else if (field === "data") this.#data.push(value);
+  }
+}
+
+/** Options for {@linkcode rateLimitedFetch}. */
+export interface RateLimitedFetchOptions {
+  /** A limiter to share, or options for a new one. Default: no limits (learned from headers). */
+  limiter?: RateLimiter | RateLimiterOptions;
+  /** Most requests in flight at once (a streaming response counts until it ends). Default 16. */
+  concurrency?: number;
+  /** Retry options, or `false` to send each request once. Default `{}` (see {@linkcode retry}). */
+  retry?: Omit<RetryOptions, "signal" | "clock"> | false;
+  /** Cost of a request; default {@linkcode estimateCost}. */
+  estimate?: (url: string, body: unknown) => Cost;
+  /** Real cost from a parsed response body; default {@linkcode usageOf}. */
+  usage?: (body: unknown) => Cost | undefined;
+  /** Count `cache_read_input_tokens` as input (see {@linkcode UsageOptions}). Default false. */
+  cacheReadCounts?: boolean;
+  /**
+   * Learn limits the user did not set from `anthropic-ratelimit-*-limit` /
+   * `x-ratelimit-limit-*` headers, as windows of `windowMs` (default 60,000),
+   * and record capacity used by others when `*-remaining` is lower than our
+   * own log says. Default `true`.
+   */
+  learn?: boolean | { windowMs?: number };
+  /** Widen the limiter's margins after a 429 it did not expect, narrowing slowly later. Default true. */
+  adaptiveMargin?: boolean;
+  /** The fetch to wrap; default `globalThis.fetch`. */
+  fetch?: typeof fetch;
+  /** Time source; default {@linkcode systemClock}. */
+  clock?: Clock;
+  /** Stats to fill in; default a new {@linkcode Stats}. */
+  stats?: Stats;
+}
+
+/** A `fetch` with rate limiting, retries and accounting; see {@linkcode rateLimitedFetch}. */
+export type RateLimitedFetch =
+  & ((input: RequestInfo | URL, init?: RequestInit) => Promise<Response>)
+  & {
+    /** The limiter every call goes through. */
+    readonly limiter: RateLimiter;
+    /** What happened so far. */
+    readonly stats: Stats;
+  };
+
+const FETCH_OPTIONS = new Set([
+  "limiter",
+  "concurrency",
+  "retry",
+  "estimate",
+  "usage",
+  "cacheReadCounts",
+  "learn",
+  "adaptiveMargin",
+  "fetch",
+  "clock",
+  "stats",
+]);
+
+const LEARN_HEADERS: [string, string][] = [
+  ["anthropic-ratelimit-requests", "requests"],
+  ["anthropic-ratelimit-input-tokens", "inputTokens"],
+  ["anthropic-ratelimit-output-tokens", "outputTokens"],
+  ["anthropic-ratelimit-tokens", "tokens"],
+  ["x-ratelimit-limit-requests", "requests"],
+  ["x-ratelimit-limit-tokens", "tokens"],
+];
+
+/**
+ * Wraps `fetch` so every call waits its turn: at most `concurrency` in
+ * flight, within every rate window, retried per {@linkcode retry}. It has
+ * `fetch`'s exact signature, so the official SDKs take it as is:
+ * `new Anthropic({ fetch: rateLimitedFetch({ … }), maxRetries: 0 })`.
+ *
+ * Per call: estimate the cost ({@linkcode estimateCost}); take an in-flight
+ * slot, *then* the rate permit (a permit taken before the slot would be
+ * stamped too early and the server would see a burst); send; on a 429, pause
+ * the whole limiter until the server-told time so other callers stop too;
+ * retry what is transient (the body is buffered so retries resend it; a
+ * `ReadableStream` body is sent once); cancel the bodies of discarded
+ * responses; settle the permit with the real `usage` (JSON responses, and
+ * SSE streams observed as they pass through to you; a stream you cancel
+ * settles with what was seen); learn limits from response headers. The
+ * caller's `signal` works at every stage: queued (leaves the queue, no
+ * permit used), sleeping before a retry, and in flight.
+ *
+ * Like `fetch`, it does not throw for HTTP errors: after its retries it
+ * returns the last response (a quota 429 at once). It throws what `fetch`
+ * throws (after retrying network errors, a {@linkcode RetryError}) and
+ * `signal.reason` on abort.
+ *
+ * @param options Limits, concurrency, retry policy, hooks; see
+ *   {@linkcode RateLimitedFetchOptions}.
+ * @returns The wrapped fetch, with `.limiter` and `.stats`.
+ * @throws {TypeError | RangeError} For invalid options, naming them.
+ *
+ * @example
+ * ```ts
+ * import { rateLimitedFetch } from "./mod.ts";
+ *
+ * const fetch2 = rateLimitedFetch({
+ *   limiter: { rpm: 50, itpm: 30_000, otpm: 8_000 },
+ *   concurrency: 8,
+ *   fetch: () => Promise.resolve(Response.json({ usage: { input_tokens: 12, output_tokens: 3 } })),
+ * });
+ * const res = await fetch2("https://api.anthropic.com/v1/messages", {
+ *   method: "POST",
+ *   body: JSON.stringify({ model: "m", max_tokens: 100, messages: [{ role: "user", content: "Hi" }] }),
+ * });
+ * await res.json();
+ * if (fetch2.stats.toJSON().inputTokens !== 12) throw new Error();
+ * ```
+ */
+export function rateLimitedFetch(
+  options: RateLimitedFetchOptions = {},
+): RateLimitedFetch {
+  if (typeof options !== "object" || options === null) {
+    throw new TypeError(
+      `rateLimitedFetch options must be an object: received ${String(options)}`,
+    );
+  }
+  for (const k of Object.keys(options)) {
+    if (!FETCH_OPTIONS.has(k)) {
+      throw new TypeError(
+        `Unknown rateLimitedFetch option '${k}': expected one of ${
+          [...FETCH_OPTIONS].join(", ")
+        }`,
+      );
+    }
+  }
+  const {
+    concurrency = 16,
+    retry: retryOptions = {},
+    estimate = estimateCost,
+    cacheReadCounts = false,
+    learn = true,
+    adaptiveMargin = true,
+    clock = systemClock,
+  } = options;
+  const usage = options.usage ??
+    ((b: unknown) => usageOf(b, { cacheReadCounts }));
+  checkCount(concurrency, "concurrency", "rateLimitedFetch");
+  const baseFetch = options.fetch ?? globalThis.fetch;
+  if (typeof baseFetch !== "function") {
+    throw new TypeError("rateLimitedFetch 'fetch' must be a function");
+  }
+  for (const [name, f] of [["estimate", estimate], ["usage", usage]] as const) {
+    if (typeof f !== "function") {
+      throw new TypeError(
+        `rateLimitedFetch '${name}' must be a function: received ${typeof f}`,
+      );
+    }
+  }
+  if (retryOptions !== false) checkRetryOptions(retryOptions); // fail fast
+  const limiter = options.limiter instanceof RateLimiter
+    ? options.limiter
+    : new RateLimiter({ clock, ...options.limiter });
+  const stats = options.stats ?? new Stats(clock);
+  const slots = new Semaphore(concurrency);
+  const learnMs = typeof learn === "object" ? learn.windowMs ?? 60_000 : 60_000;
+  checkPositive(learnMs, "learn.windowMs", "rateLimitedFetch");
+  const userKeys = new Set(limiter.usage().map((w) => w.key));
+  /** Estimated amounts of requests sent and not yet answered, per key. */
+  const inflight: Record<string, number> = {};
+  const track = (cost: Cost, sign: 1 | -1): void => {
+    for (const k of Object.keys(cost)) {
+      inflight[k] = (inflight[k] ?? 0) + sign * cost[k]!;
+    }
+    if (cost.tokens === undefined) {
+      inflight.tokens = (inflight.tokens ?? 0) +
+        sign * ((cost.inputTokens ?? 0) + (cost.outputTokens ?? 0));
+    }
+  };
+  const margins = new MarginTuner(limiter, clock);
+
+  const learnFrom = (h: Headers): void => {
+    if (learn === false) return;
+    const now = new Map<string, number>();
+    for (const [prefix, key] of LEARN_HEADERS) {
+      const name = prefix.startsWith("x-") ? prefix : `${prefix}-limit`;
+      const v = h.get(name);
+      if (v === null) continue;
+      const limit = Number(v);
+      if (!(limit > 0) || !Number.isFinite(limit)) continue;
+      now.set(key, limit);
+      const remaining = Number(
+        h.get(
+          prefix.startsWith("x-")
+            ? prefix.replace("-limit-", "-remaining-")
+            : `${prefix}-remaining`,
+        ),
+      );
+      if (
+        key === "tokens" && (h.has("anthropic-ratelimit-input-tokens-limit") ||
+          h.has("anthropic-ratelimit-output-tokens-limit"))
+      ) continue; // Anthropic's "tokens" is the most restrictive of the two
+      if (!userKeys.has(key)) {
+        const w = limiter.usage().find((u) =>
+          u.key === key && u.ms === learnMs
+        );
+        if (!w || w.limit !== limit) limiter.setLimit(key, limit, learnMs);
+        // A new window has not seen the requests still in flight; the
+        // server will count them, so charge them now.
+        if (!w && inflight[key]) limiter.record({ [key]: inflight[key] });
+      }
+      // Others sharing the key: their usage shows as lower remaining.
+      if (Number.isFinite(remaining) && remaining >= 0) {
+        const w = limiter.usage().find((u) =>
+          u.key === key && u.ms === learnMs
+        ) ??
+          limiter.usage().find((u) => u.key === key);
+        if (w) {
+          const gap = (w.limit - w.used) - remaining;
+          // Anthropic rounds token counts to the nearest thousand.
+          const noise = key !== "requests" && remaining % 1000 === 0 ? 500 : 0;
+          if (gap > noise) limiter.record({ [key]: gap });
+        }
+      }
+    }
+  };
+
+  const wrapped = async (
+    input: RequestInfo | URL,
+    init?: RequestInit,
+  ): Promise<Response> => {
+    stats.call();
+    const signal = init?.signal ??
+      (input instanceof Request ? input.signal : undefined) ?? undefined;
+    let request: Request;
+    let body: ArrayBuffer | ReadableStream<Uint8Array> | undefined;
+    let parsed: unknown = undefined;
+    try {
+      request = new Request(input, init);
+      const streaming = init?.body instanceof ReadableStream ||
+        (init?.body === undefined && input instanceof Request &&
+          input.body !== null);
+      if (request.body && !streaming) {
+        body = await request.arrayBuffer();
+        const text = new TextDecoder().decode(body);
+        if (/^\s*[[{]/.test(text)) {
+          try {
+            parsed = JSON.parse(text);
+          } catch {
+            parsed = undefined;
+          }
+        }
+      } else if (request.body) body = request.body;
+    } catch (error) {
+      stats.end(false, "invalid");
+      throw error;
+    }
+    const cost = estimate(request.url, parsed);
+    const replayable = !(body instanceof ReadableStream);
+    const attempt = async (): Promise<Response> => {
+      const t0 = clock.now();
+      await slots.acquire(signal);
+      let held = true;
+      const release = (): void => {
+        if (held) {
+          held = false;
+          slots.release();
+        }
+      };
+      let permit: Permit;
+      try {
+        permit = await limiter.acquire(cost, { signal });
+      } catch (error) {
+        release();
+        throw error;
+      }
+      const sent = clock.now();
+      let response: Response;
+      track(cost, 1);
+      try {
+        response = await baseFetch(request.url, {
+          method: request.method,
+          headers: request.headers,
+          body,
+          signal,
+          redirect: request.redirect,
+          ...(body instanceof ReadableStream ? { duplex: "half" } : {}),
+        } as RequestInit);
+      } catch (error) {
+        track(cost, -1);
+        release();
+        stats.attempt(
+          sent - t0,
+          clock.now() - sent,
+          0,
+          signal?.aborted ? "aborted" : "network",
+        );
+        throw error;
+      }
+      track(cost, -1);
+      learnFrom(response.headers);
+      const type = response.headers.get("content-type") ?? "";
+      if (response.ok && type.includes("text/event-stream") && response.body) {
+        return observeStream(response, (seen) => {
+          release();
+          if (seen) {
+            permit.settle(seen);
+            stats.tokens(seen.inputTokens ?? 0, seen.outputTokens ?? 0);
+          }
+          stats.attempt(sent - t0, clock.now() - sent, response.status);
+          margins.ok();
+        }, usage);
+      }
+      let text: string | undefined;
+      if (type.includes("json") && response.body) {
+        try {
+          text = await response.text();
+        } catch (error) {
+          release();
+          stats.attempt(sent - t0, clock.now() - sent, 0, "network");
+          throw error;
+        }
+      }
+      release();
+      let json: unknown = undefined;
+      if (text !== undefined) {
+        try {
+          json = JSON.parse(text);
+        } catch {
+          json = undefined;
+        }
+      }
+      let kind: string | undefined;
+      if (response.ok) {
+        const seen = json === undefined ? undefined : usage(json);
+        if (seen) {
+          permit.settle(seen);
+          stats.tokens(seen.inputTokens ?? 0, seen.outputTokens ?? 0);
+        }
+        margins.ok();
+      } else if (response.status === 429) {
+        if (quotaCode(json)) kind = "quota";
+        else {
+          const told = parseRetryAfter(response.headers);
+          if (told !== undefined) limiter.pauseUntil(clock.now() + told);
+          if (adaptiveMargin) stats.unexpected429(margins.widen());
+          else stats.unexpected429(false);
+        }
+      }
+      stats.attempt(sent - t0, clock.now() - sent, response.status, kind);
+      if (text === undefined) return response;
+      return new Response(text, {
+        status: response.status,
+        statusText: response.statusText,
+        headers: response.headers,
+      });
+    };
+    try {
+      const response = retryOptions === false || !replayable
+        ? await attempt()
+        : await retry(attempt, {
+          ...retryOptions,
+          signal,
+          clock,
+          onRetry: (info) => {
+            stats.retry();
+            retryOptions.onRetry?.(info);
+          },
+        });
+      stats.end(response.ok);
+      return response;
+    } catch (error) {
+      if (
+        (error instanceof RetryError || error instanceof QuotaError) &&
+        error.response
+      ) {
+        stats.end(false);
+        return error.response;
+      }
+      stats.end(false, signal?.aborted ? "aborted" : undefined);
+      throw error;
+    }
+  };
+  return Object.assign(wrapped, { limiter, stats }) as RateLimitedFetch;
+}
+
+/**
+ * Widens every window's margin after a 429 the limiter did not expect (the
+ * server saw our requests closer together than we sent them), and narrows
+ * it back slowly after a quiet stretch, so a long run settles at zero 429s.
+ */
+class MarginTuner {
+  #limiter: RateLimiter;
+  #clock: Clock;
+  #base = new Map<string, number>();
+  #quiet = 0;
+  #last = -Infinity;
+
+  constructor(limiter: RateLimiter, clock: Clock) {
+    this.#limiter = limiter;
+    this.#clock = clock;
+  }
+
+  /**
+   * Doubles each margin (at least 50 ms, at most 10 % of the window), at
+   * most once per 500 ms: one burst of 429s is one signal, not ten.
+   */
+  widen(): boolean {
+    this.#quiet = 0;
+    const now = this.#clock.now();
+    if (now - this.#last < 500) return false;
+    this.#last = now;
+    let changed = false;
+    for (const w of this.#limiter.usage()) {
+      const id = `${w.key}/${w.ms}`;
+      if (!this.#base.has(id)) this.#base.set(id, w.marginMs);
+      const next = Math.min(Math.max(w.marginMs * 2, 50), w.ms / 10);
+      if (next > w.marginMs) {
+        this.#limiter.setMargin(w.key, next, w.ms);
+        changed = true;
+      }
+    }
+    return changed;
+  }
+
+  /** After 100 quiet successes, takes a quarter of the extra margin back. */
+  ok(): void {
+    if (this.#base.size === 0 || ++this.#quiet < 100) return;
+    this.#quiet = 0;
+    for (const w of this.#limiter.usage()) {
+      const base = this.#base.get(`${w.key}/${w.ms}`);
+      if (base === undefined || w.marginMs <= base) continue;
+      this.#limiter.setMargin(w.key, Math.max(base, w.marginMs * 0.75), w.ms);
+    }
+  }
+}
+
+/**
+ * Passes an SSE response through to the caller while watching its usage
+ * events; calls `done(usage)` once, when the stream ends, fails or is
+ * cancelled.
+ */
+function observeStream(
+  response: Response,
+  done: (seen: Cost | undefined) => void,
+  usage: (body: unknown) => Cost | undefined,
+): Response {
+  const reader = response.body!.getReader();
+  const parser = new SseParser();
+  const decoder = new TextDecoder();
+  let seen: Cost | undefined;
+  let finished = false;
+  const finish = (): void => {
+    if (finished) return;
+    finished = true;
+    done(seen);
+  };
+  const watch = (events: SseEvent[]): void => {
+    for (const e of events) {
+      if (!e.data.includes("usage")) continue;
+      let data: Record<string, unknown>;
+      try {
+        data = JSON.parse(e.data);
+      } catch {
+        continue;
+      }
+      // Anthropic: message_start holds input usage; message_delta the
+      // cumulative output (take the last, do not sum). OpenAI: a final chunk.
+      const u = usage(
+        (data.message as Record<string, unknown> | undefined) ?? data,
+      );
+      if (u) seen = { ...seen, ...u };
+    }
+  };
+  const body = new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      try {
+        const { value, done: end } = await reader.read();
+        if (end) {
+          watch(parser.end());
+          finish();
+          controller.close();
+          return;
+        }
+        watch(parser.push(decoder.decode(value, { stream: true })));
+        controller.enqueue(value);
+      } catch (error) {
+        finish();
+        controller.error(error);
+      }
+    },
+    cancel(reason) {
+      finish();
+      return reader.cancel(reason);
+    },
+  });
+  return new Response(body, {
+    status: response.status,
+    statusText: response.statusText,
+    headers: response.headers,
+  });
+}
+
+// =============================================================================
+// Clients
+// =============================================================================
+
+/** Reads an environment variable in Node, Bun or Deno; `undefined` if absent or not permitted. */
+function env(name: string): string | undefined {
+  try {
+    const g = globalThis as {
+      process?: { env?: Record<string, string | undefined> };
+      Deno?: { env?: { get(n: string): string | undefined } };
+    };
+    if (g.Deno?.env) return g.Deno.env.get(name) || undefined;
+    return g.process?.env?.[name] || undefined;
+  } catch {
+    return undefined; // e.g. Deno without --allow-env
+  }
+}
+
+/** HTTP status for an error type that arrives inside a 200 stream. */
+const STREAM_ERROR_STATUS: Record<string, number> = {
+  invalid_request_error: 400,
+  rate_limit_error: 429,
+  api_error: 500,
+  timeout_error: 504,
+  overloaded_error: 529,
+  server_error: 500,
+};
+
+/** Throws the right error for a failed response: QuotaError or HttpError. */
+async function failure(response: Response): Promise<never> {
+  const text = await response.text().catch(() => "");
+  const error = HttpError.from(response, text);
+  const quota = response.status === 429 ? quotaCode(error.body) : undefined;
+  if (quota) throw new QuotaError(quota, 1, error);
+  throw error;
+}
+
+/** Options shared by the thin clients. */
+export interface ClientOptions extends RateLimitedFetchOptions {
+  /** The API key. Default: `ANTHROPIC_API_KEY` / `OPENAI_API_KEY` from the environment. */
+  apiKey?: string;
+  /** The API base URL (relays welcome). Default: `ANTHROPIC_BASE_URL` / `OPENAI_BASE_URL`, else the provider's. */
+  baseURL?: string;
+  /** Extra headers on every request. */
+  headers?: Record<string, string>;
+}
+
+/** A content block of an Anthropic message. */
+export interface AnthropicContentBlock {
+  /** `"text"`, `"tool_use"`, `"thinking"` … */
+  type: string;
+  /** The text of a text block. */
+  text?: string;
+  /** Other fields, as the API sent them. */
+  [field: string]: unknown;
+}
+
+/** An Anthropic Messages request body (the fields paceline reads; others pass through). */
+export interface AnthropicRequest {
+  /** The model, e.g. `"claude-sonnet-4-5"`. */
+  model: string;
+  /** The most output tokens; also what the limiter charges for output up front. */
+  max_tokens: number;
+  /** The conversation so far. */
+  messages: {
+    role: "user" | "assistant";
+    content: string | AnthropicContentBlock[];
+  }[];
+  /** A system prompt. */
+  system?: string | AnthropicContentBlock[];
+  /** Any other Messages API field. */
+  [field: string]: unknown;
+}
+
+/** An Anthropic Messages response. */
+export interface AnthropicMessage {
+  /** `msg_…` */
+  id: string;
+  /** `"message"` */
+  type: string;
+  /** `"assistant"` */
+  role: string;
+  /** The model that answered. */
+  model: string;
+  /** The answer's blocks. */
+  content: AnthropicContentBlock[];
+  /** Why it stopped: `"end_turn"`, `"max_tokens"` … */
+  stop_reason: string | null;
+  /** Token usage. */
+  usage: {
+    input_tokens: number;
+    output_tokens: number;
+    cache_creation_input_tokens?: number | null;
+    cache_read_input_tokens?: number | null;
+    [field: string]: unknown;
+  };
+  /** Other fields, as the API sent them. */
+  [field: string]: unknown;
+}
+
+/** One Anthropic streaming event (`message_start`, `content_block_delta`, …). */
+export interface AnthropicStreamEvent {
+  /** The event type. */
+  type: string;
+  /** Other fields, as the API sent them. */
+  [field: string]: unknown;
+}
+
+/** A streaming response: iterate its events, or await its text or final message. */
+export interface AnthropicStream extends AsyncIterable<AnthropicStreamEvent> {
+  /** All text deltas, joined (consumes the stream if not yet consumed). */
+  text(): Promise<string>;
+  /** The message assembled from the events (consumes the stream if not yet consumed). */
+  finalMessage(): Promise<AnthropicMessage>;
+}
+
+/** A multi-turn conversation; see {@linkcode AnthropicClient.conversation}. */
+export interface Conversation {
+  /** The messages so far, user and assistant turns alternating. */
+  readonly history: AnthropicRequest["messages"];
+  /**
+   * Sends a user turn with the history; appends both turns once it succeeds.
+   *
+   * @param content The user's message.
+   * @param options `signal` to abort.
+   * @returns The assistant's text.
+   */
+  say(content: string, options?: { signal?: AbortSignal }): Promise<string>;
+}
+
+/** The Anthropic client from {@linkcode anthropic}. */
+export interface AnthropicClient {
+  /**
+   * `POST /v1/messages`, rate limited and retried.
+   *
+   * @throws {HttpError} For an HTTP error after retries.
+   * @throws {QuotaError} When the quota or spend limit is exhausted.
+   */
+  messages(
+    body: AnthropicRequest,
+    options?: { signal?: AbortSignal },
+  ): Promise<AnthropicMessage>;
+  /** `POST /v1/messages` with `stream: true`; the request starts on first use. */
+  stream(
+    body: AnthropicRequest,
+    options?: { signal?: AbortSignal },
+  ): AnthropicStream;
+  /** A conversation that keeps its history; `defaults` are sent with every turn. */
+  conversation(defaults: Omit<AnthropicRequest, "messages">): Conversation;
+  /** The rate-limited fetch underneath (usable with the official SDK too). */
+  readonly fetch: RateLimitedFetch;
+  /** Its stats. */
+  readonly stats: Stats;
+  /** Its limiter. */
+  readonly limiter: RateLimiter;
+}
+
+/** Options for {@linkcode anthropic}. */
+export interface AnthropicOptions extends ClientOptions {
+  /** The `anthropic-version` header. Default `"2023-06-01"`. */
+  version?: string;
+  /** Send the key as `x-api-key` (default, the official API) or `Authorization: Bearer` (some relays). */
+  auth?: "x-api-key" | "bearer";
+}
+
+function clientSetup(
+  options: ClientOptions,
+  keyVar: string,
+  urlVar: string,
+  defaultURL: string,
+  where: string,
+): { key: string | undefined; base: string; fetch: RateLimitedFetch } {
+  const { apiKey, baseURL, headers: _h, ...fetchOptions } = options;
+  const key = apiKey ?? env(keyVar);
+  const base = (baseURL ?? env(urlVar) ?? defaultURL).replace(/\/+$/, "");
+  if (key === undefined && base === defaultURL) {
+    throw new TypeError(
+      `${where}: no API key: pass 'apiKey' or set ${keyVar} (or point 'baseURL' at a relay that needs none)`,
+    );
+  }
+  if (
+    key !== undefined &&
+    (typeof key !== "string" || !/^[\x21-\x7e]+$/.test(key))
+  ) {
+    // Never echo the key itself.
+    throw new TypeError(
+      `${where}: the API key (${typeof key}, ${
+        String(key).length
+      } characters) is empty or has characters an HTTP header cannot carry (spaces, newlines, non-ASCII such as "…")`,
+    );
+  }
+  for (const k of ["version", "auth"]) {
+    delete (fetchOptions as Record<string, unknown>)[k];
+  }
+  return { key, base, fetch: rateLimitedFetch(fetchOptions) };
+}
+
+/**
+ * A small typed client for the Anthropic Messages API over
+ * {@linkcode rateLimitedFetch}: for scripts with no SDK. Key and base URL
+ * from the options or `ANTHROPIC_API_KEY` / `ANTHROPIC_BASE_URL`; any
+ * {@linkcode RateLimitedFetchOptions} (limits, concurrency, retry …) too.
+ * Errors are {@linkcode HttpError}s (status, provider error type, message,
+ * request id — never the key) or {@linkcode QuotaError}s.
+ *
+ * @param options Key, base URL, version, limits; see {@linkcode AnthropicOptions}.
+ * @returns The client.
+ * @throws {TypeError} If no key is given or set and no `baseURL` either.
+ *
+ * @example
+ * ```ts ignore
+ * import { anthropic } from "./mod.ts";
+ *
+ * const claude = anthropic({ limiter: { rpm: 50, itpm: 30_000, otpm: 8_000 } });
+ * const msg = await claude.messages({
+ *   model: "claude-sonnet-4-5",
+ *   max_tokens: 256,
+ *   messages: [{ role: "user", content: "你好" }],
+ * });
+ * console.log(msg.content[0]?.text, claude.stats.report());
+ * ```
+ */
+export function anthropic(options: AnthropicOptions = {}): AnthropicClient {
+  const { version = "2023-06-01", auth = "x-api-key", headers = {} } = options;
+  if (auth !== "x-api-key" && auth !== "bearer") {
+    throw new TypeError(
+      `anthropic 'auth' must be "x-api-key" or "bearer": received ${
+        String(auth)
+      }`,
+    );
+  }
+  const { key, base, fetch: f } = clientSetup(
+    options,
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_BASE_URL",
+    "https://api.anthropic.com",
+    "anthropic",
+  );
+  const url = `${base}${/\/v1$/.test(base) ? "" : "/v1"}/messages`;
+  const send = (body: unknown, signal?: AbortSignal): Promise<Response> => {
+    const h: Record<string, string> = {
+      "content-type": "application/json",
+      "anthropic-version": version,
+      ...headers,
+    };
+    if (key !== undefined) {
+      if (auth === "bearer") h["authorization"] = `Bearer ${key}`;
+      else h["x-api-key"] = key;
+    }
+    return f(url, {
+      method: "POST",
+      headers: h,
+      body: JSON.stringify(body),
+      signal,
+    });
+  };
+  const messages = async (
+    body: AnthropicRequest,
+    opts: { signal?: AbortSignal } = {},
+  ): Promise<AnthropicMessage> => {
+    const response = await send({ ...body, stream: false }, opts.signal);
+    if (!response.ok) return failure(response);
+    return await response.json() as AnthropicMessage;
+  };
+  const stream = (
+    body: AnthropicRequest,
+    opts: { signal?: AbortSignal } = {},
+  ): AnthropicStream => {
+    let started: AsyncGenerator<AnthropicStreamEvent> | undefined;
+    let consumed = false;
+    const message: AnthropicMessage = {
+      id: "",
+      type: "message",
+      role: "assistant",
+      model: body.model,
+      content: [],
+      stop_reason: null,
+      usage: { input_tokens: 0, output_tokens: 0 },
+    };
+    async function* events(): AsyncGenerator<AnthropicStreamEvent> {
+      const response = await send({ ...body, stream: true }, opts.signal);
+      if (!response.ok) return failure(response);
+      let stopped = false;
+      for await (const e of sseEvents(response)) {
+        let data: AnthropicStreamEvent;
+        try {
+          data = JSON.parse(e.data);
+        } catch {
+          continue;
+        }
+        if (data.type === "error") {
+          const err = data.error as
+            | { type?: string; message?: string }
+            | undefined;
+          throw new HttpError(STREAM_ERROR_STATUS[err?.type ?? ""] ?? 500, {
+            type: err?.type,
+            message: `${err?.message ?? "error"} (in the stream)`,
+            requestId: response.headers.get("request-id") ?? undefined,
+            headers: response.headers,
+            body: data,
+          });
+        }
+        assemble(message, data);
+        if (data.type === "message_stop") stopped = true;
+        yield data;
+      }
+      if (!stopped) {
+        throw new HttpError(502, {
+          type: "incomplete_stream",
+          message: "The stream ended before message_stop",
+          headers: response.headers,
+        });
+      }
+    }
+    const drain = async (): Promise<void> => {
+      if (consumed) return;
+      consumed = true;
+      started ??= events();
+      for await (const _ of started);
+    };
+    return {
+      [Symbol.asyncIterator]() {
+        if (consumed) throw new TypeError("anthropic stream: already consumed");
+        consumed = true;
+        return started ??= events();
+      },
+      async text() {
+        await drain();
+        return message.content.map((b) => b.text ?? "").join("");
+      },
+      async finalMessage() {
+        await drain();
+        return message;
+      },
+    };
+  };
+  const conversation = (
+    defaults: Omit<AnthropicRequest, "messages">,
+  ): Conversation => {
+    const history: AnthropicRequest["messages"] = [];
+    return {
+      history,
+      async say(content, opts = {}) {
+        const turn = { role: "user" as const, content };
+        const reply = await messages(
+          { ...defaults, messages: [...history, turn] } as AnthropicRequest,
+          opts,
+        );
+        const text = reply.content.map((b) => b.text ?? "").join("");
+        history.push(turn, { role: "assistant", content: reply.content });
+        return text;
+      },
+    };
+  };
+  return {
+    messages,
+    stream,
+    conversation,
+    fetch: f,
+    stats: f.stats,
+    limiter: f.limiter,
+  };
+}
+
+/** Folds one streaming event into the message being assembled. */
+function assemble(m: AnthropicMessage, e: AnthropicStreamEvent): void {
+  if (e.type === "message_start") {
+    const start = e.message as AnthropicMessage;
+    Object.assign(m, { ...start, content: [] });
+  } else if (e.type === "content_block_start") {
+    m.content[e.index as number] = {
+      ...(e.content_block as AnthropicContentBlock),
+    };
+  } else if (e.type === "content_block_delta") {
+    const block = m.content[e.index as number];
+    const d = e.delta as {
+      type?: string;
+      text?: string;
+      partial_json?: string;
+    };
+    if (block && typeof d.text === "string") {
+      block.text = (block.text ?? "") + d.text;
+    }
+    if (block && typeof d.partial_json === "string") {
+      block.partial_json = String(block.partial_json ?? "") + d.partial_json;
+    }
+  } else if (e.type === "message_delta") {
+    const d = e.delta as { stop_reason?: string | null } | undefined;
+    if (d?.stop_reason !== undefined) m.stop_reason = d.stop_reason;
+    const u = e.usage as Record<string, number> | undefined;
+    if (u) Object.assign(m.usage, u); // cumulative: the last one wins
+  }
+}
+
+/** The server-sent events of a response body. */
+async function* sseEvents(response: Response): AsyncGenerator<SseEvent> {
+  const parser = new SseParser();
+  const decoder = new TextDecoder();
+  const reader = response.body!.getReader();
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      yield* parser.push(decoder.decode(value, { stream: true }));
+    }
+    yield* parser.end();
+  } finally {
+    await reader.cancel().catch(() => {});
+  }
+}
+
+/** An OpenAI-style chat completions request (fields paceline reads; others pass through). */
+export interface ChatRequest {
+  /** The model. */
+  model: string;
+  /** The conversation. */
+  messages: {
+    role: string;
+    content: string | unknown[] | null;
+    [field: string]: unknown;
+  }[];
+  /** The most output tokens (older name). */
+  max_tokens?: number;
+  /** The most output tokens. */
+  max_completion_tokens?: number;
+  /** Any other field. */
+  [field: string]: unknown;
+}
+
+/** An OpenAI-style chat completion. */
+export interface ChatCompletion {
+  /** `chatcmpl-…` */
+  id: string;
+  /** The choices; usually one. */
+  choices: {
+    index: number;
+    message: { role: string; content: string | null; [field: string]: unknown };
+    finish_reason: string | null;
+  }[];
+  /** Token usage. */
+  usage?: {
+    prompt_tokens: number;
+    completion_tokens: number;
+    total_tokens: number;
+  };
+  /** Other fields, as the API sent them. */
+  [field: string]: unknown;
+}
+
+/** One streamed chat completion chunk. */
+export interface ChatChunk {
+  /** Deltas per choice. */
+  choices: {
+    index: number;
+    delta: { content?: string | null; [field: string]: unknown };
+    finish_reason: string | null;
+  }[];
+  /** Present on the last chunk when `stream_options.include_usage` is set. */
+  usage?: {
+    prompt_tokens: number;
+    completion_tokens: number;
+    total_tokens: number;
+  } | null;
+  /** Other fields. */
+  [field: string]: unknown;
+}
+
+/** A streaming chat completion: iterate its chunks, or await its text. */
+export interface ChatStream extends AsyncIterable<ChatChunk> {
+  /** All content deltas of choice 0, joined (consumes the stream if not yet consumed). */
+  text(): Promise<string>;
+}
+
+/** The OpenAI-compatible client from {@linkcode openai}. */
+export interface OpenAIClient {
+  /**
+   * `POST {baseURL}/chat/completions`, rate limited and retried.
+   *
+   * @throws {HttpError} For an HTTP error after retries.
+   * @throws {QuotaError} When the quota is exhausted.
+   */
+  chat(
+    body: ChatRequest,
+    options?: { signal?: AbortSignal },
+  ): Promise<ChatCompletion>;
+  /** The same with `stream: true` (usage included); the request starts on first use. */
+  stream(body: ChatRequest, options?: { signal?: AbortSignal }): ChatStream;
+  /** The rate-limited fetch underneath. */
+  readonly fetch: RateLimitedFetch;
+  /** Its stats. */
+  readonly stats: Stats;
+  /** Its limiter. */
+  readonly limiter: RateLimiter;
+}
+
+/**
+ * A small typed client for OpenAI-compatible chat completions (OpenAI, and
+ * the many relays and local servers that speak it) over
+ * {@linkcode rateLimitedFetch}. Key and base URL from the options or
+ * `OPENAI_API_KEY` / `OPENAI_BASE_URL` (the base URL includes `/v1`, as in
+ * the OpenAI SDK).
+ *
+ * @param options Key, base URL, limits; see {@linkcode ClientOptions}.
+ * @returns The client.
+ * @throws {TypeError} If no key is given or set and no `baseURL` either.
+ *
+ * @example
+ * ```ts ignore
+ * import { openai } from "./mod.ts";
+ *
+ * const gpt = openai({ baseURL: "https://relay.example.com/v1", limiter: { rpm: 500, tpm: 200_000 } });
+ * const c = await gpt.chat({ model: "gpt-4o-mini", messages: [{ role: "user", content: "Hi" }] });
+ * console.log(c.choices[0]?.message.content);
+ * ```
+ */
+export function openai(options: ClientOptions = {}): OpenAIClient {
+  const { headers = {} } = options;
+  const { key, base, fetch: f } = clientSetup(
+    options,
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "https://api.openai.com/v1",
+    "openai",
+  );
+  const url = `${base}/chat/completions`;
+  const send = (body: unknown, signal?: AbortSignal): Promise<Response> => {
+    const h: Record<string, string> = {
+      "content-type": "application/json",
+      ...headers,
+    };
+    if (key !== undefined) h["authorization"] = `Bearer ${key}`;
+    return f(url, {
+      method: "POST",
+      headers: h,
+      body: JSON.stringify(body),
+      signal,
+    });
+  };
+  const chat = async (
+    body: ChatRequest,
+    opts: { signal?: AbortSignal } = {},
+  ): Promise<ChatCompletion> => {
+    const response = await send({ ...body, stream: false }, opts.signal);
+    if (!response.ok) return failure(response);
+    return await response.json() as ChatCompletion;
+  };
+  const stream = (
+    body: ChatRequest,
+    opts: { signal?: AbortSignal } = {},
+  ): ChatStream => {
+    let started: AsyncGenerator<ChatChunk> | undefined;
+    let consumed = false;
+    let text = "";
+    async function* chunks(): AsyncGenerator<ChatChunk> {
+      const response = await send({
+        ...body,
+        stream: true,
+        stream_options: {
+          include_usage: true,
+          ...(body.stream_options as object | undefined),
+        },
+      }, opts.signal);
+      if (!response.ok) return failure(response);
+      let finished = false;
+      for await (const e of sseEvents(response)) {
+        if (e.data === "[DONE]") {
+          finished = true;
+          break;
+        }
+        let chunk: ChatChunk & { error?: { message?: string; type?: string } };
+        try {
+          chunk = JSON.parse(e.data);
+        } catch {
+          continue;
+        }
+        if (chunk.error) {
+          throw new HttpError(
+            STREAM_ERROR_STATUS[chunk.error.type ?? ""] ?? 500,
+            {
+              type: chunk.error.type ?? "server_error",
+              message: `${chunk.error.message ?? "error"} (in the stream)`,
+              headers: response.headers,
+              body: chunk,
+            },
+          );
+        }
+        text += chunk.choices?.[0]?.delta?.content ?? "";
+        yield chunk;
+      }
+      if (!finished) {
+        throw new HttpError(502, {
+          type: "incomplete_stream",
+          message: "The stream ended before [DONE]",
+          headers: response.headers,
+        });
+      }
+    }
+    return {
+      [Symbol.asyncIterator]() {
+        if (consumed) throw new TypeError("openai stream: already consumed");
+        consumed = true;
+        return started ??= chunks();
+      },
+      async text() {
+        if (!consumed) {
+          consumed = true;
+          started ??= chunks();
+          for await (const _ of started);
+        }
+        return text;
+      },
+    };
+  };
+  return { chat, stream, fetch: f, stats: f.stats, limiter: f.limiter };
 }

@@ -130,6 +130,8 @@ export interface SimStats {
     "requests" | "inputTokens" | "outputTokens" | "tokens",
     number
   >;
+  /** Simulator clock (`performance.now()`) of the first and last accepted request; -1 before any. */
+  acceptedAt: { first: number; last: number };
   /** True token totals of completed responses (streams included). */
   usage: { inputTokens: number; outputTokens: number };
   /**
@@ -316,7 +318,10 @@ class Meter {
       this.tokens -= amount;
     }
     this.#expire(now);
-    this.log.push({ t: now, amount });
+    // Arrival times can come out of order (bodies finish reading in any
+    // order); keep the log sorted by never stamping before the last entry.
+    const last = this.log[this.log.length - 1];
+    this.log.push({ t: last && last.t > now ? last.t : now, amount });
     this.sum += amount;
     if (this.sum > this.maxSeen) this.maxSeen = this.sum;
   }
@@ -413,6 +418,7 @@ export async function startSimulator(
         truncatedStream: 0,
       },
       maxInWindow: { requests: 0, inputTokens: 0, outputTokens: 0, tokens: 0 },
+      acceptedAt: { first: -1, last: -1 },
       usage: { inputTokens: 0, outputTokens: 0 },
       perClient: {},
       log: [],
@@ -479,6 +485,7 @@ export async function startSimulator(
     req: IncomingMessage,
     res: ServerResponse,
   ): Promise<void> {
+    const arrived = clock(); // a request counts when it arrives, as on real servers
     stats.received++;
     const id = `req_sim${String(++seq).padStart(6, "0")}`;
     const chunks: Uint8Array[] = [];
@@ -644,7 +651,7 @@ export async function startSimulator(
       outputTokens: outCharge,
       tokens: input + outCharge,
     };
-    const now = clock();
+    const now = arrived;
     let wait = 0;
     let refusedBy: Dim | undefined;
     for (const d of DIMS) {
@@ -697,6 +704,8 @@ export async function startSimulator(
       stats.maxInWindow[d] = Math.max(stats.maxInWindow[d], m.maxSeen);
     }
     stats.accepted++;
+    if (stats.acceptedAt.first < 0) stats.acceptedAt.first = now;
+    stats.acceptedAt.last = now;
 
     const words = Array.from(
       { length: outTokens },

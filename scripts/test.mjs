@@ -44,7 +44,10 @@ step(
   "vitest (Node: mod_test.ts, sim_test.ts)",
   () => run(bin("vitest"), ["run"]),
 );
-step("deno check", () => deno("check", "mod.ts", "mod_test.ts", "sim.ts"));
+step(
+  "deno check",
+  () => deno("check", "mod.ts", "mod_test.ts", "sim.ts", "test/fetch_smoke.ts"),
+);
 step("deno lint", () => deno("lint"));
 step("deno fmt --check", () => deno("fmt", "--check"));
 step("deno doc --lint mod.ts", () => deno("doc", "--lint", "mod.ts"));
@@ -92,6 +95,11 @@ step(
   () => smoke(bin("deno"), ["run", "-A", "test/sim_smoke.ts"]),
 );
 step("simulator smoke (Bun)", () => smoke(bin("bun"), ["test/sim_smoke.ts"]));
+step(
+  "fetch e2e smoke (Deno)",
+  () => smoke(bin("deno"), ["run", "-A", "test/fetch_smoke.ts"]),
+);
+step("fetch e2e smoke (Bun)", () => smoke(bin("bun"), ["test/fetch_smoke.ts"]));
 step("simulator standalone (node dist/sim.js, deno run sim.ts)", async () => {
   for (
     const [cmd, args] of [
