@@ -41,12 +41,20 @@ const deno = (...args) => run(bin("deno"), args);
 step("build", () => run("npm", ["run", "--silent", "build"]));
 step("typecheck (tsc)", () => run(bin("tsc"), ["-p", "tsconfig.json"]));
 step(
-  "vitest (Node: mod_test.ts, sim_test.ts)",
+  "vitest (Node: mod_test.ts, sim_test.ts, fetch_test.ts, cli_test.ts)",
   () => run(bin("vitest"), ["run"]),
 );
 step(
   "deno check",
-  () => deno("check", "mod.ts", "mod_test.ts", "sim.ts", "test/fetch_smoke.ts"),
+  () =>
+    deno(
+      "check",
+      "mod.ts",
+      "mod_test.ts",
+      "sim.ts",
+      "cli.ts",
+      "test/fetch_smoke.ts",
+    ),
 );
 step("deno lint", () => deno("lint"));
 step("deno fmt --check", () => deno("fmt", "--check"));
@@ -61,7 +69,8 @@ step(
   () => deno("test", "--doc", "-A", "mod.ts"),
 );
 step("README examples run (Deno)", () => {
-  const readme = readFileSync(join(root, "README.md"), "utf8");
+  const readme = ["README.md", "README.zh-CN.md"]
+    .map((f) => readFileSync(join(root, f), "utf8")).join("\n");
   const blocks = [...readme.matchAll(/```ts\n([\s\S]*?)```/g)].map((m) => m[1]);
   if (blocks.length === 0) throw new Error("no ts blocks in README.md");
   const dir = mkdtempSync(join(root, ".tmp-readme-"));
@@ -100,6 +109,31 @@ step(
   () => smoke(bin("deno"), ["run", "-A", "test/fetch_smoke.ts"]),
 );
 step("fetch e2e smoke (Bun)", () => smoke(bin("bun"), ["test/fetch_smoke.ts"]));
+const demoSmoke = (cmd, args) => {
+  const out = run(cmd, args);
+  if (!/simulator: 20 accepted/.test(out)) {
+    throw new Error(`demo did not finish\n${out}`);
+  }
+  return out;
+};
+step(
+  "demo (Deno: deno run -A cli.ts demo)",
+  () =>
+    demoSmoke(bin("deno"), [
+      "run",
+      "-A",
+      "cli.ts",
+      "demo",
+      "--requests",
+      "20",
+      "--quiet",
+    ]),
+);
+step(
+  "demo (Bun: bun cli.ts demo)",
+  () =>
+    demoSmoke(bin("bun"), ["cli.ts", "demo", "--requests", "20", "--quiet"]),
+);
 step("simulator standalone (node dist/sim.js, deno run sim.ts)", async () => {
   for (
     const [cmd, args] of [
@@ -195,6 +229,12 @@ if (typeof systemClock.now() !== "number" || !new Mutex()) throw new Error("expo
 console.log("ok");
 `,
     );
+    const version = run(join(app, "node_modules", ".bin", "paceline"), [
+      "--version",
+    ], { cwd: app });
+    if (!/^\d+\.\d+\.\d+/.test(version.trim())) {
+      throw new Error(`paceline --version printed ${version}`);
+    }
     const out = run("node", ["main.mjs"], { cwd: app });
     if (out.trim() !== "ok") throw new Error(`consumer printed ${out}`);
     writeFileSync(

@@ -1,0 +1,466 @@
+// Tests of the `paceline` CLI against the simulator.
+import { afterEach, describe, expect, it } from "vitest";
+import { spawn } from "node:child_process";
+import {
+  appendFileSync,
+  existsSync,
+  mkdtempSync,
+  readFileSync,
+  writeFileSync,
+} from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { main } from "./cli.ts";
+import { type Simulator, startSimulator } from "./sim.ts";
+
+const open: Simulator[] = [];
+async function sim(
+  options: Parameters<typeof startSimulator>[0] = {},
+): Promise<Simulator> {
+  const s = await startSimulator(options);
+  open.push(s);
+  return s;
+}
+afterEach(async () => {
+  await Promise.all(open.splice(0).map((s) => s.close()));
+});
+
+function dir(): string {
+  return mkdtempSync(join(tmpdir(), "paceline-cli-"));
+}
+
+function anthropicLines(n: number): string[] {
+  return Array.from({ length: n }, (_, i) =>
+    JSON.stringify({
+      custom_id: `req-${i}`,
+      params: {
+        model: "claude-sim",
+        max_tokens: 40,
+        messages: [{
+          role: "user",
+          content: i % 3 ? `Question ${i}` : `第${i}个问题`,
+        }],
+      },
+    }));
+}
+
+function openaiLines(n: number): string[] {
+  return Array.from({ length: n }, (_, i) =>
+    JSON.stringify({
+      custom_id: `oa-${i}`,
+      method: "POST",
+      url: "/v1/chat/completions",
+      body: {
+        model: "gpt-sim",
+        max_tokens: 30,
+        messages: [{ role: "user", content: `Hi ${i}` }],
+      },
+    }));
+}
+
+async function runCli(
+  args: string[],
+  env: Record<string, string | undefined> = {},
+) {
+  let out = "";
+  let err = "";
+  const saved: Record<string, string | undefined> = {};
+  for (const [k, v] of Object.entries(env)) {
+    saved[k] = process.env[k];
+    if (v === undefined) delete process.env[k];
+    else process.env[k] = v;
+  }
+  try {
+    const code = await main(args, {
+      out: (s) => void (out += s),
+      err: (s) => void (err += s),
+      isTTY: false,
+    });
+    return { code, out, err };
+  } finally {
+    for (const [k, v] of Object.entries(saved)) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
+  }
+}
+
+function readResults(path: string): Record<string, unknown>[] {
+  const text = readFileSync(path, "utf8");
+  expect(text.endsWith("\n")).toBe(true);
+  return text.trimEnd().split("\n").map((l) => JSON.parse(l));
+}
+
+const NO_KEYS = {
+  ANTHROPIC_API_KEY: undefined,
+  OPENAI_API_KEY: undefined,
+  ANTHROPIC_BASE_URL: undefined,
+  OPENAI_BASE_URL: undefined,
+};
+
+describe("paceline run", () => {
+  it("Anthropic batch format, with faults: every custom_id once, in order, right shapes", async () => {
+    const s = await sim({
+      faults: { overloaded529: 0.1, error500: 0.05 },
+      seed: 5,
+    });
+    const d = dir();
+    const input = join(d, "in.jsonl");
+    writeFileSync(input, anthropicLines(60).join("\n") + "\n");
+    const output = join(d, "out.jsonl");
+    const r = await runCli([
+      "run",
+      input,
+      "-o",
+      output,
+      "--base-url",
+      s.url,
+      "--retries",
+      "6",
+      "--quiet",
+    ], NO_KEYS);
+    expect(r.code).toBe(0);
+    const rows = readResults(output);
+    expect(rows.map((x) => x.custom_id)).toEqual(
+      anthropicLines(60).map((l) => JSON.parse(l).custom_id),
+    );
+    for (const row of rows) {
+      const result = row.result as {
+        type: string;
+        message: { type: string; usage: unknown };
+      };
+      expect(result.type).toBe("succeeded");
+      expect(result.message.type).toBe("message");
+      expect(result.message.usage).toBeTruthy();
+    }
+    expect(s.stats().faults.overloaded529 + s.stats().faults.error500)
+      .toBeGreaterThan(0);
+  });
+
+  it("OpenAI batch format, streaming: results in the OpenAI shape", async () => {
+    const s = await sim();
+    const d = dir();
+    const input = join(d, "in.jsonl");
+    writeFileSync(input, openaiLines(25).join("\n"));
+    const output = join(d, "out.jsonl");
+    const r = await runCli([
+      "run",
+      input,
+      "-o",
+      output,
+      "--base-url",
+      `${s.url}/v1`,
+      "--stream",
+      "--quiet",
+    ], NO_KEYS);
+    expect(r.code).toBe(0);
+    const rows = readResults(output);
+    expect(rows.map((x) => x.custom_id)).toEqual(
+      openaiLines(25).map((l) => JSON.parse(l).custom_id),
+    );
+    const first = rows[0] as {
+      id: string;
+      response: {
+        status_code: number;
+        request_id: string;
+        body: {
+          choices: { message: { content: string } }[];
+          usage: { completion_tokens: number };
+        };
+      };
+      error: null;
+    };
+    expect(first.id).toMatch(/^batch_req_/);
+    expect(first.error).toBeNull();
+    expect(first.response.status_code).toBe(200);
+    expect(first.response.request_id).toMatch(/^req_/);
+    expect(first.response.body.choices[0]!.message.content.length)
+      .toBeGreaterThan(0);
+    expect(first.response.body.usage.completion_tokens).toBeGreaterThan(0);
+  });
+
+  it("errored requests are written as errored results; exit code 1", async () => {
+    const s = await sim({ quotaAfter: 3 });
+    const d = dir();
+    const input = join(d, "in.jsonl");
+    writeFileSync(input, anthropicLines(5).join("\n"));
+    const output = join(d, "out.jsonl");
+    const r = await runCli([
+      "run",
+      input,
+      "-o",
+      output,
+      "--base-url",
+      s.url,
+      "--quiet",
+      "--concurrency",
+      "1",
+    ], NO_KEYS);
+    expect(r.code).toBe(1);
+    const rows = readResults(output) as {
+      result: {
+        type: string;
+        error?: { error: { details: { error_code: string } } };
+      };
+    }[];
+    expect(rows.map((x) => x.result.type)).toEqual([
+      "succeeded",
+      "succeeded",
+      "succeeded",
+      "errored",
+      "errored",
+    ]);
+    expect(rows[3]!.result.error!.error.details.error_code).toBe(
+      "enforced_spend_limit_reached",
+    );
+    expect(s.stats().received).toBe(5); // quota 429s are not retried
+  });
+
+  const malformed: [string, string[], RegExp][] = [
+    ["bad JSON at line 7", [
+      ...anthropicLines(6),
+      "{not json",
+      ...anthropicLines(2).slice(1),
+    ], /line 7: invalid JSON/],
+    ["missing custom_id", [
+      anthropicLines(1)[0]!,
+      JSON.stringify({ params: { messages: [], max_tokens: 5 } }),
+    ], /line 2: missing "custom_id"/],
+    [
+      "duplicate custom_id",
+      [...anthropicLines(3), anthropicLines(2)[1]!],
+      /line 4: duplicate custom_id "req-1" \(first on line 2\)/,
+    ],
+    ["wrong url", [
+      JSON.stringify({
+        custom_id: "x",
+        method: "POST",
+        url: "/v1/embeddings",
+        body: { messages: [] },
+      }),
+    ], /line 1: "url" must be "\/v1\/chat\/completions"/],
+    [
+      "mixed formats",
+      [anthropicLines(1)[0]!, openaiLines(1)[0]!],
+      /line 2: a openai line in a anthropic file \(mixed formats\)/,
+    ],
+    ["empty file", [""], /no requests \(the file is empty\)/],
+    ["missing max_tokens", [
+      JSON.stringify({ custom_id: "x", params: { model: "m", messages: [] } }),
+    ], /line 1: "params.max_tokens" is required/],
+  ];
+  for (const [name, rows, message] of malformed) {
+    it(`rejects ${name} with exit 2 and sends nothing`, async () => {
+      const s = await sim();
+      const d = dir();
+      const input = join(d, "in.jsonl");
+      writeFileSync(input, rows.join("\n"));
+      const r = await runCli([
+        "run",
+        input,
+        "-o",
+        join(d, "out.jsonl"),
+        "--base-url",
+        s.url,
+      ], NO_KEYS);
+      expect(r.code).toBe(2);
+      expect(r.err).toMatch(message);
+      expect(s.stats().received).toBe(0);
+    });
+  }
+
+  it("a request that can never fit the limits is an input error before anything is sent", async () => {
+    const s = await sim();
+    const d = dir();
+    const input = join(d, "in.jsonl");
+    writeFileSync(input, anthropicLines(3).join("\n"));
+    const r = await runCli(
+      ["run", input, "--base-url", s.url, "--otpm", "10"],
+      NO_KEYS,
+    );
+    expect(r.code).toBe(2);
+    expect(r.err).toMatch(
+      /line 1: .*outputTokens 40 exceeds the window limit 10/,
+    );
+    expect(s.stats().received).toBe(0);
+  });
+
+  it("without a key or --base-url, refuses clearly and never uses the simulator", async () => {
+    const d = dir();
+    const input = join(d, "in.jsonl");
+    writeFileSync(input, anthropicLines(2).join("\n"));
+    const r = await runCli(["run", input], NO_KEYS);
+    expect(r.code).toBe(2);
+    expect(r.err).toMatch(
+      /no API key: set ANTHROPIC_API_KEY.*Nothing was sent/,
+    );
+    expect(existsSync(join(d, "in.results.jsonl"))).toBe(false);
+  });
+
+  it("bad flags exit 2 naming the flag and value", async () => {
+    for (
+      const [args, msg] of [
+        [
+          ["run", "x.jsonl", "--rpm", "fast"],
+          /--rpm needs a number >= 1: received "fast"/,
+        ],
+        [
+          ["run", "x.jsonl", "--concurrency", "0"],
+          /--concurrency needs a number >= 1: received "0"/,
+        ],
+        [
+          ["run", "x.jsonl", "--provider", "google"],
+          /--provider must be anthropic or openai/,
+        ],
+        [["run", "x.jsonl", "--nope"], /unknown option --nope/],
+        [["launch"], /unknown command "launch"/],
+        [
+          ["run", "missing.jsonl", "--base-url", "http://127.0.0.1:1"],
+          /input file not found/,
+        ],
+      ] as const
+    ) {
+      const r = await runCli([...args], NO_KEYS);
+      expect({ args, code: r.code }).toEqual({ args, code: 2 });
+      expect(r.err).toMatch(msg);
+    }
+  });
+
+  it("progress lines without a TTY carry the counts; the API key never appears", async () => {
+    const key = "sk-ant-cli-SECRET-777";
+    const s = await sim({ apiKey: key, latency: { baseMs: 30 } });
+    const d = dir();
+    const input = join(d, "in.jsonl");
+    writeFileSync(input, anthropicLines(30).join("\n"));
+    const output = join(d, "out.jsonl");
+    const r = await runCli(
+      [
+        "run",
+        input,
+        "-o",
+        output,
+        "--base-url",
+        s.url,
+        "--progress-ms",
+        "50",
+        "--concurrency",
+        "2",
+      ],
+      { ...NO_KEYS, ANTHROPIC_API_KEY: key },
+    );
+    expect(r.code).toBe(0);
+    expect(r.err).toMatch(
+      /\d+\/30 \(\d+\.\d%\) ETA .* req\/min .* tok\/min · 429s 0 · retries 0 · errors 0/,
+    );
+    expect(r.err).toMatch(/30\/30 \(100\.0%\)/);
+    expect(r.err).toMatch(/calls\s+30 \(30 ok/);
+    expect(r.out + r.err + readFileSync(output, "utf8")).not.toContain(key);
+    // A wrong key: errored results, and still no key in any output.
+    const bad = await runCli([
+      "run",
+      input,
+      "-o",
+      join(d, "bad.jsonl"),
+      "--base-url",
+      s.url,
+    ], {
+      ...NO_KEYS,
+      ANTHROPIC_API_KEY: "sk-ant-WRONG-SECRET-1",
+    });
+    expect(bad.code).toBe(1);
+    expect(bad.out + bad.err + readFileSync(join(d, "bad.jsonl"), "utf8")).not
+      .toContain("WRONG-SECRET");
+  });
+});
+
+describe("paceline run: interrupt and resume", () => {
+  it(
+    "SIGINT stops cleanly; a re-run resumes; a torn last line is cut; nothing lost or duplicated",
+    async () => {
+      const cli = join(import.meta.dirname, "dist", "cli.js");
+      expect(existsSync(cli)).toBe(true); // npm test builds first
+      const s = await sim({ latency: { baseMs: 150 } });
+      const d = dir();
+      const input = join(d, "in.jsonl");
+      const n = 60;
+      writeFileSync(input, anthropicLines(n).join("\n") + "\n");
+      const output = join(d, "out.jsonl");
+      const child = spawn(process.execPath, [
+        cli,
+        "run",
+        input,
+        "-o",
+        output,
+        "--base-url",
+        s.url,
+        "--concurrency",
+        "4",
+      ], {
+        env: {
+          ...process.env,
+          ...Object.fromEntries(Object.keys(NO_KEYS).map((k) => [k, ""])),
+        },
+        stdio: ["ignore", "pipe", "pipe"],
+      });
+      let err = "";
+      child.stderr.on("data", (c) => (err += c));
+      const exited = new Promise<number | null>((r) =>
+        child.on("exit", (c) => r(c))
+      );
+      await new Promise((r) => setTimeout(r, 900));
+      child.kill("SIGINT");
+      const code = await exited;
+      expect(code).toBe(130);
+      expect(err).toMatch(/stopping: finishing requests in flight/);
+      expect(err).toMatch(/interrupted after \d+ of 60/);
+      const partial = readResults(output);
+      expect(partial.length).toBeGreaterThan(0);
+      expect(partial.length).toBeLessThan(n);
+      // Simulate a kill -9 in the middle of a write.
+      appendFileSync(output, '{"custom_id":"req-');
+      const r = await runCli([
+        "run",
+        input,
+        "-o",
+        output,
+        "--base-url",
+        s.url,
+        "--quiet",
+      ], NO_KEYS);
+      expect(r.code).toBe(0);
+      const rows = readResults(output);
+      expect(rows.map((x) => x.custom_id)).toEqual(
+        Array.from({ length: n }, (_, i) => `req-${i}`),
+      );
+      // A results file of another input is refused.
+      const other = join(d, "other.jsonl");
+      writeFileSync(other, openaiLines(3).join("\n"));
+      const mismatch = await runCli([
+        "run",
+        other,
+        "-o",
+        output,
+        "--base-url",
+        s.url,
+      ], NO_KEYS);
+      expect(mismatch.code).toBe(2);
+      expect(mismatch.err).toMatch(/not a results file of this input/);
+    },
+    20_000,
+  );
+});
+
+describe("paceline demo", () => {
+  it(
+    "runs a small batch on the built-in simulator with no key and no network",
+    async () => {
+      const r = await runCli(["demo", "--requests", "30"], NO_KEYS);
+      expect(r.code).toBe(0);
+      expect(r.err).toMatch(/30 requests \(a third in Chinese\)/);
+      expect(r.out).toMatch(/simulator: 30 accepted, 0 refused by rate limits/);
+      const path = /results: (\S+)/.exec(r.out)![1]!;
+      expect(readResults(path).length).toBe(30);
+    },
+    20_000,
+  );
+});
