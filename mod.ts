@@ -3697,30 +3697,53 @@ export function rateLimitedFetch(
     stats.call();
     const signal = init?.signal ??
       (input instanceof Request ? input.signal : undefined) ?? undefined;
-    let request: Request;
-    let body: ArrayBuffer | ReadableStream<Uint8Array> | undefined;
-    let parsed: unknown = undefined;
+    // What each attempt sends. The SDKs pass a URL string and a string
+    // body: that common case skips building a Request and copying the body.
+    let url: string;
+    let sendInit: RequestInit;
+    let body: string | ArrayBuffer | ReadableStream<Uint8Array> | undefined;
+    let text: string | undefined;
     try {
-      request = new Request(input, init);
-      const streaming = init?.body instanceof ReadableStream ||
-        (init?.body === undefined && input instanceof Request &&
-          input.body !== null);
-      if (request.body && !streaming) {
-        body = await request.arrayBuffer();
-        const text = new TextDecoder().decode(body);
-        if (/^\s*[[{]/.test(text)) {
-          try {
-            parsed = JSON.parse(text);
-          } catch {
-            parsed = undefined;
-          }
-        }
-      } else if (request.body) body = request.body;
+      if (
+        (typeof input === "string" || input instanceof URL) &&
+        (init?.body === undefined || init?.body === null ||
+          typeof init.body === "string")
+      ) {
+        url = String(input);
+        body = init?.body ?? undefined;
+        text = body as string | undefined;
+        sendInit = { ...init, body };
+      } else {
+        const request = new Request(input, init);
+        const streaming = init?.body instanceof ReadableStream ||
+          (init?.body === undefined && input instanceof Request &&
+            input.body !== null);
+        if (request.body && !streaming) {
+          body = await request.arrayBuffer();
+          text = new TextDecoder().decode(body);
+        } else if (request.body) body = request.body;
+        url = request.url;
+        sendInit = {
+          method: request.method,
+          headers: request.headers,
+          body,
+          redirect: request.redirect,
+          ...(body instanceof ReadableStream ? { duplex: "half" } : {}),
+        } as RequestInit;
+      }
     } catch (error) {
       stats.end(false, "invalid");
       throw error;
     }
-    const cost = estimate(request.url, parsed);
+    let parsed: unknown = undefined;
+    if (text !== undefined && /^\s*[[{]/.test(text)) {
+      try {
+        parsed = JSON.parse(text);
+      } catch {
+        parsed = undefined;
+      }
+    }
+    const cost = estimate(url, parsed);
     const replayable = !(body instanceof ReadableStream);
     const attempt = async (): Promise<Response> => {
       const t0 = clock.now();
@@ -3743,14 +3766,7 @@ export function rateLimitedFetch(
       let response: Response;
       track(cost, 1);
       try {
-        response = await baseFetch(request.url, {
-          method: request.method,
-          headers: request.headers,
-          body,
-          signal,
-          redirect: request.redirect,
-          ...(body instanceof ReadableStream ? { duplex: "half" } : {}),
-        } as RequestInit);
+        response = await baseFetch(url, { ...sendInit, signal });
       } catch (error) {
         track(cost, -1);
         release();

@@ -7,7 +7,8 @@
  * against it.
  *
  * Standalone: `node dist/sim.js --port 8787 --rpm 50 --itpm 30000 --otpm 8000`
- * or `deno run -A sim.ts ...`; `--help` lists the flags.
+ * or `deno run -A sim.ts ...`; `--help` lists the flags. `GET /_sim/stats`
+ * returns the counters of {@linkcode Simulator.stats} as JSON.
  *
  * ## Token counting (the simulator's own, documented rule)
  *
@@ -517,6 +518,13 @@ export async function startSimulator(
         ? { error: { message, type, param: null, code: extra.code ?? type } }
         : { type: "error", error: { type, message, ...extra }, request_id: id };
 
+    if (req.method === "GET" && path === "/_sim/stats") {
+      // For a simulator in another process (benchmarks): its counters.
+      stats.received--;
+      res.writeHead(200, { "content-type": "application/json" });
+      res.end(JSON.stringify(stats));
+      return;
+    }
     if (
       req.method !== "POST" ||
       !/\/v1\/(messages(\/count_tokens)?|chat\/completions)$/.test(path)

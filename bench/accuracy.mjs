@@ -4,6 +4,8 @@
 import { RateLimiter } from "../dist/mod.js";
 import { RateLimiter as LimiterRL } from "limiter";
 import PQueue from "p-queue";
+import Bottleneck from "bottleneck";
+import { RateLimit } from "async-sema";
 import { table } from "./lib.mjs";
 
 /** Most starts in any window [t, t + ms). */
@@ -101,6 +103,28 @@ function contenders(limit, ms) {
         });
         return () => q.add(() => {});
       },
+    },
+    {
+      name: "bottleneck reservoir",
+      make: () => {
+        const b = new Bottleneck({
+          reservoir: limit,
+          reservoirRefreshAmount: limit,
+          reservoirRefreshInterval: ms,
+        });
+        return () => b.schedule(() => Promise.resolve());
+      },
+    },
+    {
+      name: "bottleneck `minTime`",
+      make: () => {
+        const b = new Bottleneck({ minTime: ms / limit });
+        return () => b.schedule(() => Promise.resolve());
+      },
+    },
+    {
+      name: "async-sema `RateLimit`",
+      make: () => RateLimit(limit, { timeUnit: ms }),
     },
   ];
 }

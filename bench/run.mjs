@@ -6,6 +6,7 @@ import { limiterOverhead } from "./limiter.mjs";
 import { accuracy } from "./accuracy.mjs";
 import { poolOverhead } from "./pool.mjs";
 import { memory } from "./memory.mjs";
+import { e2e } from "./e2e.mjs";
 
 const quick = process.argv.includes("--quick");
 const json = process.argv.includes("--json");
@@ -14,6 +15,7 @@ const topics = [
   ["limiter", limiterOverhead],
   ["accuracy", accuracy],
   ["memory", memory],
+  ["e2e", e2e],
 ];
 const only = process.argv.slice(2).filter((a) => !a.startsWith("--"));
 
@@ -23,7 +25,16 @@ console.log(
   }\n`,
 );
 console.log(
-  environment(["p-map", "p-limit", "p-queue", "async-sema", "limiter"]) + "\n",
+  environment([
+    "p-map",
+    "p-limit",
+    "p-queue",
+    "async-sema",
+    "limiter",
+    "bottleneck",
+    "p-retry",
+    "@anthropic-ai/sdk",
+  ]) + "\n",
 );
 const all = {};
 for (const [name, fn] of topics) {
