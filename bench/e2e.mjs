@@ -85,7 +85,7 @@ export async function e2e({ quick }) {
   const contenders = [
     {
       name: "paceline, limits given",
-      run: async (url) => {
+      run: (url) => {
         const f = rateLimitedFetch({
           limiter: {
             windows: [
@@ -113,7 +113,7 @@ export async function e2e({ quick }) {
     },
     {
       name: "paceline, limits learned from headers",
-      run: async (url) => {
+      run: (url) => {
         const f = rateLimitedFetch({
           limiter: { marginMs: margin },
           concurrency: 16,
@@ -134,7 +134,7 @@ export async function e2e({ quick }) {
     },
     {
       name: "p-queue `intervalCap` + p-retry around fetch",
-      run: async (url) => {
+      run: (url) => {
         const q = new PQueue({
           concurrency: 16,
           intervalCap: limits.requests,
@@ -164,7 +164,7 @@ export async function e2e({ quick }) {
     },
     {
       name: "official SDK alone (default retries) + p-limit(16)",
-      run: async (url) => {
+      run: (url) => {
         const client = new Anthropic({ apiKey: "k", baseURL: url });
         const limit = pLimit(16);
         return Promise.all(
