@@ -2038,7 +2038,14 @@ export async function retry<T>(
   if (typeof fn !== "function") {
     throw new TypeError(`retry 'fn' must be a function: received ${typeof fn}`);
   }
-  const o = checkRetryOptions(options);
+  return await retryChecked(fn, checkRetryOptions(options));
+}
+
+/** The retry loop, with options already validated (callers on hot paths validate once). */
+async function retryChecked<T>(
+  fn: (attempt: number, signal: AbortSignal | undefined) => T | Promise<T>,
+  o: CheckedRetryOptions,
+): Promise<T> {
   const { signal, clock, random } = o;
   const start = clock.now();
   for (let attempt = 1;; attempt++) {
@@ -3622,7 +3629,15 @@ export function rateLimitedFetch(
       );
     }
   }
-  if (retryOptions !== false) checkRetryOptions(retryOptions); // fail fast
+  // Validated once here; each call only adds its signal.
+  const checkedRetry = retryOptions === false ? undefined : checkRetryOptions({
+    ...retryOptions,
+    clock,
+    onRetry: (info) => {
+      stats.retry();
+      retryOptions.onRetry?.(info);
+    },
+  });
   const limiter = options.limiter instanceof RateLimiter
     ? options.limiter
     : new RateLimiter({ clock, ...options.limiter });
@@ -3837,17 +3852,9 @@ export function rateLimitedFetch(
       });
     };
     try {
-      const response = retryOptions === false || !replayable
+      const response = checkedRetry === undefined || !replayable
         ? await attempt()
-        : await retry(attempt, {
-          ...retryOptions,
-          signal,
-          clock,
-          onRetry: (info) => {
-            stats.retry();
-            retryOptions.onRetry?.(info);
-          },
-        });
+        : await retryChecked(attempt, { ...checkedRetry, signal });
       stats.end(response.ok);
       return response;
     } catch (error) {
