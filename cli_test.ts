@@ -1,5 +1,6 @@
 // Tests of the `paceline` CLI against the simulator.
-import { afterEach, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
+import { sim } from "./test/sims.ts";
 import { spawn } from "node:child_process";
 import {
   appendFileSync,
@@ -11,19 +12,6 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { main } from "./cli.ts";
-import { type Simulator, startSimulator } from "./sim.ts";
-
-const open: Simulator[] = [];
-async function sim(
-  options: Parameters<typeof startSimulator>[0] = {},
-): Promise<Simulator> {
-  const s = await startSimulator(options);
-  open.push(s);
-  return s;
-}
-afterEach(async () => {
-  await Promise.all(open.splice(0).map((s) => s.close()));
-});
 
 function dir(): string {
   return mkdtempSync(join(tmpdir(), "paceline-cli-"));

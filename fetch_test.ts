@@ -1,6 +1,7 @@
 // End-to-end tests: rateLimitedFetch, Stats and the thin clients against
 // the simulator on loopback, with compressed windows.
-import { afterEach, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
+import { sim } from "./test/sims.ts";
 import Anthropic from "@anthropic-ai/sdk";
 import OpenAI from "openai";
 import {
@@ -19,19 +20,7 @@ import {
   Stats,
   usageOf,
 } from "./mod.ts";
-import { inputTokensOf, type Simulator, startSimulator } from "./sim.ts";
-
-const open: Simulator[] = [];
-async function sim(
-  options: Parameters<typeof startSimulator>[0] = {},
-): Promise<Simulator> {
-  const s = await startSimulator(options);
-  open.push(s);
-  return s;
-}
-afterEach(async () => {
-  await Promise.all(open.splice(0).map((s) => s.close()));
-});
+import { inputTokensOf, startSimulator } from "./sim.ts";
 
 const TOPICS = [
   "rate limits",

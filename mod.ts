@@ -4017,6 +4017,22 @@ const STREAM_ERROR_STATUS: Record<string, number> = {
   server_error: 500,
 };
 
+/** A function that POSTs a JSON body to `url` through `f` (headers built once). */
+function poster(
+  f: RateLimitedFetch,
+  url: string,
+  headers: Record<string, string>,
+): (body: unknown, signal?: AbortSignal) => Promise<Response> {
+  return (body, signal) =>
+    f(url, { method: "POST", headers, body: JSON.stringify(body), signal });
+}
+
+/** The parsed JSON of a successful response; for a failed one, the right error. */
+async function okJSON<T>(response: Response): Promise<T> {
+  if (!response.ok) return failure(response);
+  return await response.json() as T;
+}
+
 /** Throws the right error for a failed response: QuotaError or HttpError. */
 async function failure(response: Response): Promise<never> {
   const text = await response.text().catch(() => "");
@@ -4228,31 +4244,23 @@ export function anthropic(options: AnthropicOptions = {}): AnthropicClient {
     "anthropic",
   );
   const url = `${base}${/\/v1$/.test(base) ? "" : "/v1"}/messages`;
-  const send = (body: unknown, signal?: AbortSignal): Promise<Response> => {
-    const h: Record<string, string> = {
-      "content-type": "application/json",
-      "anthropic-version": version,
-      ...headers,
-    };
-    if (key !== undefined) {
-      if (auth === "bearer") h["authorization"] = `Bearer ${key}`;
-      else h["x-api-key"] = key;
-    }
-    return f(url, {
-      method: "POST",
-      headers: h,
-      body: JSON.stringify(body),
-      signal,
-    });
+  const h: Record<string, string> = {
+    "content-type": "application/json",
+    "anthropic-version": version,
+    ...headers,
   };
+  if (key !== undefined) {
+    if (auth === "bearer") h["authorization"] = `Bearer ${key}`;
+    else h["x-api-key"] = key;
+  }
+  const send = poster(f, url, h);
   const messages = async (
     body: AnthropicRequest,
     opts: { signal?: AbortSignal } = {},
-  ): Promise<AnthropicMessage> => {
-    const response = await send({ ...body, stream: false }, opts.signal);
-    if (!response.ok) return failure(response);
-    return await response.json() as AnthropicMessage;
-  };
+  ): Promise<AnthropicMessage> =>
+    okJSON<AnthropicMessage>(
+      await send({ ...body, stream: false }, opts.signal),
+    );
   const stream = (
     body: AnthropicRequest,
     opts: { signal?: AbortSignal } = {},
@@ -4514,27 +4522,17 @@ export function openai(options: ClientOptions = {}): OpenAIClient {
     "openai",
   );
   const url = `${base}/chat/completions`;
-  const send = (body: unknown, signal?: AbortSignal): Promise<Response> => {
-    const h: Record<string, string> = {
-      "content-type": "application/json",
-      ...headers,
-    };
-    if (key !== undefined) h["authorization"] = `Bearer ${key}`;
-    return f(url, {
-      method: "POST",
-      headers: h,
-      body: JSON.stringify(body),
-      signal,
-    });
+  const h: Record<string, string> = {
+    "content-type": "application/json",
+    ...headers,
   };
+  if (key !== undefined) h["authorization"] = `Bearer ${key}`;
+  const send = poster(f, url, h);
   const chat = async (
     body: ChatRequest,
     opts: { signal?: AbortSignal } = {},
-  ): Promise<ChatCompletion> => {
-    const response = await send({ ...body, stream: false }, opts.signal);
-    if (!response.ok) return failure(response);
-    return await response.json() as ChatCompletion;
-  };
+  ): Promise<ChatCompletion> =>
+    okJSON<ChatCompletion>(await send({ ...body, stream: false }, opts.signal));
   const stream = (
     body: ChatRequest,
     opts: { signal?: AbortSignal } = {},

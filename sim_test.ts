@@ -1,28 +1,10 @@
 // Tests of the simulator: real HTTP on loopback, short windows, real clients.
-import { afterEach, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
+import { sim } from "./test/sims.ts";
 import Anthropic from "@anthropic-ai/sdk";
 import OpenAI from "openai";
 import { parseRetryAfter } from "./mod.ts";
-import {
-  countTokens,
-  goDuration,
-  inputTokensOf,
-  parseSimArgs,
-  type Simulator,
-  startSimulator,
-} from "./sim.ts";
-
-const open: Simulator[] = [];
-async function sim(
-  options: Parameters<typeof startSimulator>[0] = {},
-): Promise<Simulator> {
-  const s = await startSimulator(options);
-  open.push(s);
-  return s;
-}
-afterEach(async () => {
-  await Promise.all(open.splice(0).map((s) => s.close()));
-});
+import { countTokens, goDuration, inputTokensOf, parseSimArgs } from "./sim.ts";
 
 const ask = (content: string, extra: Record<string, unknown> = {}) => ({
   model: "claude-sim",
