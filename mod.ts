@@ -630,7 +630,7 @@ let settlePermit: (
  */
 export class RateLimiter {
   #clock: Clock;
-  #windows: SlidingWindow[] = [];
+  #windows: WindowLog[] = [];
   #defaultMargin: number | undefined;
   #mutex = new Mutex();
   #pausedUntil = -Infinity;
@@ -842,7 +842,7 @@ export class RateLimiter {
       );
     }
     checkLimit(limit, "limit");
-    let target: SlidingWindow | undefined;
+    let target: WindowLog | undefined;
     if (ms === undefined) {
       const matches = this.#windows.filter((w) => w.key === key);
       if (matches.length !== 1) {
@@ -1116,11 +1116,36 @@ export class RateLimiter {
 }
 
 /**
- * The log of one window: a ring buffer of `(time, amount)` entries with a
- * running sum. Entries are addressed by a sequence number that keeps growing,
- * so a {@linkcode Permit} can find its entry until it expires.
+ * What the limiter needs from the state of one window. Everything it does
+ * goes through these few operations — check (`fits`, `timeUntilFits`),
+ * insert (`push`) and settle (`holds`, `addTo`) — so a shared store (say,
+ * Redis with a sorted set per window and a script for check-and-insert)
+ * can implement it for several workers on one API key without touching the
+ * limiter's queueing logic.
  */
-class SlidingWindow {
+interface WindowLog {
+  readonly key: string;
+  readonly ms: number;
+  limit: number;
+  margin: number;
+  life: number;
+  readonly used: number;
+  readonly size: number;
+  expire(now: number): void;
+  fits(amount: number, now: number): boolean;
+  timeUntilFits(amount: number, now: number): number;
+  push(now: number, amount: number): number;
+  holds(seq: number): boolean;
+  addTo(seq: number, delta: number): void;
+}
+
+/**
+ * The in-memory {@linkcode WindowLog}: a ring buffer of `(time, amount)`
+ * entries with a running sum. Entries are addressed by a sequence number
+ * that keeps growing, so a {@linkcode Permit} can find its entry until it
+ * expires.
+ */
+class SlidingWindow implements WindowLog {
   key: string;
   limit: number;
   readonly ms: number;
