@@ -505,6 +505,39 @@ function fmtDuration(ms: number): string {
     : `${s}s`;
 }
 
+/**
+ * Requests and tokens sent in the last "minute" (the limits' window), from
+ * snapshots of the stats taken at each progress tick: what the limits
+ * count, never an extrapolation from a first burst.
+ */
+class RecentRate {
+  #samples: { t: number; requests: number; tokens: number }[] = [];
+  #minute: number;
+  constructor(minute: number) {
+    this.#minute = minute;
+  }
+  update(
+    requests: number,
+    tokens: number,
+  ): { requests: number; tokens: number } {
+    const now = performance.now();
+    const since = now - this.#minute;
+    // Only samples inside the last minute: the window shown is at most a
+    // minute long, so it never reads above what the limits allow.
+    while (this.#samples.length && this.#samples[0]!.t < since) {
+      this.#full = true;
+      this.#samples.shift(); // a few samples per second: a short array
+    }
+    const base = this.#full && this.#samples.length
+      ? this.#samples[0]!
+      : { requests: 0, tokens: 0 };
+    this.#samples.push({ t: now, requests, tokens });
+    return { requests: requests - base.requests, tokens: tokens - base.tokens };
+  }
+  /** Whether a minute has passed since the first sample. */
+  #full = false;
+}
+
 function progressLine(
   done: number,
   total: number,
@@ -512,19 +545,17 @@ function progressLine(
   stats: Stats,
   limits: Record<string, number>,
   startedAt: number,
-  minuteMs: number,
+  recent: RecentRate,
 ): string {
   const s = stats.toJSON();
   const pct = total ? (done / total) * 100 : 100;
   const elapsed = performance.now() - startedAt;
   const eta = done ? (elapsed / done) * (total - done) : Infinity;
-  const perMin = (n: number) => (elapsed > 0 ? (n * minuteMs) / elapsed : 0);
-  const rpm = Math.round(perMin(s.requests));
-  const tpm = Math.round(perMin(s.inputTokens + s.outputTokens));
+  const last = recent.update(s.requests, s.inputTokens + s.outputTokens);
   const lim = (k: string) => (limits[k] ? `/${limits[k]}` : "");
   return `${done}/${total} (${pct.toFixed(1)}%) ETA ${
     fmtDuration(eta)
-  } · ${rpm}${lim("rpm")} req/min · ${tpm}${
+  } · ${last.requests}${lim("rpm")} req/min · ${last.tokens}${
     lim("tpm")
   } tok/min · 429s ${s.rateLimited} · retries ${s.retries} · errors ${errors}`;
 }
@@ -644,6 +675,7 @@ export async function run(o: RunOptions): Promise<number> {
     }
   }
   const startedAt = performance.now();
+  const recent = new RecentRate(minute);
   let done = 0;
   let errors = 0;
   let lastProgress = 0;
@@ -660,7 +692,7 @@ export async function run(o: RunOptions): Promise<number> {
       f.stats,
       o.limits,
       startedAt,
-      minute,
+      recent,
     );
     if (o.isTTY) o.err(`\r\x1b[2K${line}${final ? "\n" : ""}`);
     else o.err(`${line}\n`);
