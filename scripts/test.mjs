@@ -105,6 +105,16 @@ step(
 );
 step("simulator smoke (Bun)", () => smoke(bin("bun"), ["test/sim_smoke.ts"]));
 step(
+  "no env permission (Deno)",
+  () =>
+    smoke(bin("deno"), [
+      "run",
+      "--no-prompt",
+      "--allow-read",
+      "test/env_smoke.ts",
+    ]),
+);
+step(
   "fetch e2e smoke (Deno)",
   () => smoke(bin("deno"), ["run", "-A", "test/fetch_smoke.ts"]),
 );
