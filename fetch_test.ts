@@ -511,6 +511,53 @@ describe("rateLimitedFetch end to end", () => {
   });
 });
 
+describe("rateLimitedFetch learning", () => {
+  it("learns a limit without a remaining header and charges nothing extra", async () => {
+    const headers = {
+      "content-type": "application/json",
+      "x-ratelimit-limit-requests": "10",
+    };
+    const f = rateLimitedFetch({
+      fetch: () => Promise.resolve(new Response("{}", { headers })),
+    });
+    await (await f("http://x/v1/chat/completions", {
+      method: "POST",
+      body: "{}",
+    })).text();
+    await (await f("http://x/v1/chat/completions", {
+      method: "POST",
+      body: "{}",
+    })).text();
+    const [w] = f.limiter.usage();
+    expect([w!.key, w!.limit, w!.ms, w!.used]).toEqual([
+      "requests",
+      10,
+      60_000,
+      1,
+    ]);
+  });
+
+  it("charges what others used when remaining is lower than our log", async () => {
+    let remaining = 10;
+    const f = rateLimitedFetch({
+      fetch: () =>
+        Promise.resolve(
+          new Response("{}", {
+            headers: {
+              "content-type": "application/json",
+              "anthropic-ratelimit-requests-limit": "10",
+              "anthropic-ratelimit-requests-remaining": String(--remaining - 3),
+            },
+          }),
+        ),
+    });
+    await (await f("http://x/v1/messages", { method: "POST", body: "{}" }))
+      .text();
+    // The server says 6 left after our first request: 3 were someone else's.
+    expect(f.limiter.usage()[0]!.used).toBe(4);
+  });
+});
+
 describe("rateLimitedFetch abort", () => {
   it("queued, sleeping and in-flight calls reject promptly with the reason and release", async () => {
     const s = await sim({ latency: { baseMs: 2000 } });

@@ -3686,46 +3686,51 @@ export function rateLimitedFetch(
 
   const learnFrom = (h: Headers): void => {
     if (learn === false) return;
-    const now = new Map<string, number>();
+    let windows: WindowUsage[] | undefined; // read once, refreshed after changes
+    const find = (key: string): WindowUsage | undefined => {
+      windows ??= limiter.usage();
+      return windows.find((u) => u.key === key && u.ms === learnMs) ??
+        windows.find((u) => u.key === key);
+    };
     for (const [prefix, key] of LEARN_HEADERS) {
-      const name = prefix.startsWith("x-") ? prefix : `${prefix}-limit`;
-      const v = h.get(name);
+      const openai = prefix.startsWith("x-");
+      const v = h.get(openai ? prefix : `${prefix}-limit`);
       if (v === null) continue;
       const limit = Number(v);
       if (!(limit > 0) || !Number.isFinite(limit)) continue;
-      now.set(key, limit);
-      const remaining = Number(
-        h.get(
-          prefix.startsWith("x-")
-            ? prefix.replace("-limit-", "-remaining-")
-            : `${prefix}-remaining`,
-        ),
-      );
       if (
         key === "tokens" && (h.has("anthropic-ratelimit-input-tokens-limit") ||
           h.has("anthropic-ratelimit-output-tokens-limit"))
       ) continue; // Anthropic's "tokens" is the most restrictive of the two
       if (!userKeys.has(key)) {
-        const w = limiter.usage().find((u) =>
-          u.key === key && u.ms === learnMs
-        );
-        if (!w || w.limit !== limit) limiter.setLimit(key, limit, learnMs);
-        // A new window has not seen the requests still in flight; the
-        // server will count them, so charge them now.
-        if (!w && inflight[key]) limiter.record({ [key]: inflight[key] });
+        const w = find(key);
+        const learned = w?.ms === learnMs ? w : undefined;
+        if (!learned || learned.limit !== limit) {
+          limiter.setLimit(key, limit, learnMs);
+          // A new window has not seen the requests still in flight; the
+          // server will count them, so charge them now.
+          if (!learned && inflight[key]) {
+            limiter.record({ [key]: inflight[key] });
+          }
+          windows = undefined;
+        }
       }
       // Others sharing the key: their usage shows as lower remaining.
-      if (Number.isFinite(remaining) && remaining >= 0) {
-        const w = limiter.usage().find((u) =>
-          u.key === key && u.ms === learnMs
-        ) ??
-          limiter.usage().find((u) => u.key === key);
-        if (w) {
-          const gap = (w.limit - w.used) - remaining;
-          // Anthropic rounds token counts to the nearest thousand.
-          const noise = key !== "requests" && remaining % 1000 === 0 ? 500 : 0;
-          if (gap > noise) limiter.record({ [key]: gap });
-        }
+      const r = h.get(
+        openai
+          ? prefix.replace("-limit-", "-remaining-")
+          : `${prefix}-remaining`,
+      );
+      const remaining = r === null ? NaN : Number(r);
+      if (!(remaining >= 0)) continue;
+      const w = find(key);
+      if (!w) continue;
+      const gap = (w.limit - w.used) - remaining;
+      // Anthropic rounds token counts to the nearest thousand.
+      const noise = key !== "requests" && remaining % 1000 === 0 ? 500 : 0;
+      if (gap > noise) {
+        limiter.record({ [key]: gap });
+        windows = undefined;
       }
     }
   };
