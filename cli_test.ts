@@ -125,6 +125,39 @@ describe("paceline run", () => {
       .toBeGreaterThan(0);
   });
 
+  it("Anthropic batch format, streaming: messages assembled from the events", async () => {
+    const s = await sim();
+    const d = dir();
+    const input = join(d, "in.jsonl");
+    writeFileSync(input, anthropicLines(12).join("\n"));
+    const output = join(d, "out.jsonl");
+    const r = await runCli(
+      ["run", input, "-o", output, "--base-url", s.url, "--stream", "--quiet"],
+      NO_KEYS,
+    );
+    expect(r.code).toBe(0);
+    const rows = readResults(output) as {
+      result: {
+        type: string;
+        message: {
+          content: { type: string; text: string }[];
+          stop_reason: string;
+          usage: { input_tokens: number; output_tokens: number };
+        };
+      };
+    }[];
+    expect(rows.length).toBe(12);
+    let out = 0;
+    for (const row of rows) {
+      expect(row.result.type).toBe("succeeded");
+      expect(row.result.message.content[0]!.type).toBe("text");
+      expect(row.result.message.content[0]!.text.length).toBeGreaterThan(0);
+      expect(row.result.message.stop_reason).toBeTruthy();
+      out += row.result.message.usage.output_tokens;
+    }
+    expect(out).toBe(s.stats().usage.outputTokens);
+  });
+
   it("OpenAI batch format, streaming: results in the OpenAI shape", async () => {
     const s = await sim();
     const d = dir();
