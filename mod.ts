@@ -2,7 +2,7 @@
  * paceline: call rate-limited HTTP APIs (above all LLM APIs) as fast as the
  * provider allows, without 429 storms and with results in input order.
  *
- * One self-contained file with no imports. It holds:
+ * One self-contained file with no imports, in sections:
  *
  * - **Time**: the {@linkcode Clock} interface, {@linkcode systemClock} and a
  *   deterministic {@linkcode ManualClock} for tests.
@@ -11,14 +11,32 @@
  *   (requests, tokens, input/output tokens; per second, minute or day), with
  *   weighted costs, FIFO waiters and {@linkcode Permit}s that settle to the
  *   real usage.
+ * - **Retry**: {@linkcode backoff}, {@linkcode parseRetryAfter} (every form
+ *   of server-told wait) and {@linkcode retry}, with {@linkcode RetryError},
+ *   {@linkcode QuotaError} and {@linkcode HttpError}.
+ * - **Concurrency**: {@linkcode mapConcurrent} and its settled and streaming
+ *   variants: bounded, ordered, lazy, abortable.
+ * - **Stats**, **Fetch** and **Clients**: {@linkcode rateLimitedFetch} (a
+ *   `fetch` for the official SDKs), {@linkcode Stats}, and the thin
+ *   {@linkcode anthropic} and {@linkcode openai} clients.
  *
- * @example Ten requests per second, two at a time
+ * @example A batch of prompts, in input order, within the limits
  * ```ts
- * import { RateLimiter } from "./mod.ts";
+ * import { mapConcurrent, rateLimitedFetch } from "./mod.ts";
  *
- * const limiter = new RateLimiter({ windows: [{ key: "requests", limit: 10, ms: 1000 }] });
- * const permit = await limiter.acquire();
- * if (permit.at < 0) throw new Error("unreachable");
+ * const fetch2 = rateLimitedFetch({
+ *   limiter: { rpm: 50, itpm: 30_000, otpm: 8_000 },
+ *   // stands in for the network in this example
+ *   fetch: () => Promise.resolve(Response.json({ usage: { input_tokens: 9, output_tokens: 5 } })),
+ * });
+ * const out = await mapConcurrent(["a", "b", "c"], async (prompt) => {
+ *   const res = await fetch2("https://api.anthropic.com/v1/messages", {
+ *     method: "POST",
+ *     body: JSON.stringify({ model: "m", max_tokens: 64, messages: [{ role: "user", content: prompt }] }),
+ *   });
+ *   return (await res.json()).usage.output_tokens as number;
+ * }, { concurrency: 2 });
+ * if (out.join() !== "5,5,5" || fetch2.stats.toJSON().inputTokens !== 27) throw new Error();
  * ```
  *
  * @module
