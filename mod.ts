@@ -288,6 +288,18 @@ function flushMacrotask(): Promise<void> {
  * A held {@linkcode Mutex} lock. `release()` is idempotent, and the lock is
  * `Disposable`, so `using lock = await mutex.lock()` releases it at the end
  * of the block.
+ *
+ * @example
+ * ```ts
+ * import { Mutex } from "./mod.ts";
+ *
+ * const mutex = new Mutex();
+ * {
+ *   using _lock = await mutex.lock(); // released at the end of the block
+ *   if (!mutex.locked) throw new Error("should hold the lock");
+ * }
+ * if (mutex.locked) throw new Error("should be released");
+ * ```
  */
 export interface Lock extends Disposable {
   /** Releases the lock, handing it to the next waiter. Safe to call twice. */
@@ -457,6 +469,19 @@ export class Mutex {
 /**
  * One sliding window of a {@linkcode RateLimiter}: at most `limit` units of
  * `key` in any `ms` milliseconds.
+ *
+ * @example
+ * ```ts
+ * import { RateLimiter, type WindowSpec } from "./mod.ts";
+ *
+ * // 50 per minute, and at most 5 in any second to smooth bursts.
+ * const windows: WindowSpec[] = [
+ *   { key: "requests", limit: 50, ms: 60_000 },
+ *   { key: "requests", limit: 5, ms: 1000 },
+ * ];
+ * const limiter = new RateLimiter({ windows });
+ * if (limiter.usage().length !== 2) throw new Error();
+ * ```
  */
 export interface WindowSpec {
   /** The cost key this window counts, e.g. `"requests"` or `"inputTokens"`. */
@@ -473,10 +498,31 @@ export interface WindowSpec {
  * The amounts one request uses, per key: `{ requests: 1, inputTokens: 900 }`.
  * Keys without a window are ignored. If the limiter has a `"tokens"` window
  * and the cost has no `tokens`, tokens = `inputTokens` + `outputTokens`.
+ *
+ * @example
+ * ```ts
+ * import { type Cost, RateLimiter } from "./mod.ts";
+ *
+ * const limiter = new RateLimiter({ tpm: 1000 });
+ * const cost: Cost = { requests: 1, inputTokens: 300, outputTokens: 200 };
+ * await limiter.acquire(cost); // "tokens" = 300 + 200
+ * if (limiter.usage()[0]!.used !== 500) throw new Error();
+ * ```
  */
 export type Cost = Record<string, number>;
 
-/** Options for {@linkcode RateLimiter}. All limits are optional. */
+/**
+ * Options for {@linkcode RateLimiter}. All limits are optional.
+ *
+ * @example
+ * ```ts
+ * import { RateLimiter, type RateLimiterOptions } from "./mod.ts";
+ *
+ * const options: RateLimiterOptions = { rpm: 50, itpm: 30_000, otpm: 8_000, marginMs: 0 };
+ * const limiter = new RateLimiter(options);
+ * if (limiter.usage().map((w) => w.key).join() !== "requests,inputTokens,outputTokens") throw new Error();
+ * ```
+ */
 export interface RateLimiterOptions {
   /** Explicit windows; combined with the shorthands below. */
   windows?: WindowSpec[];
@@ -506,7 +552,19 @@ export interface RateLimiterOptions {
   clock?: Clock;
 }
 
-/** A snapshot of one window, from {@linkcode RateLimiter.usage}. */
+/**
+ * A snapshot of one window, from {@linkcode RateLimiter.usage}.
+ *
+ * @example
+ * ```ts
+ * import { RateLimiter, type WindowUsage } from "./mod.ts";
+ *
+ * const limiter = new RateLimiter({ rpm: 10 });
+ * limiter.tryAcquire();
+ * const [w]: WindowUsage[] = limiter.usage();
+ * if (w!.used !== 1 || w!.remaining !== 9) throw new Error();
+ * ```
+ */
 export interface WindowUsage {
   /** The cost key. */
   key: string;
@@ -524,7 +582,20 @@ export interface WindowUsage {
   entries: number;
 }
 
-/** Options for {@linkcode RateLimiter.acquire}. */
+/**
+ * Options for {@linkcode RateLimiter.acquire}.
+ *
+ * @example
+ * ```ts
+ * import { type AcquireOptions, RateLimiter } from "./mod.ts";
+ *
+ * const limiter = new RateLimiter({ rpm: 1 });
+ * await limiter.acquire();
+ * const options: AcquireOptions = { signal: AbortSignal.timeout(10) };
+ * const error = await limiter.acquire(undefined, options).catch((e) => e);
+ * if ((error as Error).name !== "TimeoutError") throw error; // gave up, charged nothing
+ * ```
+ */
 export interface AcquireOptions {
   /** Aborting it while waiting rejects with `signal.reason`; nothing is charged. */
   signal?: AbortSignal;
@@ -556,6 +627,16 @@ const WAKE: unique symbol = Symbol("paceline.wake");
  * A permission to send one request, from {@linkcode RateLimiter.acquire}. It
  * is charged to every window already; call {@linkcode Permit.settle} when
  * the real cost is known (e.g. token usage from the response).
+ *
+ * @example
+ * ```ts
+ * import { RateLimiter } from "./mod.ts";
+ *
+ * const limiter = new RateLimiter({ otpm: 1000 });
+ * const permit = await limiter.acquire({ outputTokens: 800 }); // max_tokens
+ * permit.settle({ outputTokens: 120 }); // what the response used
+ * if (limiter.usage()[0]!.used !== 120) throw new Error();
+ * ```
  */
 export class Permit {
   /** The clock time at which the permit was granted. */
@@ -1340,10 +1421,30 @@ function checkAmount(value: unknown, key: string, where: string): number {
 // Retry
 // =============================================================================
 
-/** How {@linkcode backoff} spreads delays. */
+/**
+ * How {@linkcode backoff} spreads delays.
+ *
+ * @example
+ * ```ts
+ * import { backoff, type Jitter } from "./mod.ts";
+ *
+ * const jitter: Jitter = "none";
+ * if (backoff(3, { baseMs: 100, jitter }) !== 400) throw new Error();
+ * ```
+ */
 export type Jitter = "full" | "equal" | "none";
 
-/** Options for {@linkcode backoff}. */
+/**
+ * Options for {@linkcode backoff}.
+ *
+ * @example
+ * ```ts
+ * import { backoff, type BackoffOptions } from "./mod.ts";
+ *
+ * const options: BackoffOptions = { baseMs: 200, factor: 3, maxMs: 1000, jitter: "none" };
+ * if ([1, 2, 3].map((n) => backoff(n, options)).join() !== "200,600,1000") throw new Error();
+ * ```
+ */
 export interface BackoffOptions {
   /** Delay before the first retry (before jitter), in ms. Default 500. */
   baseMs?: number;
@@ -1427,12 +1528,36 @@ function backoffDefaults(
   return { baseMs, maxMs, factor, jitter };
 }
 
-/** Headers as a `Headers` object or a plain record (keys in any case). */
+/**
+ * Headers as a `Headers` object or a plain record (keys in any case).
+ *
+ * @example
+ * ```ts
+ * import { type HeadersLike, parseRetryAfter } from "./mod.ts";
+ *
+ * const record: HeadersLike = { "Retry-After": "3" };
+ * const headers: HeadersLike = new Headers({ "retry-after-ms": "250" });
+ * if (parseRetryAfter(record) !== 3000 || parseRetryAfter(headers) !== 250) throw new Error();
+ * ```
+ */
 export type HeadersLike =
   | Headers
   | Record<string, string | readonly string[] | number | null | undefined>;
 
-/** Options for {@linkcode parseRetryAfter}. */
+/**
+ * Options for {@linkcode parseRetryAfter}.
+ *
+ * @example
+ * ```ts
+ * import { parseRetryAfter, type ParseRetryAfterOptions } from "./mod.ts";
+ *
+ * const h = { "x-ratelimit-reset-requests": "2s" };
+ * const on503: ParseRetryAfterOptions = { resetHeaders: false };
+ * if (parseRetryAfter(h) !== 2000 || parseRetryAfter(h, Date.now(), on503) !== undefined) {
+ *   throw new Error();
+ * }
+ * ```
+ */
 export interface ParseRetryAfterOptions {
   /**
    * Also read the providers' rate-limit reset headers (Anthropic
@@ -1942,7 +2067,25 @@ export class HttpError extends Error {
   }
 }
 
-/** What {@linkcode retry} passes to `onRetry` before each wait. */
+/**
+ * What {@linkcode retry} passes to `onRetry` before each wait.
+ *
+ * @example
+ * ```ts
+ * import { ManualClock, retry, type RetryInfo } from "./mod.ts";
+ *
+ * const clock = new ManualClock();
+ * const seen: RetryInfo[] = [];
+ * let calls = 0;
+ * const p = retry(() => (++calls < 2 ? new Response("", { status: 429, headers: { "retry-after": "1" } }) : "ok"), {
+ *   clock,
+ *   onRetry: (info) => seen.push(info),
+ * });
+ * await clock.advance(1000);
+ * await p;
+ * if (seen[0]?.delayMs !== 1000 || !seen[0].serverTold) throw new Error();
+ * ```
+ */
 export interface RetryInfo {
   /** The attempt that just failed (1 for the first). */
   attempt: number;
@@ -1954,7 +2097,22 @@ export interface RetryInfo {
   serverTold: boolean;
 }
 
-/** Options for {@linkcode retry}. */
+/**
+ * Options for {@linkcode retry}.
+ *
+ * @example
+ * ```ts
+ * import { retry, type RetryOptions } from "./mod.ts";
+ *
+ * const options: RetryOptions = { retries: 2, baseMs: 1, maxRetryAfterMs: 60_000 };
+ * let calls = 0;
+ * const value = await retry(() => {
+ *   if (++calls < 3) throw Object.assign(new Error("busy"), { status: 503 });
+ *   return calls;
+ * }, options);
+ * if (value !== 3) throw new Error();
+ * ```
+ */
 export interface RetryOptions extends BackoffOptions {
   /** Retries after the first attempt: an integer ≥ 0 or `Infinity`. Default 5. */
   retries?: number;
@@ -2416,7 +2574,19 @@ function checkRetryOptions(options: RetryOptions): CheckedRetryOptions {
 // Concurrency
 // =============================================================================
 
-/** Progress of a {@linkcode mapConcurrent} run, passed to `onProgress`. */
+/**
+ * Progress of a {@linkcode mapConcurrent} run, passed to `onProgress`.
+ *
+ * @example
+ * ```ts
+ * import { mapConcurrent, type MapProgress } from "./mod.ts";
+ *
+ * const seen: MapProgress[] = [];
+ * await mapConcurrent([1, 2, 3], (n) => n, { onProgress: (p) => seen.push(p) });
+ * const last = seen.at(-1)!;
+ * if (last.done !== 3 || last.total !== 3 || last.failed !== 0) throw new Error();
+ * ```
+ */
 export interface MapProgress {
   /** Items settled so far, successes and failures. */
   done: number;
@@ -2428,7 +2598,21 @@ export interface MapProgress {
   total?: number;
 }
 
-/** Options for {@linkcode mapConcurrent} and {@linkcode mapConcurrentSettled}. */
+/**
+ * Options for {@linkcode mapConcurrent} and {@linkcode mapConcurrentSettled}.
+ *
+ * @example
+ * ```ts
+ * import { mapConcurrent, type MapOptions } from "./mod.ts";
+ *
+ * const options: MapOptions = { concurrency: 2, stopOnError: false };
+ * const error = await mapConcurrent([1, 2, 3], (n) => {
+ *   if (n !== 2) throw new Error(`bad ${n}`);
+ *   return n;
+ * }, options).catch((e) => e);
+ * if (!(error instanceof AggregateError) || error.errors.length !== 2) throw error;
+ * ```
+ */
 export interface MapOptions {
   /** Most `fn` calls running at once: an integer ≥ 1 or `Infinity`. Default 5. */
   concurrency?: number;
@@ -2448,7 +2632,19 @@ export interface MapOptions {
   onProgress?: (progress: MapProgress) => void;
 }
 
-/** Options for {@linkcode mapConcurrentIterable}. */
+/**
+ * Options for {@linkcode mapConcurrentIterable}.
+ *
+ * @example
+ * ```ts
+ * import { mapConcurrentIterable, type MapIterableOptions } from "./mod.ts";
+ *
+ * const options: MapIterableOptions = { concurrency: 4, buffer: 8 };
+ * const out: number[] = [];
+ * for await (const x of mapConcurrentIterable([3, 1, 2], (n) => n * 10, options)) out.push(x);
+ * if (out.join() !== "30,10,20") throw new Error();
+ * ```
+ */
 export interface MapIterableOptions extends Omit<MapOptions, "stopOnError"> {
   /**
    * Most results that may wait, finished but not yet taken by the consumer
@@ -2459,10 +2655,37 @@ export interface MapIterableOptions extends Omit<MapOptions, "stopOnError"> {
   buffer?: number;
 }
 
-/** Anything {@linkcode mapConcurrent} accepts as input. */
+/**
+ * Anything {@linkcode mapConcurrent} accepts as input.
+ *
+ * @example
+ * ```ts
+ * import { mapConcurrent, type MapInput } from "./mod.ts";
+ *
+ * async function* lines() {
+ *   yield "a";
+ *   yield "b";
+ * }
+ * const input: MapInput<string> = lines();
+ * if ((await mapConcurrent(input, (s) => s.toUpperCase())).join() !== "A,B") throw new Error();
+ * ```
+ */
 export type MapInput<T> = Iterable<T> | AsyncIterable<T>;
 
-/** The function {@linkcode mapConcurrent} applies to each item. */
+/**
+ * The function {@linkcode mapConcurrent} applies to each item.
+ *
+ * @example
+ * ```ts
+ * import { mapConcurrent, type MapFn } from "./mod.ts";
+ *
+ * const fn: MapFn<string, string> = (item, index, signal) => {
+ *   signal.throwIfAborted();
+ *   return `${index}:${item}`;
+ * };
+ * if ((await mapConcurrent(["x", "y"], fn)).join() !== "0:x,1:y") throw new Error();
+ * ```
+ */
 export type MapFn<T, R> = (
   item: T,
   index: number,
@@ -3003,7 +3226,21 @@ function checkCount(value: unknown, name: string, where: string): void {
 // Stats
 // =============================================================================
 
-/** A plain snapshot of {@linkcode Stats}, from `toJSON()`. */
+/**
+ * A plain snapshot of {@linkcode Stats}, from `toJSON()`.
+ *
+ * @example
+ * ```ts
+ * import { Stats, type StatsSnapshot } from "./mod.ts";
+ *
+ * const stats = new Stats();
+ * stats.call();
+ * stats.attempt(0, 100, 200);
+ * stats.end(true);
+ * const s: StatsSnapshot = stats.toJSON();
+ * if (s.successRate !== 1 || s.requests !== 1) throw new Error();
+ * ```
+ */
 export interface StatsSnapshot {
   /** Logical calls made (one per `fetch`/`messages` call, retries not counted). */
   calls: number;
@@ -3041,7 +3278,19 @@ export interface StatsSnapshot {
   queueWaitMs: Percentiles;
 }
 
-/** p50/p95/p99 and max of a sample. */
+/**
+ * p50/p95/p99 and max of a sample.
+ *
+ * @example
+ * ```ts
+ * import { type Percentiles, Stats } from "./mod.ts";
+ *
+ * const stats = new Stats();
+ * for (const ms of [10, 20, 30, 40, 1000]) stats.attempt(0, ms, 200);
+ * const p: Percentiles = stats.toJSON().latencyMs;
+ * if (p.p50 !== 30 || p.max !== 1000 || p.count !== 5) throw new Error();
+ * ```
+ */
 export interface Percentiles {
   /** Median. */
   p50: number;
@@ -3384,7 +3633,20 @@ export function estimateCost(url: string, body: unknown): Cost {
   };
 }
 
-/** Options for {@linkcode usageOf}. */
+/**
+ * Options for {@linkcode usageOf}.
+ *
+ * @example
+ * ```ts
+ * import { usageOf, type UsageOptions } from "./mod.ts";
+ *
+ * const body = { usage: { input_tokens: 10, cache_read_input_tokens: 90, output_tokens: 5 } };
+ * const options: UsageOptions = { cacheReadCounts: true };
+ * if (usageOf(body)?.inputTokens !== 10 || usageOf(body, options)?.inputTokens !== 100) {
+ *   throw new Error();
+ * }
+ * ```
+ */
 export interface UsageOptions {
   /**
    * Count Anthropic `cache_read_input_tokens` as input tokens. Default
@@ -3438,7 +3700,17 @@ export function usageOf(
   return Object.keys(out).length ? out : undefined;
 }
 
-/** One server-sent event. */
+/**
+ * One server-sent event.
+ *
+ * @example
+ * ```ts
+ * import { SseParser, type SseEvent } from "./mod.ts";
+ *
+ * const [e]: SseEvent[] = new SseParser().push("event: ping\ndata: {}\n\n");
+ * if (e?.event !== "ping" || e.data !== "{}") throw new Error();
+ * ```
+ */
 export interface SseEvent {
   /** The `event:` field; `"message"` when absent. */
   event: string;
@@ -3523,7 +3795,24 @@ export class SseParser {
   }
 }
 
-/** Options for {@linkcode rateLimitedFetch}. */
+/**
+ * Options for {@linkcode rateLimitedFetch}.
+ *
+ * @example
+ * ```ts
+ * import { rateLimitedFetch, type RateLimitedFetchOptions } from "./mod.ts";
+ *
+ * const options: RateLimitedFetchOptions = {
+ *   limiter: { rpm: 50 },
+ *   concurrency: 4,
+ *   retry: { retries: 3 },
+ *   learn: false,
+ *   fetch: () => Promise.resolve(new Response("ok")),
+ * };
+ * const f = rateLimitedFetch(options);
+ * if ((await (await f("https://example.com/")).text()) !== "ok") throw new Error();
+ * ```
+ */
 export interface RateLimitedFetchOptions {
   /** A limiter to share, or options for a new one. Default: no limits (learned from headers). */
   limiter?: RateLimiter | RateLimiterOptions;
@@ -3554,7 +3843,21 @@ export interface RateLimitedFetchOptions {
   stats?: Stats;
 }
 
-/** A `fetch` with rate limiting, retries and accounting; see {@linkcode rateLimitedFetch}. */
+/**
+ * A `fetch` with rate limiting, retries and accounting; see {@linkcode rateLimitedFetch}.
+ *
+ * @example
+ * ```ts
+ * import { type RateLimitedFetch, rateLimitedFetch } from "./mod.ts";
+ *
+ * const f: RateLimitedFetch = rateLimitedFetch({
+ *   limiter: { rpm: 50 },
+ *   fetch: () => Promise.resolve(new Response("ok")),
+ * });
+ * await (await f("https://example.com/")).text();
+ * if (f.limiter.usage()[0]!.used !== 1 || f.stats.toJSON().succeeded !== 1) throw new Error();
+ * ```
+ */
 export type RateLimitedFetch =
   & ((input: RequestInfo | URL, init?: RequestInit) => Promise<Response>)
   & {
@@ -4090,7 +4393,24 @@ async function failure(response: Response): Promise<never> {
   throw error;
 }
 
-/** Options shared by the thin clients. */
+/**
+ * Options shared by the thin clients.
+ *
+ * @example
+ * ```ts
+ * import { type ClientOptions, openai } from "./mod.ts";
+ *
+ * const fetch = () =>
+ *   Promise.resolve(Response.json({
+ *     id: "chatcmpl-1",
+ *     choices: [{ index: 0, message: { role: "assistant", content: "hi" }, finish_reason: "stop" }],
+ *     usage: { prompt_tokens: 3, completion_tokens: 1, total_tokens: 4 },
+ *   }));
+ * const options: ClientOptions = { apiKey: "k", baseURL: "https://relay.example.com/v1", limiter: { rpm: 100 }, fetch };
+ * const c = await openai(options).chat({ model: "m", messages: [{ role: "user", content: "Hi" }] });
+ * if (c.choices[0]?.message.content !== "hi") throw new Error();
+ * ```
+ */
 export interface ClientOptions extends RateLimitedFetchOptions {
   /** The API key. Default: `ANTHROPIC_API_KEY` / `OPENAI_API_KEY` from the environment. */
   apiKey?: string;
@@ -4100,7 +4420,25 @@ export interface ClientOptions extends RateLimitedFetchOptions {
   headers?: Record<string, string>;
 }
 
-/** A content block of an Anthropic message. */
+/**
+ * A content block of an Anthropic message.
+ *
+ * @example
+ * ```ts
+ * import { anthropic } from "./mod.ts";
+ *
+ * const fetch = () =>
+ *   Promise.resolve(Response.json({
+ *     id: "msg_1", type: "message", role: "assistant", model: "m", stop_reason: "end_turn",
+ *     content: [{ type: "text", text: "hello" }],
+ *     usage: { input_tokens: 5, output_tokens: 1 },
+ *   }));
+ * const claude = anthropic({ apiKey: "k", fetch });
+ * const msg = await claude.messages({ model: "m", max_tokens: 10, messages: [{ role: "user", content: "Hi" }] });
+ * const block = msg.content[0]!;
+ * if (block.type !== "text" || block.text !== "hello") throw new Error();
+ * ```
+ */
 export interface AnthropicContentBlock {
   /** `"text"`, `"tool_use"`, `"thinking"` … */
   type: string;
@@ -4110,7 +4448,22 @@ export interface AnthropicContentBlock {
   [field: string]: unknown;
 }
 
-/** An Anthropic Messages request body (the fields paceline reads; others pass through). */
+/**
+ * An Anthropic Messages request body (the fields paceline reads; others pass through).
+ *
+ * @example
+ * ```ts
+ * import type { AnthropicRequest } from "./mod.ts";
+ *
+ * const request: AnthropicRequest = {
+ *   model: "claude-sonnet-4-5",
+ *   max_tokens: 256,
+ *   system: "Answer in one sentence.",
+ *   messages: [{ role: "user", content: "你好" }],
+ * };
+ * if (request.messages.length !== 1) throw new Error();
+ * ```
+ */
 export interface AnthropicRequest {
   /** The model, e.g. `"claude-sonnet-4-5"`. */
   model: string;
@@ -4127,7 +4480,24 @@ export interface AnthropicRequest {
   [field: string]: unknown;
 }
 
-/** An Anthropic Messages response. */
+/**
+ * An Anthropic Messages response.
+ *
+ * @example
+ * ```ts
+ * import { anthropic } from "./mod.ts";
+ *
+ * const fetch = () =>
+ *   Promise.resolve(Response.json({
+ *     id: "msg_1", type: "message", role: "assistant", model: "m", stop_reason: "end_turn",
+ *     content: [{ type: "text", text: "hello" }],
+ *     usage: { input_tokens: 5, output_tokens: 1 },
+ *   }));
+ * const claude = anthropic({ apiKey: "k", fetch });
+ * const msg = await claude.messages({ model: "m", max_tokens: 10, messages: [{ role: "user", content: "Hi" }] });
+ * if (msg.usage.output_tokens !== 1 || msg.stop_reason !== "end_turn") throw new Error();
+ * ```
+ */
 export interface AnthropicMessage {
   /** `msg_…` */
   id: string;
@@ -4153,7 +4523,17 @@ export interface AnthropicMessage {
   [field: string]: unknown;
 }
 
-/** One Anthropic streaming event (`message_start`, `content_block_delta`, …). */
+/**
+ * One Anthropic streaming event (`message_start`, `content_block_delta`, …).
+ *
+ * @example
+ * ```ts
+ * import type { AnthropicStreamEvent } from "./mod.ts";
+ *
+ * const e: AnthropicStreamEvent = { type: "content_block_delta", index: 0, delta: { type: "text_delta", text: "Hi" } };
+ * if (e.type !== "content_block_delta") throw new Error();
+ * ```
+ */
 export interface AnthropicStreamEvent {
   /** The event type. */
   type: string;
@@ -4161,7 +4541,26 @@ export interface AnthropicStreamEvent {
   [field: string]: unknown;
 }
 
-/** A streaming response: iterate its events, or await its text or final message. */
+/**
+ * A streaming response: iterate its events, or await its text or final message.
+ *
+ * @example
+ * ```ts
+ * import { anthropic } from "./mod.ts";
+ *
+ * const sse = [
+ *   ["message_start", { type: "message_start", message: { id: "m1", type: "message", role: "assistant", model: "m", content: [], stop_reason: null, usage: { input_tokens: 3, output_tokens: 1 } } }],
+ *   ["content_block_start", { type: "content_block_start", index: 0, content_block: { type: "text", text: "" } }],
+ *   ["content_block_delta", { type: "content_block_delta", index: 0, delta: { type: "text_delta", text: "Hi!" } }],
+ *   ["message_delta", { type: "message_delta", delta: { stop_reason: "end_turn" }, usage: { output_tokens: 2 } }],
+ *   ["message_stop", { type: "message_stop" }],
+ * ].map(([event, data]) => `event: ${event}\ndata: ${JSON.stringify(data)}\n\n`).join("");
+ * const fetch = () => Promise.resolve(new Response(sse, { headers: { "content-type": "text/event-stream" } }));
+ * const stream = anthropic({ apiKey: "k", fetch }).stream({ model: "m", max_tokens: 10, messages: [{ role: "user", content: "Hi" }] });
+ * const final = await stream.finalMessage();
+ * if (final.content[0]?.text !== "Hi!" || final.usage.output_tokens !== 2) throw new Error();
+ * ```
+ */
 export interface AnthropicStream extends AsyncIterable<AnthropicStreamEvent> {
   /** All text deltas, joined (consumes the stream if not yet consumed). */
   text(): Promise<string>;
@@ -4169,7 +4568,25 @@ export interface AnthropicStream extends AsyncIterable<AnthropicStreamEvent> {
   finalMessage(): Promise<AnthropicMessage>;
 }
 
-/** A multi-turn conversation; see {@linkcode AnthropicClient.conversation}. */
+/**
+ * A multi-turn conversation; see {@linkcode AnthropicClient.conversation}.
+ *
+ * @example
+ * ```ts
+ * import { anthropic } from "./mod.ts";
+ *
+ * const fetch = () =>
+ *   Promise.resolve(Response.json({
+ *     id: "msg_1", type: "message", role: "assistant", model: "m", stop_reason: "end_turn",
+ *     content: [{ type: "text", text: "hello" }],
+ *     usage: { input_tokens: 5, output_tokens: 1 },
+ *   }));
+ * const claude = anthropic({ apiKey: "k", fetch });
+ * const chat = claude.conversation({ model: "m", max_tokens: 10 });
+ * await chat.say("Hi");
+ * if (chat.history.length !== 2 || chat.history[1]!.role !== "assistant") throw new Error();
+ * ```
+ */
 export interface Conversation {
   /** The messages so far, user and assistant turns alternating. */
   readonly history: AnthropicRequest["messages"];
@@ -4183,7 +4600,24 @@ export interface Conversation {
   say(content: string, options?: { signal?: AbortSignal }): Promise<string>;
 }
 
-/** The Anthropic client from {@linkcode anthropic}. */
+/**
+ * The Anthropic client from {@linkcode anthropic}.
+ *
+ * @example
+ * ```ts
+ * import { anthropic } from "./mod.ts";
+ *
+ * const fetch = () =>
+ *   Promise.resolve(Response.json({
+ *     id: "msg_1", type: "message", role: "assistant", model: "m", stop_reason: "end_turn",
+ *     content: [{ type: "text", text: "hello" }],
+ *     usage: { input_tokens: 5, output_tokens: 1 },
+ *   }));
+ * const claude = anthropic({ apiKey: "k", fetch });
+ * await claude.messages({ model: "m", max_tokens: 10, messages: [{ role: "user", content: "Hi" }] });
+ * if (claude.stats.toJSON().outputTokens !== 1) throw new Error();
+ * ```
+ */
 export interface AnthropicClient {
   /**
    * `POST /v1/messages`, rate limited and retried.
@@ -4210,7 +4644,23 @@ export interface AnthropicClient {
   readonly limiter: RateLimiter;
 }
 
-/** Options for {@linkcode anthropic}. */
+/**
+ * Options for {@linkcode anthropic}.
+ *
+ * @example
+ * ```ts
+ * import { anthropic, type AnthropicOptions } from "./mod.ts";
+ *
+ * const options: AnthropicOptions = {
+ *   apiKey: "k",
+ *   baseURL: "https://relay.example.com",
+ *   auth: "bearer", // some relays want Authorization: Bearer
+ *   version: "2023-06-01",
+ *   limiter: { rpm: 50 },
+ * };
+ * if (typeof anthropic(options).messages !== "function") throw new Error();
+ * ```
+ */
 export interface AnthropicOptions extends ClientOptions {
   /** The `anthropic-version` header. Default `"2023-06-01"`. */
   version?: string;
@@ -4456,7 +4906,17 @@ async function* sseEvents(response: Response): AsyncGenerator<SseEvent> {
   }
 }
 
-/** An OpenAI-style chat completions request (fields paceline reads; others pass through). */
+/**
+ * An OpenAI-style chat completions request (fields paceline reads; others pass through).
+ *
+ * @example
+ * ```ts
+ * import type { ChatRequest } from "./mod.ts";
+ *
+ * const request: ChatRequest = { model: "gpt-4o-mini", max_completion_tokens: 100, messages: [{ role: "user", content: "Hi" }] };
+ * if (request.messages[0]?.role !== "user") throw new Error();
+ * ```
+ */
 export interface ChatRequest {
   /** The model. */
   model: string;
@@ -4474,7 +4934,23 @@ export interface ChatRequest {
   [field: string]: unknown;
 }
 
-/** An OpenAI-style chat completion. */
+/**
+ * An OpenAI-style chat completion.
+ *
+ * @example
+ * ```ts
+ * import { type ChatCompletion, openai } from "./mod.ts";
+ *
+ * const fetch = () =>
+ *   Promise.resolve(Response.json({
+ *     id: "chatcmpl-1",
+ *     choices: [{ index: 0, message: { role: "assistant", content: "hi" }, finish_reason: "stop" }],
+ *     usage: { prompt_tokens: 3, completion_tokens: 1, total_tokens: 4 },
+ *   }));
+ * const c: ChatCompletion = await openai({ apiKey: "k", fetch }).chat({ model: "m", messages: [{ role: "user", content: "Hi" }] });
+ * if (c.usage?.total_tokens !== 4) throw new Error();
+ * ```
+ */
 export interface ChatCompletion {
   /** `chatcmpl-…` */
   id: string;
@@ -4494,7 +4970,17 @@ export interface ChatCompletion {
   [field: string]: unknown;
 }
 
-/** One streamed chat completion chunk. */
+/**
+ * One streamed chat completion chunk.
+ *
+ * @example
+ * ```ts
+ * import type { ChatChunk } from "./mod.ts";
+ *
+ * const chunk: ChatChunk = { choices: [{ index: 0, delta: { content: "Hi" }, finish_reason: null }], usage: null };
+ * if (chunk.choices[0]?.delta.content !== "Hi") throw new Error();
+ * ```
+ */
 export interface ChatChunk {
   /** Deltas per choice. */
   choices: {
@@ -4512,13 +4998,45 @@ export interface ChatChunk {
   [field: string]: unknown;
 }
 
-/** A streaming chat completion: iterate its chunks, or await its text. */
+/**
+ * A streaming chat completion: iterate its chunks, or await its text.
+ *
+ * @example
+ * ```ts
+ * import { openai } from "./mod.ts";
+ *
+ * const sse = [
+ *   { choices: [{ index: 0, delta: { content: "Hel" }, finish_reason: null }] },
+ *   { choices: [{ index: 0, delta: { content: "lo" }, finish_reason: "stop" }] },
+ * ].map((c) => `data: ${JSON.stringify(c)}\n\n`).join("") + "data: [DONE]\n\n";
+ * const fetch = () => Promise.resolve(new Response(sse, { headers: { "content-type": "text/event-stream" } }));
+ * const text = await openai({ apiKey: "k", fetch }).stream({ model: "m", messages: [{ role: "user", content: "Hi" }] }).text();
+ * if (text !== "Hello") throw new Error(text);
+ * ```
+ */
 export interface ChatStream extends AsyncIterable<ChatChunk> {
   /** All content deltas of choice 0, joined (consumes the stream if not yet consumed). */
   text(): Promise<string>;
 }
 
-/** The OpenAI-compatible client from {@linkcode openai}. */
+/**
+ * The OpenAI-compatible client from {@linkcode openai}.
+ *
+ * @example
+ * ```ts
+ * import { openai } from "./mod.ts";
+ *
+ * const fetch = () =>
+ *   Promise.resolve(Response.json({
+ *     id: "chatcmpl-1",
+ *     choices: [{ index: 0, message: { role: "assistant", content: "hi" }, finish_reason: "stop" }],
+ *     usage: { prompt_tokens: 3, completion_tokens: 1, total_tokens: 4 },
+ *   }));
+ * const gpt = openai({ apiKey: "k", fetch });
+ * await gpt.chat({ model: "m", messages: [{ role: "user", content: "Hi" }] });
+ * if (gpt.stats.toJSON().inputTokens !== 3) throw new Error();
+ * ```
+ */
 export interface OpenAIClient {
   /**
    * `POST {baseURL}/chat/completions`, rate limited and retried.
