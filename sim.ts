@@ -996,80 +996,52 @@ export function parseSimArgs(
     }
     return n;
   };
+  const limits = o.limits!;
+  const faults = o.faults!;
+  const latency = o.latency!;
+  // Flags that take a number, and where each one goes.
+  const numeric: Record<string, (n: number) => void> = {
+    "--port": (n) => (o.port = n),
+    "--rpm": (n) => (limits.requests = n),
+    "--itpm": (n) => (limits.inputTokens = n),
+    "--otpm": (n) => (limits.outputTokens = n),
+    "--tpm": (n) => (limits.tokens = n),
+    "--window-ms": (n) => (limits.windowMs = n),
+    "--seed": (n) => (o.seed = n),
+    "--fault-500": (n) => (faults.error500 = n),
+    "--fault-529": (n) => (faults.overloaded529 = n),
+    "--fault-503": (n) => (faults.unavailable503 = n),
+    "--fault-reset": (n) => (faults.reset = n),
+    "--fault-slow": (n) => (faults.slowHeaders = n),
+    "--fault-mid-stream": (n) => (faults.midStreamError = n),
+    "--fault-truncate": (n) => (faults.truncatedStream = n),
+    "--quota-after": (n) => (o.quotaAfter = n),
+    "--latency-ms": (n) => (latency.baseMs = n),
+    "--latency-per-token-ms": (n) => (latency.perOutputTokenMs = n),
+  };
   for (let i = 0; i < argv.length; i++) {
     const flag = argv[i]!;
-    const v = argv[i + 1];
-    const take = () => {
-      i++;
-      return v;
-    };
+    const set = numeric[flag];
+    if (set) {
+      set(num(flag, argv[++i]));
+      continue;
+    }
     switch (flag) {
       case "--help":
       case "-h":
         o.help = true;
         break;
-      case "--port":
-        o.port = num(flag, take());
-        break;
       case "--host":
-        o.host = take();
+        o.host = argv[++i];
         break;
       case "--api-key":
-        o.apiKey = take();
-        break;
-      case "--rpm":
-        o.limits!.requests = num(flag, take());
-        break;
-      case "--itpm":
-        o.limits!.inputTokens = num(flag, take());
-        break;
-      case "--otpm":
-        o.limits!.outputTokens = num(flag, take());
-        break;
-      case "--tpm":
-        o.limits!.tokens = num(flag, take());
-        break;
-      case "--window-ms":
-        o.limits!.windowMs = num(flag, take());
+        o.apiKey = argv[++i];
         break;
       case "--mode":
-        o.mode = take() as "sliding" | "bucket";
+        o.mode = argv[++i] as "sliding" | "bucket";
         break;
       case "--output-counting":
-        o.outputCounting = take() as "actual" | "max_tokens";
-        break;
-      case "--seed":
-        o.seed = num(flag, take());
-        break;
-      case "--fault-500":
-        o.faults!.error500 = num(flag, take());
-        break;
-      case "--fault-529":
-        o.faults!.overloaded529 = num(flag, take());
-        break;
-      case "--fault-503":
-        o.faults!.unavailable503 = num(flag, take());
-        break;
-      case "--fault-reset":
-        o.faults!.reset = num(flag, take());
-        break;
-      case "--fault-slow":
-        o.faults!.slowHeaders = num(flag, take());
-        break;
-      case "--fault-mid-stream":
-        o.faults!.midStreamError = num(flag, take());
-        break;
-      case "--fault-truncate":
-        o.faults!.truncatedStream = num(flag, take());
-        break;
-      case "--quota-after":
-        o.quotaAfter = num(flag, take());
-        break;
-      case "--latency-ms":
-        o.latency!.baseMs = num(flag, take());
-        break;
-      case "--latency-per-token-ms":
-        o.latency!.perOutputTokenMs = num(flag, take());
+        o.outputCounting = argv[++i] as "actual" | "max_tokens";
         break;
       default:
         throw new TypeError(`Unknown flag ${JSON.stringify(flag)}; see --help`);

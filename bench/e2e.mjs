@@ -68,6 +68,21 @@ function batch(n) {
   }));
 }
 
+/** The batch through the official SDK with paceline's fetch. */
+function throughPaceline(url, requests, fetchOptions) {
+  const client = new Anthropic({
+    apiKey: "k",
+    baseURL: url,
+    maxRetries: 0,
+    fetch: rateLimitedFetch({ concurrency: 16, ...fetchOptions }),
+  });
+  return mapConcurrent(
+    requests,
+    (r) => client.messages.create(r).then(() => true, () => false),
+    { concurrency: 64 },
+  );
+}
+
 const theory = (total, limit, ms) =>
   Math.max(0, Math.ceil(total / limit) - 1) * ms;
 
@@ -85,8 +100,8 @@ export async function e2e({ quick }) {
   const contenders = [
     {
       name: "paceline, limits given",
-      run: (url) => {
-        const f = rateLimitedFetch({
+      run: (url) =>
+        throughPaceline(url, requests, {
           limiter: {
             windows: [
               { key: "requests", limit: limits.requests, ms: windowMs },
@@ -95,42 +110,16 @@ export async function e2e({ quick }) {
             ],
             marginMs: margin,
           },
-          concurrency: 16,
           learn: false,
-        });
-        const client = new Anthropic({
-          apiKey: "k",
-          baseURL: url,
-          maxRetries: 0,
-          fetch: f,
-        });
-        return mapConcurrent(
-          requests,
-          (r) => client.messages.create(r).then(() => true, () => false),
-          { concurrency: 64 },
-        );
-      },
+        }),
     },
     {
       name: "paceline, limits learned from headers",
-      run: (url) => {
-        const f = rateLimitedFetch({
+      run: (url) =>
+        throughPaceline(url, requests, {
           limiter: { marginMs: margin },
-          concurrency: 16,
           learn: { windowMs },
-        });
-        const client = new Anthropic({
-          apiKey: "k",
-          baseURL: url,
-          maxRetries: 0,
-          fetch: f,
-        });
-        return mapConcurrent(
-          requests,
-          (r) => client.messages.create(r).then(() => true, () => false),
-          { concurrency: 64 },
-        );
-      },
+        }),
     },
     {
       name: "p-queue `intervalCap` + p-retry around fetch",
