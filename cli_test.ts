@@ -17,6 +17,16 @@ function dir(): string {
   return mkdtempSync(join(tmpdir(), "paceline-cli-"));
 }
 
+/** A fresh folder with `in.jsonl` holding `text`, and where `out.jsonl` goes. */
+function batchFiles(
+  text: string,
+): { d: string; input: string; output: string } {
+  const d = dir();
+  const input = join(d, "in.jsonl");
+  writeFileSync(input, text);
+  return { d, input, output: join(d, "out.jsonl") };
+}
+
 function anthropicLines(n: number): string[] {
   return Array.from({ length: n }, (_, i) =>
     JSON.stringify({
@@ -92,10 +102,7 @@ describe("paceline run", () => {
       faults: { overloaded529: 0.1, error500: 0.05 },
       seed: 5,
     });
-    const d = dir();
-    const input = join(d, "in.jsonl");
-    writeFileSync(input, anthropicLines(60).join("\n") + "\n");
-    const output = join(d, "out.jsonl");
+    const { input, output } = batchFiles(anthropicLines(60).join("\n") + "\n");
     const r = await runCli([
       "run",
       input,
@@ -127,10 +134,7 @@ describe("paceline run", () => {
 
   it("Anthropic batch format, streaming: messages assembled from the events", async () => {
     const s = await sim();
-    const d = dir();
-    const input = join(d, "in.jsonl");
-    writeFileSync(input, anthropicLines(12).join("\n"));
-    const output = join(d, "out.jsonl");
+    const { input, output } = batchFiles(anthropicLines(12).join("\n"));
     const r = await runCli(
       ["run", input, "-o", output, "--base-url", s.url, "--stream", "--quiet"],
       NO_KEYS,
@@ -160,10 +164,7 @@ describe("paceline run", () => {
 
   it("OpenAI batch format, streaming: results in the OpenAI shape", async () => {
     const s = await sim();
-    const d = dir();
-    const input = join(d, "in.jsonl");
-    writeFileSync(input, openaiLines(25).join("\n"));
-    const output = join(d, "out.jsonl");
+    const { input, output } = batchFiles(openaiLines(25).join("\n"));
     const r = await runCli([
       "run",
       input,
@@ -202,10 +203,7 @@ describe("paceline run", () => {
 
   it("errored requests are written as errored results; exit code 1", async () => {
     const s = await sim({ quotaAfter: 3 });
-    const d = dir();
-    const input = join(d, "in.jsonl");
-    writeFileSync(input, anthropicLines(5).join("\n"));
-    const output = join(d, "out.jsonl");
+    const { d, input, output } = batchFiles(anthropicLines(5).join("\n"));
     const r = await runCli([
       "run",
       input,
@@ -273,9 +271,7 @@ describe("paceline run", () => {
   for (const [name, rows, message] of malformed) {
     it(`rejects ${name} with exit 2 and sends nothing`, async () => {
       const s = await sim();
-      const d = dir();
-      const input = join(d, "in.jsonl");
-      writeFileSync(input, rows.join("\n"));
+      const { d, input } = batchFiles(rows.join("\n"));
       const r = await runCli([
         "run",
         input,
@@ -292,9 +288,7 @@ describe("paceline run", () => {
 
   it("a request that can never fit the limits is an input error before anything is sent", async () => {
     const s = await sim();
-    const d = dir();
-    const input = join(d, "in.jsonl");
-    writeFileSync(input, anthropicLines(3).join("\n"));
+    const { input } = batchFiles(anthropicLines(3).join("\n"));
     const r = await runCli(
       ["run", input, "--base-url", s.url, "--otpm", "10"],
       NO_KEYS,
@@ -307,9 +301,7 @@ describe("paceline run", () => {
   });
 
   it("without a key or --base-url, refuses clearly and never uses the simulator", async () => {
-    const d = dir();
-    const input = join(d, "in.jsonl");
-    writeFileSync(input, anthropicLines(2).join("\n"));
+    const { d, input } = batchFiles(anthropicLines(2).join("\n"));
     const r = await runCli(["run", input], NO_KEYS);
     expect(r.code).toBe(2);
     expect(r.err).toMatch(
@@ -350,10 +342,7 @@ describe("paceline run", () => {
   it("progress lines without a TTY carry the counts; the API key never appears", async () => {
     const key = "sk-ant-cli-SECRET-777";
     const s = await sim({ apiKey: key, latency: { baseMs: 30 } });
-    const d = dir();
-    const input = join(d, "in.jsonl");
-    writeFileSync(input, anthropicLines(30).join("\n"));
-    const output = join(d, "out.jsonl");
+    const { d, input, output } = batchFiles(anthropicLines(30).join("\n"));
     const r = await runCli(
       [
         "run",
@@ -401,11 +390,10 @@ describe("paceline run: interrupt and resume", () => {
       const cli = join(import.meta.dirname, "dist", "cli.js");
       expect(existsSync(cli)).toBe(true); // npm test builds first
       const s = await sim({ latency: { baseMs: 150 } });
-      const d = dir();
-      const input = join(d, "in.jsonl");
       const n = 60;
-      writeFileSync(input, anthropicLines(n).join("\n") + "\n");
-      const output = join(d, "out.jsonl");
+      const { d, input, output } = batchFiles(
+        anthropicLines(n).join("\n") + "\n",
+      );
       const child = spawn(process.execPath, [
         cli,
         "run",

@@ -753,20 +753,7 @@ export class RateLimiter {
    *   number, or two windows with the same key and length.
    */
   constructor(options: RateLimiterOptions = {}) {
-    if (typeof options !== "object" || options === null) {
-      throw new TypeError(
-        `RateLimiter options must be an object: received ${String(options)}`,
-      );
-    }
-    for (const k of Object.keys(options)) {
-      if (!LIMITER_OPTIONS.has(k)) {
-        throw new TypeError(
-          `Unknown RateLimiter option '${k}': expected one of ${
-            [...LIMITER_OPTIONS].join(", ")
-          }`,
-        );
-      }
-    }
+    checkOptions(options, LIMITER_OPTIONS, "RateLimiter");
     const { windows = [], marginMs, clock = systemClock } = options;
     if (
       typeof clock !== "object" || clock === null ||
@@ -1355,6 +1342,31 @@ class SlidingWindow implements WindowLog {
     this.#times = times;
     this.#amounts = amounts;
     this.#mask = newMask;
+  }
+}
+
+/**
+ * Checks that `options` is an object whose keys are all known, so a typo
+ * (`retires: 3`) fails loudly instead of being ignored.
+ */
+function checkOptions(
+  options: unknown,
+  known: ReadonlySet<string>,
+  where: string,
+): void {
+  if (typeof options !== "object" || options === null) {
+    throw new TypeError(
+      `${where} options must be an object: received ${String(options)}`,
+    );
+  }
+  for (const k of Object.keys(options)) {
+    if (!known.has(k)) {
+      throw new TypeError(
+        `Unknown ${where} option '${k}': expected one of ${
+          [...known].join(", ")
+        }`,
+      );
+    }
   }
 }
 
@@ -2488,20 +2500,7 @@ interface CheckedRetryOptions extends Required<BackoffOptions> {
 }
 
 function checkRetryOptions(options: RetryOptions): CheckedRetryOptions {
-  if (typeof options !== "object" || options === null) {
-    throw new TypeError(
-      `retry options must be an object: received ${String(options)}`,
-    );
-  }
-  for (const k of Object.keys(options)) {
-    if (!RETRY_OPTIONS.has(k)) {
-      throw new TypeError(
-        `Unknown retry option '${k}': expected one of ${
-          [...RETRY_OPTIONS].join(", ")
-        }`,
-      );
-    }
-  }
+  checkOptions(options, RETRY_OPTIONS, "retry");
   const {
     retries = 5,
     maxElapsedMs = Infinity,
@@ -3938,20 +3937,7 @@ const LEARN_HEADERS: [string, string][] = [
 export function rateLimitedFetch(
   options: RateLimitedFetchOptions = {},
 ): RateLimitedFetch {
-  if (typeof options !== "object" || options === null) {
-    throw new TypeError(
-      `rateLimitedFetch options must be an object: received ${String(options)}`,
-    );
-  }
-  for (const k of Object.keys(options)) {
-    if (!FETCH_OPTIONS.has(k)) {
-      throw new TypeError(
-        `Unknown rateLimitedFetch option '${k}': expected one of ${
-          [...FETCH_OPTIONS].join(", ")
-        }`,
-      );
-    }
-  }
+  checkOptions(options, FETCH_OPTIONS, "rateLimitedFetch");
   const {
     concurrency = 16,
     retry: retryOptions = {},
