@@ -203,7 +203,7 @@ describe("paceline run", () => {
 
   it("errored requests are written as errored results; exit code 1", async () => {
     const s = await sim({ quotaAfter: 3 });
-    const { d, input, output } = batchFiles(anthropicLines(5).join("\n"));
+    const { input, output } = batchFiles(anthropicLines(5).join("\n"));
     const r = await runCli([
       "run",
       input,
