@@ -12,6 +12,7 @@ import {
   mapConcurrent,
   mapConcurrentIterable,
   mapConcurrentSettled,
+  mapConcurrentUnordered,
   type MapProgress,
   Mutex,
   parseRetryAfter,
@@ -2118,6 +2119,48 @@ describe("mapConcurrentIterable", () => {
     });
   });
 
+  it("default buffer: behind an item that never finishes, pulls until max(16 × concurrency, 256) wait, no further", async () => {
+    await noUnhandled(async () => {
+      const clock = new ManualClock();
+      const log = { pulled: 0, returned: false };
+      let release!: () => void;
+      const held = new Promise<void>((r) => (release = r));
+      const out: number[] = [];
+      const consumer = (async () => {
+        for await (
+          const v of mapConcurrentIterable(
+            counting(log, 2000),
+            async (x, i, s) => {
+              if (i === 0) await held;
+              else await clock.sleep(1, s);
+              return x;
+            },
+            { concurrency: 4 },
+          )
+        ) out.push(v);
+      })();
+      for (let t = 0; t < 600; t++) await clock.advance(1);
+      expect(out).toEqual([]);
+      expect(log.pulled).toBe(256); // 16 × 4 = 64 < 256: the floor applies
+      release();
+      await settle(clock, consumer);
+      expect(out).toEqual(Array.from({ length: 2000 }, (_, i) => i));
+    });
+    const log = { pulled: 0, returned: false };
+    let release!: () => void;
+    const held = new Promise<void>((r) => (release = r));
+    const it = mapConcurrentIterable(counting(log, 5000), async (x, i) => {
+      if (i === 0) await held;
+      return x;
+    }, { concurrency: 32 });
+    const first = it.next();
+    await new Promise((r) => setTimeout(r, 20));
+    expect(log.pulled).toBe(512); // 16 × 32
+    release();
+    expect((await first).value).toBe(0);
+    await it.return!();
+  });
+
   it("does nothing before the first next()", async () => {
     let calls = 0;
     const log = { pulled: 0, returned: false };
@@ -2125,5 +2168,245 @@ describe("mapConcurrentIterable", () => {
     await new Promise((r) => setTimeout(r, 5));
     expect(calls).toBe(0);
     expect(log.pulled).toBe(0);
+  });
+});
+
+describe("mapConcurrentUnordered", () => {
+  it("keeps going behind an item that never finishes; indexes and values right", async () => {
+    await noUnhandled(async () => {
+      const clock = new ManualClock();
+      const log = { pulled: 0, returned: false };
+      let release!: () => void;
+      const held = new Promise<void>((r) => (release = r));
+      const got: { index: number; value: number }[] = [];
+      let running = 0;
+      let peak = 0;
+      const consumer = (async () => {
+        for await (
+          const r of mapConcurrentUnordered(
+            counting(log, 1000),
+            async (x, i, s) => {
+              peak = Math.max(peak, ++running);
+              try {
+                if (i === 0) await held;
+                else await clock.sleep(1 + (i % 3), s);
+                return x * 3;
+              } finally {
+                running--;
+              }
+            },
+            { concurrency: 4 },
+          )
+        ) got.push(r);
+      })();
+      for (let t = 0; t < 2000 && got.length < 999; t++) await clock.advance(1);
+      expect(got.length).toBe(999); // everything but the held item
+      expect(log.pulled).toBe(1000);
+      expect(got.some((r) => r.index === 0)).toBe(false);
+      release();
+      await settle(clock, consumer);
+      expect(got.length).toBe(1000);
+      expect(got.at(-1)).toEqual({ index: 0, value: 0 });
+      const byIndex = [...got].sort((a, b) => a.index - b.index);
+      expect(byIndex).toEqual(
+        Array.from({ length: 1000 }, (_, i) => ({ index: i, value: i * 3 })),
+      );
+      expect(peak).toBe(4);
+    });
+  });
+
+  it("a slow consumer bounds memory: running + waiting results ≤ buffer", async () => {
+    await noUnhandled(async () => {
+      const clock = new ManualClock();
+      const log = { pulled: 0, returned: false };
+      let finishedUntaken = 0;
+      let maxHeld = 0;
+      let running = 0;
+      const it = mapConcurrentUnordered(
+        counting(log, 300),
+        async (x, _i, s) => {
+          running++;
+          maxHeld = Math.max(maxHeld, running + finishedUntaken);
+          await clock.sleep(1, s);
+          running--;
+          finishedUntaken++;
+          maxHeld = Math.max(maxHeld, running + finishedUntaken);
+          return x;
+        },
+        { concurrency: 3 },
+      );
+      const consumer = (async () => {
+        let n = 0;
+        for await (const _ of it) {
+          finishedUntaken--;
+          n++;
+          await clock.sleep(5); // slower than the pool
+        }
+        return n;
+      })();
+      const r = await settle(clock, consumer);
+      expect(r.value).toBe(300);
+      // Default buffer 2 × 3, plus the one result in the consumer's hands
+      // (taken, not yet counted off by the loop body).
+      expect(maxHeld).toBeLessThanOrEqual(7);
+      expect(maxHeld).toBeGreaterThanOrEqual(3);
+    });
+  });
+
+  it("break aborts running work and closes the input; the first error is thrown after running work settles", async () => {
+    await noUnhandled(async () => {
+      const clock = new ManualClock();
+      const log = { pulled: 0, returned: false };
+      const { fn, stats } = sleepy(clock, (i) => (i === 1 ? 10_000 : 5));
+      const got: number[] = [];
+      await settle(
+        clock,
+        (async () => {
+          for await (
+            const r of mapConcurrentUnordered(counting(log), fn, {
+              concurrency: 4,
+            })
+          ) {
+            got.push(r.index);
+            if (got.length === 3) break;
+          }
+        })(),
+      );
+      expect(got.length).toBe(3);
+      expect(got).not.toContain(1);
+      expect(log.returned).toBe(true);
+      expect(stats.running).toBe(0);
+      expect(clock.pending).toBe(0);
+
+      const boom = new Error("item 5");
+      const { fn: fn2, stats: stats2 } = sleepy(clock, () => 10);
+      const r = await settle(
+        clock,
+        (async () => {
+          for await (
+            const _ of mapConcurrentUnordered(
+              Array.from({ length: 50 }, (_, i) => i),
+              (x, i, s) => {
+                if (i === 5) throw boom;
+                return fn2(x, i, s);
+              },
+              { concurrency: 3 },
+            )
+          );
+        })(),
+      );
+      expect(r.error).toBe(boom);
+      expect(stats2.running).toBe(0);
+    });
+  });
+
+  it("an aborted signal stops it with the reason; bad options throw at once, naming them", async () => {
+    const ctl = new AbortController();
+    const reason = new Error("stop");
+    const clock = new ManualClock();
+    const { fn, stats } = sleepy(clock, () => 100);
+    const r = track(
+      clock,
+      (async () => {
+        for await (
+          const _ of mapConcurrentUnordered([1, 2, 3, 4], fn, {
+            concurrency: 2,
+            signal: ctl.signal,
+          })
+        );
+      })(),
+    );
+    await clock.advance(10);
+    ctl.abort(reason);
+    await new Promise((res) => setTimeout(res, 5));
+    expect(r.error).toBe(reason);
+    expect(stats.running).toBe(0);
+    expect(() => mapConcurrentUnordered([1], (x) => x, { buffer: 0 }))
+      .toThrow(/mapConcurrentUnordered 'buffer'.*0/);
+    expect(() => mapConcurrentUnordered([1], (x) => x, { concurrency: -1 }))
+      .toThrow(RangeError);
+  });
+});
+
+describe("promises in the input (p-map semantics)", () => {
+  it("awaits promise elements before fn; a rejected one is that item's error", async () => {
+    await noUnhandled(async () => {
+      const input = [Promise.resolve([10, 300]), [20, 200]];
+      const sums = await mapConcurrent(input, ([a, b]) => a! + b!);
+      expect(sums).toEqual([310, 220]);
+
+      const bad = new Error("element 1");
+      const failing = () => [1, Promise.reject(bad), 3];
+      await expect(mapConcurrent(failing(), (x) => x * 2)).rejects.toBe(bad);
+      const agg = await mapConcurrent(failing(), (x) => x * 2, {
+        stopOnError: false,
+      }).catch((e) => e);
+      expect(agg).toBeInstanceOf(AggregateError);
+      expect(agg.errors).toEqual([bad]);
+      const settled = await mapConcurrentSettled(failing(), (x) => x * 2);
+      expect(settled.map((r) => r.status)).toEqual([
+        "fulfilled",
+        "rejected",
+        "fulfilled",
+      ]);
+      const streamed: number[] = [];
+      function* lazy() {
+        yield Promise.resolve(1);
+        yield 2;
+        yield new Promise<number>((r) => setTimeout(() => r(3), 5));
+      }
+      for await (const v of mapConcurrentIterable(lazy(), (x) => x)) {
+        streamed.push(v);
+      }
+      expect(streamed).toEqual([1, 2, 3]);
+    });
+  });
+
+  it("a pending element holds a slot: the concurrency bound counts it", async () => {
+    let running = 0;
+    let peak = 0;
+    const slow = new Promise<number>((r) => setTimeout(() => r(0), 20));
+    const out = await mapConcurrent([slow, 1, 2, 3], async (x) => {
+      peak = Math.max(peak, ++running);
+      await new Promise((r) => setTimeout(r, 5));
+      running--;
+      return x;
+    }, { concurrency: 2 });
+    expect(out).toEqual([0, 1, 2, 3]);
+    expect(peak).toBeLessThanOrEqual(2);
+  });
+});
+
+describe("HttpError", () => {
+  it("reads both providers' error shapes and names a quota 429", () => {
+    const quota = HttpError.from(
+      new Response(null, { status: 429 }),
+      JSON.stringify({
+        type: "error",
+        error: {
+          type: "rate_limit_error",
+          message: "usage limits",
+          details: { error_code: "enforced_spend_limit_reached" },
+        },
+      }),
+    );
+    expect(quota.type).toBe("rate_limit_error");
+    expect(quota.quota).toBe("enforced_spend_limit_reached");
+    const openai = HttpError.from(
+      new Response(null, { status: 429 }),
+      JSON.stringify({
+        error: { message: "quota", type: "insufficient_quota", code: null },
+      }),
+    );
+    expect(openai.quota).toBe("insufficient_quota");
+    const plain = HttpError.from(
+      new Response(null, { status: 429 }),
+      JSON.stringify({ error: { type: "rate_limit_error", message: "slow" } }),
+    );
+    expect(plain.quota).toBeUndefined();
+    const notFound = new HttpError(404, {
+      body: { error: { code: "insufficient_quota" } },
+    });
+    expect(notFound.quota).toBeUndefined(); // only a 429 is a quota refusal
   });
 });

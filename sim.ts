@@ -100,6 +100,17 @@ export interface SimulatorOptions {
   retryAfterMs?: boolean;
   /** Round token `remaining` headers to the nearest thousand, as Anthropic does. Default false. */
   roundTokenRemaining?: boolean;
+  /**
+   * Scripted faults for particular logical requests, keyed by client request
+   * id (see {@linkcode SimStats.perClient}): the first `times` attempts
+   * (default every attempt) wait `delayMs` and/or fail with `status` (500,
+   * 503 or 529, in the provider's error shape). For tests of one slow or
+   * failing line in a batch.
+   */
+  perClientFaults?: Record<
+    string,
+    { status?: 500 | 503 | 529; delayMs?: number; times?: number }
+  >;
 }
 
 /** Counters from {@linkcode Simulator.stats}. */
@@ -590,7 +601,18 @@ export async function startSimulator(
       ((body.metadata as { user_id?: string } | undefined)?.user_id) ??
       (typeof body.user === "string" ? body.user : undefined);
     if (client !== undefined) {
-      (stats.perClient[client] ??= { attempts: 0, succeeded: 0 }).attempts++;
+      const seen = stats.perClient[client] ??= { attempts: 0, succeeded: 0 };
+      seen.attempts++;
+      const scripted = options.perClientFaults?.[client];
+      if (scripted && seen.attempts <= (scripted.times ?? Infinity)) {
+        if (scripted.delayMs) await sleep(scripted.delayMs);
+        if (scripted.status === 529) {
+          return send(529, error("overloaded_error", "Overloaded"));
+        }
+        if (scripted.status) {
+          return send(scripted.status, error("api_error", "Scripted fault"));
+        }
+      }
     }
 
     // Faults come first and do not count against the limits.

@@ -4,14 +4,14 @@
 import { environment } from "./lib.mjs";
 import { limiterOverhead } from "./limiter.mjs";
 import { accuracy } from "./accuracy.mjs";
-import { poolOverhead } from "./pool.mjs";
+import { pool } from "./pool.mjs";
 import { memory } from "./memory.mjs";
 import { e2e } from "./e2e.mjs";
 
 const quick = process.argv.includes("--quick");
 const json = process.argv.includes("--json");
 const topics = [
-  ["pool", poolOverhead],
+  ["pool", pool],
   ["limiter", limiterOverhead],
   ["accuracy", accuracy],
   ["memory", memory],
