@@ -8,19 +8,34 @@
  *
  * Input lines use the providers' own batch formats (Anthropic Message
  * Batches, OpenAI Batch), so one file works here and in their Batch APIs;
- * results come back in the matching results format. Interrupted runs resume
- * where they stopped. `paceline --help` lists everything.
+ * results come back in the matching results format. Every result is
+ * journaled the moment it finishes, so an interrupted or crashed run
+ * resumes without redoing finished work. `paceline --help` lists everything.
+ *
+ * The batch run is six stages, laid out in this file in order:
+ * read & validate → plan (endpoint, limits, what is left) → execute (send;
+ * the library limits and retries) → record (journal) → emit (ordered
+ * output) → report.
  *
  * @module
  */
+import { Buffer } from "node:buffer";
 import {
+  closeSync,
   createReadStream,
   existsSync,
+  fsyncSync,
   mkdtempSync,
+  openSync,
+  readSync,
   realpathSync,
+  renameSync,
+  rmSync,
+  statSync,
+  truncateSync,
   writeFileSync,
+  writeSync,
 } from "node:fs";
-import { open, stat, truncate } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
@@ -28,14 +43,15 @@ import { createInterface } from "node:readline";
 import { pathToFileURL } from "node:url";
 import { resolve } from "node:path";
 import {
+  type Cost,
   estimateCost,
   HttpError,
-  mapConcurrentIterable,
+  mapConcurrentUnordered,
   rateLimitedFetch,
-  type RateLimiterOptions,
   SseParser,
   type Stats,
   type WindowSpec,
+  type WindowUsage,
 } from "./mod.ts";
 import { startSimulator } from "./sim.ts";
 
@@ -67,10 +83,20 @@ Options for run:
   --stream               use streaming requests
   --quiet                no progress output
   --window-ms N          length of a "minute" (default 60000; for simulators)
+  --retry-errored        also redo lines whose recorded result is errored (e.g. 5xx
+                         after all retries); the output is rewritten in input order
+
+Every result is recorded the moment it finishes in <output>.journal; the output
+is written in input order and is always a prefix of the input. Running the same
+command again (after a crash, Ctrl-C or a fatal error) sends only the lines
+that have no result; requests in flight at a crash may be sent again, nothing
+that finished is. The journal is deleted when the output is complete.
 
 The API key comes from ANTHROPIC_API_KEY or OPENAI_API_KEY.
-Exit codes: 0 all succeeded, 1 some requests errored (results written),
-2 usage or input error (nothing sent), 130 interrupted (resume by running again).
+Exit codes: 0 all succeeded; 1 some lines errored (results written);
+2 usage or input error (nothing sent); 3 stopped by a fatal API error (401, 403,
+quota/billing 429: nothing more sent, those not recorded; fix it and run again);
+130 interrupted (run again to resume).
 `;
 
 /** A usage or input error: exit code 2, nothing sent. */
@@ -98,6 +124,8 @@ interface RunOptions {
   retries: number;
   stream: boolean;
   quiet: boolean;
+  /** Also redo lines whose recorded result is errored. */
+  retryErrored?: boolean;
   marginMs?: number;
   /** Progress line interval when stderr is not a TTY, ms. */
   progressMs?: number;
@@ -118,6 +146,10 @@ function num(flag: string, v: string | undefined, min = 1): number {
   }
   return n;
 }
+
+// =============================================================================
+// Stage 1: read & validate — the whole input, before anything is sent
+// =============================================================================
 
 /** Reads a JSONL file line by line, without holding it all. */
 async function* lines(path: string): AsyncGenerator<[number, string]> {
@@ -226,89 +258,141 @@ async function validate(
   return { provider: format.provider, count: ids.length, ids };
 }
 
+// =============================================================================
+// Stage 2: plan — where to send, under which limits, and which lines
+// =============================================================================
+
+/** Where requests go and how they are signed. Never printed: it holds the key. */
+interface Endpoint {
+  url: string;
+  headers: Record<string, string>;
+  /** The key itself, only to scrub it from messages. */
+  apiKey: string | undefined;
+  /** The environment variable a key comes from, for messages. */
+  keyVar: string;
+}
+
+function endpoint(o: RunOptions, p: Provider): Endpoint {
+  const keyVar = p === "anthropic" ? "ANTHROPIC_API_KEY" : "OPENAI_API_KEY";
+  const envURL = p === "anthropic" ? "ANTHROPIC_BASE_URL" : "OPENAI_BASE_URL";
+  const apiKey = o.apiKey ?? (process.env[keyVar] || undefined);
+  const baseURL = (o.baseURL ?? (process.env[envURL] || undefined))?.replace(
+    /\/+$/,
+    "",
+  );
+  if (!apiKey && !baseURL) {
+    throw new UsageError(
+      `no API key: set ${keyVar} (or give --base-url for a relay or simulator that needs none). Nothing was sent.`,
+    );
+  }
+  if (apiKey !== undefined && !/^[\x21-\x7e]+$/.test(apiKey)) {
+    throw new UsageError(
+      `${keyVar} has characters an HTTP header cannot carry`,
+    );
+  }
+  const base = baseURL ??
+    (p === "anthropic"
+      ? "https://api.anthropic.com"
+      : "https://api.openai.com/v1");
+  const url = p === "anthropic"
+    ? `${base}${/\/v1$/.test(base) ? "" : "/v1"}/messages`
+    : `${base}/chat/completions`;
+  const headers: Record<string, string> = {
+    "content-type": "application/json",
+  };
+  if (p === "anthropic") {
+    headers["anthropic-version"] = "2023-06-01";
+    if (apiKey) headers["x-api-key"] = apiKey;
+  } else if (apiKey) headers["authorization"] = `Bearer ${apiKey}`;
+  return { url, headers, apiKey, keyVar };
+}
+
+/** The limiter's windows for the limits given on the command line. */
+function windowsFor(
+  limits: Record<string, number>,
+  minute: number,
+): WindowSpec[] {
+  const windows: WindowSpec[] = [];
+  const spec: [string, string, number][] = [
+    ["rpm", "requests", minute],
+    ["rpd", "requests", minute * 1440],
+    ["itpm", "inputTokens", minute],
+    ["otpm", "outputTokens", minute],
+    ["tpm", "tokens", minute],
+    ["tpd", "tokens", minute * 1440],
+  ];
+  for (const [flag, key, ms] of spec) {
+    const limit = limits[flag];
+    if (limit !== undefined) windows.push({ key, limit, ms });
+  }
+  return windows;
+}
+
 /**
- * Checks an existing results file against the input: it must be a prefix
- * (same custom_ids in the same order). A torn last line is cut away.
- * Returns how many inputs are already done.
+ * What this run has to do, from the output and journal of earlier runs:
+ * which lines already have a result (and where it is), which must be sent,
+ * and whether the output must be written anew (`--retry-errored`, or
+ * journaled results that replace errored lines already in the output).
  */
-async function resumePoint(output: string, ids: string[]): Promise<number> {
-  if (!existsSync(output)) return 0;
-  const size = (await stat(output)).size;
-  if (size === 0) return 0;
-  const fh = await open(output, "r");
-  let text: string;
-  try {
-    text = (await fh.readFile()).toString("utf8");
-  } finally {
-    await fh.close();
+interface Work {
+  prior: PriorOutput;
+  /** Journaled results not yet in the output, by input index. */
+  journaled: Map<number, Stored>;
+  rewrite: boolean;
+  /** Whether line `i` needs a request. */
+  needs: (i: number) => boolean;
+  /** How many lines need one. */
+  toSend: number;
+}
+
+function planWork(
+  count: number,
+  prior: PriorOutput,
+  journaled: Map<number, Stored>,
+  retryErrored: boolean,
+): Work {
+  const K = prior.done;
+  for (const [i, s] of journaled) {
+    // The output already has a good line: the journal entry is old news.
+    if (i < K && !prior.errored[i]) journaled.delete(i);
+    else if (retryErrored && s.errored) journaled.delete(i); // redo it
   }
-  let done = 0;
-  let good = 0; // bytes of complete, valid lines
-  let pos = 0;
-  while (pos < text.length) {
-    const nl = text.indexOf("\n", pos);
-    if (nl < 0) break; // torn last line: no newline
-    const line = text.slice(pos, nl);
-    let id: unknown;
+  let rewrite = retryErrored && prior.erroredCount > 0;
+  for (const i of journaled.keys()) if (i < K) rewrite = true;
+  const needs = (i: number): boolean =>
+    !journaled.has(i) &&
+    (i >= K || (retryErrored && prior.errored[i] === 1));
+  let toSend = 0;
+  for (let i = 0; i < count; i++) if (needs(i)) toSend++;
+  return { prior, journaled, rewrite, needs, toSend };
+}
+
+/** Every line that will be sent must fit the limits: found before sending. */
+async function checkFits(
+  input: string,
+  work: Work,
+  timeUntil: (cost: Cost) => number,
+  url: string,
+): Promise<void> {
+  let i = -1;
+  for await (const [line, text] of lines(input)) {
+    if (text.trim() === "") continue;
+    if (!work.needs(++i)) continue;
+    const item = parseLine(line, text, {});
     try {
-      id = JSON.parse(line).custom_id;
-    } catch {
-      if (text.indexOf("\n", nl + 1) < 0 && nl + 1 >= text.length) break; // torn, last
-      throw new UsageError(
-        `${output}: line ${done + 1} is not valid JSON; not resuming`,
-      );
+      timeUntil(estimateCost(url, item.body));
+    } catch (e) {
+      throw new UsageError(`line ${line}: ${(e as Error).message}`);
     }
-    if (done >= ids.length || id !== ids[done]) {
-      throw new UsageError(
-        `${output}: line ${done + 1} has custom_id ${
-          JSON.stringify(id)
-        } but input has ${
-          JSON.stringify(ids[done])
-        }; this is not a results file of this input (use another -o)`,
-      );
-    }
-    done++;
-    pos = nl + 1;
-    good = new TextEncoder().encode(text.slice(0, pos)).length;
   }
-  if (good < size) await truncate(output, good);
-  return done;
 }
 
-function resultLine(provider: Provider, item: Item, outcome: Outcome): string {
-  if (provider === "anthropic") {
-    const result = outcome.ok ? { type: "succeeded", message: outcome.body } : {
-      type: "errored",
-      error: outcome.body && typeof outcome.body === "object" &&
-          "error" in (outcome.body as object)
-        ? outcome.body
-        : {
-          type: "error",
-          error: {
-            type: outcome.errorType ?? "api_error",
-            message: outcome.message,
-          },
-        },
-    };
-    return JSON.stringify({ custom_id: item.customId, result });
-  }
-  return JSON.stringify({
-    id: `batch_req_${item.line}`,
-    custom_id: item.customId,
-    response: outcome.status
-      ? {
-        status_code: outcome.status,
-        request_id: outcome.requestId ?? null,
-        body: outcome.body,
-      }
-      : null,
-    error: outcome.status ? null : {
-      code: outcome.errorType ?? "network_error",
-      message: outcome.message,
-    },
-  });
-}
+// =============================================================================
+// Stage 3: execute — send one request (rate limits and retries are the
+// library's), and tell a result from a reason to stop
+// =============================================================================
 
+/** What one request came to; becomes one result line. */
 interface Outcome {
   ok: boolean;
   status?: number;
@@ -316,18 +400,38 @@ interface Outcome {
   requestId?: string;
   errorType?: string;
   message?: string;
+  /** A quota/billing 429: the provider's code. */
+  quota?: string;
 }
 
-/** Sends one request; never throws (except on abort): failures become outcomes. */
+/**
+ * Thrown by the send hook once the run is stopping: the request was never
+ * sent, so it has no result and is not retried.
+ */
+class StopSending extends Error {
+  override name = "StopSending";
+}
+
+function isStop(e: unknown): boolean {
+  for (let x = e, depth = 0; x && depth < 4; depth++) {
+    if (x instanceof StopSending) return true;
+    x = (x as { cause?: unknown }).cause;
+  }
+  return false;
+}
+
+/**
+ * Sends one request. Failures become outcomes; `undefined` means there is
+ * no result (aborted, or never sent because the run is stopping).
+ */
 async function perform(
   f: typeof fetch,
   provider: Provider,
-  url: string,
-  headers: Record<string, string>,
+  ep: Endpoint,
   item: Item,
   stream: boolean,
   signal: AbortSignal,
-): Promise<Outcome> {
+): Promise<Outcome | undefined> {
   const body = stream
     ? {
       ...item.body,
@@ -337,16 +441,50 @@ async function perform(
         : {}),
     }
     : { ...item.body, stream: false };
-  let response: Response;
   try {
-    response = await f(url, {
+    const response = await f(ep.url, {
       method: "POST",
-      headers,
+      headers: ep.headers,
       body: JSON.stringify(body),
       signal,
     });
+    const requestId = response.headers.get("request-id") ??
+      response.headers.get("x-request-id") ?? undefined;
+    if (!response.ok || !stream) {
+      const text = await response.text();
+      let parsed: unknown = text;
+      try {
+        parsed = JSON.parse(text);
+      } catch { /* keep the text */ }
+      if (response.ok) {
+        return { ok: true, status: response.status, body: parsed, requestId };
+      }
+      const err = HttpError.from(response, text);
+      return {
+        ok: false,
+        status: response.status,
+        body: parsed,
+        requestId,
+        errorType: err.type,
+        message: err.message,
+        quota: err.quota,
+      };
+    }
+    // Streaming: assemble the final object from the events.
+    try {
+      const assembled = await assembleStream(provider, response);
+      return { ok: true, status: 200, body: assembled, requestId };
+    } catch (e) {
+      if (signal.aborted) return undefined;
+      return {
+        ok: false,
+        status: 0,
+        errorType: (e as HttpError).type ?? "stream_error",
+        message: (e as Error).message,
+      };
+    }
   } catch (e) {
-    if (signal.aborted) throw e;
+    if (signal.aborted || isStop(e)) return undefined;
     const cause = (e as { cause?: unknown }).cause;
     return {
       ok: false,
@@ -356,40 +494,24 @@ async function perform(
       }`,
     };
   }
-  const requestId = response.headers.get("request-id") ??
-    response.headers.get("x-request-id") ?? undefined;
-  if (!response.ok || !stream) {
-    const text = await response.text();
-    let parsed: unknown = text;
-    try {
-      parsed = JSON.parse(text);
-    } catch { /* keep the text */ }
-    if (response.ok) {
-      return { ok: true, status: response.status, body: parsed, requestId };
-    }
-    const err = HttpError.from(response, text);
-    return {
-      ok: false,
-      status: response.status,
-      body: parsed,
-      requestId,
-      errorType: err.type,
-      message: err.message,
-    };
+}
+
+/**
+ * Why an outcome stops the whole run — the key is refused, or the account
+ * may not spend more — or `undefined`. Such outcomes are not results:
+ * after the user fixes the cause, a rerun sends those lines again.
+ */
+function fatalOf(outcome: Outcome): string | undefined {
+  if (outcome.status === 401) {
+    return "the API key was refused (HTTP 401)";
   }
-  // Streaming: assemble the final object from the events.
-  try {
-    const assembled = await assembleStream(provider, response);
-    return { ok: true, status: 200, body: assembled, requestId };
-  } catch (e) {
-    if (signal.aborted) throw e;
-    return {
-      ok: false,
-      status: 0,
-      errorType: (e as HttpError).type ?? "stream_error",
-      message: (e as Error).message,
-    };
+  if (outcome.status === 403) {
+    return "the API key is not allowed to do this (HTTP 403)";
   }
+  if (outcome.quota) {
+    return `the account's quota, credit or spend limit is exhausted (HTTP 429 ${outcome.quota})`;
+  }
+  return undefined;
 }
 
 async function assembleStream(
@@ -493,6 +615,408 @@ async function assembleStream(
   };
 }
 
+// =============================================================================
+// Stage 4: record — every result, the moment it finishes, in a journal
+// =============================================================================
+
+/**
+ * Calls `onLine` for each complete (newline-terminated) line of a file, with
+ * its byte offset, reading in chunks: memory does not grow with the file.
+ * Returns the byte offset just past the last complete line; anything after
+ * it is a torn line from a write that was cut short.
+ */
+function scanLines(
+  path: string,
+  onLine: (text: string, offset: number, n: number) => void,
+): number {
+  const fd = openSync(path, "r");
+  try {
+    const chunk = Buffer.allocUnsafe(1 << 16);
+    let carry = Buffer.alloc(0);
+    let carryAt = 0; // file offset of carry[0]
+    let pos = 0;
+    let n = 0;
+    for (;;) {
+      const got = readSync(fd, chunk, 0, chunk.length, pos);
+      if (got === 0) break;
+      pos += got;
+      const buf = carry.length
+        ? Buffer.concat([carry, chunk.subarray(0, got)])
+        : chunk.subarray(0, got);
+      let start = 0;
+      for (let nl = buf.indexOf(10); nl >= 0; nl = buf.indexOf(10, start)) {
+        onLine(buf.toString("utf8", start, nl), carryAt + start, ++n);
+        start = nl + 1;
+      }
+      carry = Buffer.from(buf.subarray(start)); // a copy: chunk is reused
+      carryAt += start;
+    }
+    return carryAt;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Writes all of `data` (a regular file may take it in pieces). */
+function writeAll(fd: number, data: string | Buffer): number {
+  const buf = typeof data === "string" ? Buffer.from(data) : data;
+  let done = 0;
+  while (done < buf.length) done += writeSync(fd, buf, done);
+  return buf.length;
+}
+
+/** Whether a results line records a failure (Anthropic or OpenAI shape). */
+function isErrored(row: Record<string, unknown>): boolean {
+  if ("result" in row) {
+    return (row.result as { type?: unknown } | null)?.type !== "succeeded";
+  }
+  const status = (row.response as { status_code?: unknown } | null)
+    ?.status_code;
+  return row.error != null || typeof status !== "number" || status < 200 ||
+    status >= 300;
+}
+
+/** Where a finished result is: its bytes in the journal (or output), and maybe in memory. */
+interface Stored {
+  off: number;
+  len: number;
+  errored: boolean;
+  /** The result line, while memory allows; else read back from `off`. */
+  text?: string;
+  /** Whether `text` counts against the output's memory budget. */
+  held?: boolean;
+}
+
+/** The results file of earlier runs: a prefix of the input. */
+interface PriorOutput {
+  /** How many input lines it holds (in order, from the first). */
+  done: number;
+  /** Per line: 1 if that result is errored. */
+  errored: Uint8Array;
+  erroredCount: number;
+  /** Byte offset of each line (and the end, at `done`). */
+  offsets: number[];
+}
+
+/**
+ * Reads an existing results file: it must be a prefix of the input (same
+ * custom_ids in the same order). A torn last line — a write cut short by a
+ * crash — is cut away. Throws a UsageError, changing nothing, if the file
+ * is not a results file of this input.
+ */
+function scanOutput(output: string, ids: string[]): PriorOutput {
+  const prior: PriorOutput = {
+    done: 0,
+    errored: new Uint8Array(ids.length),
+    erroredCount: 0,
+    offsets: [0],
+  };
+  if (!existsSync(output)) return prior;
+  let bad: { n: number; offset: number } | undefined;
+  const end = scanLines(output, (text, offset, n) => {
+    let row: Record<string, unknown> | undefined;
+    try {
+      const v = JSON.parse(text);
+      if (v && typeof v === "object" && !Array.isArray(v)) row = v;
+    } catch { /* below */ }
+    if (bad || !row) {
+      // Only the last line may be broken (a torn write); not one in the middle.
+      if (bad) {
+        throw new UsageError(
+          `${output}: line ${bad.n} is not valid JSON; not resuming`,
+        );
+      }
+      bad = { n, offset };
+      return;
+    }
+    const k = prior.done;
+    if (k >= ids.length || row.custom_id !== ids[k]) {
+      throw new UsageError(
+        `${output}: line ${n} has custom_id ${
+          JSON.stringify(row.custom_id)
+        } but input has ${
+          JSON.stringify(ids[k])
+        }; this is not a results file of this input (use another -o)`,
+      );
+    }
+    if (isErrored(row)) {
+      prior.errored[k] = 1;
+      prior.erroredCount++;
+    }
+    prior.done++;
+    prior.offsets.push(offset + Buffer.byteLength(text) + 1);
+  });
+  const good = bad ? bad.offset : end;
+  if (statSync(output).size > good) truncateSync(output, good);
+  return prior;
+}
+
+/** `{"i":<input index>,"e":<1 if errored>,"r":<the results line>}` */
+const JOURNAL_HEAD = /^\{"i":(\d+),"e":([01]),"r":/;
+
+/**
+ * The journal: a sidecar file (`<output>.journal`) that gets every result
+ * the moment it finishes, in completion order, one whole line per write.
+ * Results that must wait for an earlier line before they go into the
+ * output wait here, not in memory. On open, a torn last line (a crash in
+ * the middle of a write) is cut away and any line that is not a whole
+ * entry is ignored; the latest entry for a line wins.
+ */
+class Journal {
+  readonly path: string;
+  #fd: number;
+  #size: number;
+
+  private constructor(path: string, fd: number, size: number) {
+    this.path = path;
+    this.#fd = fd;
+    this.#size = size;
+  }
+
+  /** Opens the journal (checking that it belongs to this input), loading its entries. */
+  static open(
+    path: string,
+    ids: string[],
+  ): { journal: Journal; entries: Map<number, Stored>; ignored: number } {
+    const entries = new Map<number, Stored>();
+    let ignored = 0;
+    let end = 0;
+    if (existsSync(path)) {
+      end = scanLines(path, (text, offset, n) => {
+        const head = JOURNAL_HEAD.exec(text);
+        let row: { custom_id?: unknown } | undefined;
+        if (head && text.endsWith("}")) {
+          try {
+            row = JSON.parse(text).r;
+          } catch { /* not a whole entry */ }
+        }
+        if (!head || !row || typeof row !== "object") {
+          ignored++;
+          return;
+        }
+        const i = Number(head[1]);
+        if (i >= ids.length || row.custom_id !== ids[i]) {
+          throw new UsageError(
+            `${path}: line ${n} is for custom_id ${
+              JSON.stringify(row.custom_id)
+            }, which is not line ${
+              i + 1
+            } of this input; this journal belongs to another input (delete it, or use another -o)`,
+          );
+        }
+        entries.set(i, {
+          off: offset + head[0].length,
+          len: Buffer.byteLength(text) - head[0].length - 1,
+          errored: head[2] === "1",
+        });
+      });
+      if (statSync(path).size > end) truncateSync(path, end);
+    }
+    const journal = new Journal(path, openSync(path, "a+"), end);
+    return { journal, entries, ignored };
+  }
+
+  /** Records a result: one write of one whole line. */
+  append(index: number, errored: boolean, line: string): Stored {
+    const head = `{"i":${index},"e":${errored ? 1 : 0},"r":`;
+    const bytes = writeAll(this.#fd, `${head}${line}}\n`);
+    const stored: Stored = {
+      off: this.#size + head.length,
+      len: bytes - head.length - 2,
+      errored,
+      text: line,
+    };
+    this.#size += bytes;
+    return stored;
+  }
+
+  /** Reads a stored result back. */
+  read(s: Stored): string {
+    return readAt(this.#fd, s.off, s.len);
+  }
+
+  close(): void {
+    closeSync(this.#fd);
+  }
+
+  /** Closes and deletes it: every result is in the output. */
+  remove(): void {
+    this.close();
+    rmSync(this.path, { force: true });
+  }
+}
+
+function readAt(fd: number, off: number, len: number): string {
+  const buf = Buffer.allocUnsafe(len);
+  let got = 0;
+  while (got < len) {
+    const n = readSync(fd, buf, got, len - got, off + got);
+    if (n === 0) throw new Error(`unexpected end of file at byte ${off + got}`);
+    got += n;
+  }
+  return buf.toString("utf8");
+}
+
+function resultLine(provider: Provider, item: Item, outcome: Outcome): string {
+  if (provider === "anthropic") {
+    const result = outcome.ok ? { type: "succeeded", message: outcome.body } : {
+      type: "errored",
+      error: outcome.body && typeof outcome.body === "object" &&
+          "error" in (outcome.body as object)
+        ? outcome.body
+        : {
+          type: "error",
+          error: {
+            type: outcome.errorType ?? "api_error",
+            message: outcome.message,
+          },
+        },
+    };
+    return JSON.stringify({ custom_id: item.customId, result });
+  }
+  return JSON.stringify({
+    id: `batch_req_${item.line}`,
+    custom_id: item.customId,
+    response: outcome.status
+      ? {
+        status_code: outcome.status,
+        request_id: outcome.requestId ?? null,
+        body: outcome.body,
+      }
+      : null,
+    error: outcome.status ? null : {
+      code: outcome.errorType ?? "network_error",
+      message: outcome.message,
+    },
+  });
+}
+
+// =============================================================================
+// Stage 5: emit — the output, in input order, always a prefix of the input
+// =============================================================================
+
+/** Results held in memory while they wait for an earlier line; past it, read back from the journal. */
+const MEMORY_BUDGET = 8 * 1024 * 1024;
+
+/**
+ * Writes results to the output in input order as the next-in-order ones
+ * become available. Appends to the output of earlier runs; or, when lines
+ * already written must change (`--retry-errored`), writes a new file
+ * (`<output>.tmp`) from the first line and renames it over the output at
+ * the end, so the output is never half-written.
+ */
+class OrderedOutput {
+  /** Input index of the next line to write. */
+  next: number;
+  /** Errored lines in the output so far. */
+  errored: number;
+  readonly path: string;
+  #fd: number;
+  #tmp: string | undefined;
+  #old: { fd: number; keep: (i: number) => boolean } | undefined;
+  #prior: PriorOutput;
+  #waiting: Map<number, Stored>;
+  #journal: Journal;
+  #inMemory = 0;
+
+  constructor(
+    path: string,
+    work: Work,
+    journal: Journal,
+    retryErrored: boolean,
+  ) {
+    const { prior, journaled } = work;
+    this.path = path;
+    this.#prior = prior;
+    this.#waiting = journaled;
+    this.#journal = journal;
+    if (work.rewrite) {
+      this.#tmp = `${path}.tmp`;
+      this.#fd = openSync(this.#tmp, "w");
+      this.#old = {
+        fd: openSync(path, "r"),
+        keep: (i) =>
+          i < prior.done && !journaled.has(i) &&
+          !(retryErrored && prior.errored[i]),
+      };
+      this.next = 0;
+      this.errored = 0;
+    } else {
+      this.#fd = openSync(path, "a");
+      this.next = prior.done;
+      this.errored = prior.erroredCount;
+    }
+  }
+
+  /** Finished results waiting for an earlier line. */
+  get waiting(): number {
+    return this.#waiting.size;
+  }
+
+  /** A finished result for input line `index`; written when its turn comes. */
+  put(index: number, s: Stored): void {
+    if (s.text !== undefined && index !== this.next) {
+      if (this.#inMemory + s.len > MEMORY_BUDGET) s.text = undefined;
+      else {
+        this.#inMemory += s.len;
+        s.held = true;
+      }
+    }
+    this.#waiting.set(index, s);
+    this.flush();
+  }
+
+  /** Writes every result that is next in order. */
+  flush(): void {
+    const parts: string[] = [];
+    let bytes = 0;
+    for (;;) {
+      const i = this.next;
+      const s = this.#waiting.get(i);
+      let line: string;
+      if (s) {
+        this.#waiting.delete(i);
+        if (s.held) this.#inMemory -= s.len;
+        line = s.text ?? this.#journal.read(s);
+        if (s.errored) this.errored++;
+      } else if (this.#old?.keep(i)) {
+        const off = this.#prior.offsets[i]!;
+        line = readAt(this.#old.fd, off, this.#prior.offsets[i + 1]! - off - 1);
+        if (this.#prior.errored[i]) this.errored++;
+      } else break;
+      parts.push(line, "\n");
+      bytes += line.length;
+      this.next++;
+      if (bytes > 1 << 16) {
+        writeAll(this.#fd, parts.join(""));
+        parts.length = 0;
+        bytes = 0;
+      }
+    }
+    if (parts.length) writeAll(this.#fd, parts.join(""));
+  }
+
+  /**
+   * Closes the output. A new file replaces the old one when it holds at
+   * least as many lines (it has everything the old one had, newer).
+   */
+  close(): void {
+    if (this.#tmp === undefined) {
+      closeSync(this.#fd);
+      return;
+    }
+    fsyncSync(this.#fd);
+    closeSync(this.#fd);
+    closeSync(this.#old!.fd);
+    if (this.next >= this.#prior.done) renameSync(this.#tmp, this.path);
+    else rmSync(this.#tmp, { force: true });
+  }
+}
+
+// =============================================================================
+// Stage 6: report — progress while it runs, and what happened at the end
+// =============================================================================
+
 function fmtDuration(ms: number): string {
   if (!Number.isFinite(ms)) return "?";
   const s = Math.round(ms / 1000);
@@ -505,178 +1029,198 @@ function fmtDuration(ms: number): string {
     : `${s}s`;
 }
 
-/**
- * Requests and tokens sent in the last "minute" (the limits' window), from
- * snapshots of the stats taken at each progress tick: what the limits
- * count, never an extrapolation from a first burst.
- */
-class RecentRate {
-  #samples: { t: number; requests: number; tokens: number }[] = [];
-  #minute: number;
-  constructor(minute: number) {
-    this.#minute = minute;
-  }
-  update(
-    requests: number,
-    tokens: number,
-  ): { requests: number; tokens: number } {
-    const now = performance.now();
-    const since = now - this.#minute;
-    // Only samples inside the last minute: the window shown is at most a
-    // minute long, so it never reads above what the limits allow.
-    while (this.#samples.length && this.#samples[0]!.t < since) {
-      this.#full = true;
-      this.#samples.shift(); // a few samples per second: a short array
-    }
-    const base = this.#full && this.#samples.length
-      ? this.#samples[0]!
-      : { requests: 0, tokens: 0 };
-    this.#samples.push({ t: now, requests, tokens });
-    return { requests: requests - base.requests, tokens: tokens - base.tokens };
-  }
-  /** Whether a minute has passed since the first sample. */
-  #full = false;
+/** A window's length as a unit: "min", "day", "2s", "48min". */
+function unitOf(ms: number): string {
+  if (ms === 60_000) return "min";
+  if (ms === 86_400_000) return "day";
+  if (ms % 86_400_000 === 0) return `${ms / 86_400_000}d`;
+  if (ms % 3_600_000 === 0) return `${ms / 3_600_000}h`;
+  if (ms % 60_000 === 0) return `${ms / 60_000}min`;
+  return `${+(ms / 1000).toFixed(3)}s`;
 }
 
+function fmtCount(n: number): string {
+  const r = Math.round(n);
+  if (r < 10_000) return String(r);
+  if (r < 1_000_000) return `${+(r / 1000).toFixed(1)}k`;
+  return `${+(r / 1_000_000).toFixed(2)}M`;
+}
+
+const KEY_LABELS: Record<string, string> = {
+  requests: "req",
+  inputTokens: "in tok",
+  outputTokens: "out tok",
+  tokens: "tok",
+};
+
+/**
+ * One progress line. Rates are what each limit counts, in its own unit:
+ * the limiter's use of that window now against its limit (given or
+ * learned), e.g. `req 48/50 per 2s` — never a per-minute rate set against
+ * a per-window limit.
+ */
 function progressLine(
   done: number,
   total: number,
   errors: number,
   stats: Stats,
-  limits: Record<string, number>,
+  windows: WindowUsage[],
   startedAt: number,
-  recent: RecentRate,
+  minute: number,
 ): string {
   const s = stats.toJSON();
   const pct = total ? (done / total) * 100 : 100;
   const elapsed = performance.now() - startedAt;
   const eta = done ? (elapsed / done) * (total - done) : Infinity;
-  const last = recent.update(s.requests, s.inputTokens + s.outputTokens);
-  const lim = (k: string) => (limits[k] ? `/${limits[k]}` : "");
-  return `${done}/${total} (${pct.toFixed(1)}%) ETA ${
-    fmtDuration(eta)
-  } · ${last.requests}${lim("rpm")} req/min · ${last.tokens}${
-    lim("tpm")
-  } tok/min · 429s ${s.rateLimited} · retries ${s.retries} · errors ${errors}`;
+  const use = windows.length
+    ? windows.map((w) =>
+      `${KEY_LABELS[w.key] ?? w.key} ${fmtCount(w.used)}/${
+        fmtCount(w.limit)
+      } per ${unitOf(w.ms)}`
+    )
+    : [
+      `${fmtCount(elapsed > 0 ? (s.requests / elapsed) * minute : 0)} req/${
+        unitOf(minute)
+      } (no limits known yet)`,
+    ];
+  return [
+    `${done}/${total} (${pct.toFixed(1)}%) ETA ${fmtDuration(eta)}`,
+    ...use,
+    `429s ${s.rateLimited}`,
+    `retries ${s.retries}`,
+    `errors ${errors}`,
+  ].join(" · ");
 }
+
+/** Removes the key (and anything shaped like one) from a server's message. */
+function scrub(text: string, apiKey: string | undefined): string {
+  let out = apiKey ? text.split(apiKey).join("[key]") : text;
+  out = out.replace(/\b(sk|key)-[\w*.-]{6,}/g, "[key]");
+  return out;
+}
+
+// =============================================================================
+// The batch run: the stages above, in order
+// =============================================================================
 
 /** Runs a batch. Returns the exit code. */
 export async function run(o: RunOptions): Promise<number> {
-  const { provider, count, ids } = await validate(o.input);
-  const p = o.provider ?? provider;
-  if (p !== provider) {
+  // 1. Read & validate: the whole input, before anything is sent.
+  const { provider, ids } = await validate(o.input);
+  if (o.provider && o.provider !== provider) {
     throw new UsageError(
       `--provider ${o.provider} but the input is in the ${provider} batch format`,
     );
   }
-  const envKey = p === "anthropic" ? "ANTHROPIC_API_KEY" : "OPENAI_API_KEY";
-  const envURL = p === "anthropic" ? "ANTHROPIC_BASE_URL" : "OPENAI_BASE_URL";
-  const apiKey = o.apiKey ?? (process.env[envKey] || undefined);
-  const baseURL = (o.baseURL ?? (process.env[envURL] || undefined))?.replace(
-    /\/+$/,
-    "",
+  const count = ids.length;
+  // 2. Plan: endpoint, limits, and what earlier runs already finished.
+  const ep = endpoint(o, provider);
+  const prior = scanOutput(o.output, ids);
+  const { journal, entries, ignored } = Journal.open(
+    `${o.output}.journal`,
+    ids,
   );
-  if (!apiKey && !baseURL) {
-    throw new UsageError(
-      `no API key: set ${envKey} (or give --base-url for a relay or simulator that needs none). Nothing was sent.`,
-    );
-  }
-  if (apiKey !== undefined && !/^[\x21-\x7e]+$/.test(apiKey)) {
-    throw new UsageError(
-      `${envKey} has characters an HTTP header cannot carry`,
-    );
-  }
-  const base = baseURL ??
-    (p === "anthropic"
-      ? "https://api.anthropic.com"
-      : "https://api.openai.com/v1");
-  const url = p === "anthropic"
-    ? `${base}${/\/v1$/.test(base) ? "" : "/v1"}/messages`
-    : `${base}/chat/completions`;
-  const headers: Record<string, string> = {
-    "content-type": "application/json",
-  };
-  if (p === "anthropic") {
-    headers["anthropic-version"] = "2023-06-01";
-    if (apiKey) headers["x-api-key"] = apiKey;
-  } else if (apiKey) headers["authorization"] = `Bearer ${apiKey}`;
-
-  const skip = await resumePoint(o.output, ids);
-  const minute = o.windowMs;
-  const day = minute * 1440;
-  const windows: WindowSpec[] = [];
-  const add = (flag: string, key: string, ms: number) => {
-    if (o.limits[flag] !== undefined) {
-      windows.push({ key, limit: o.limits[flag]!, ms });
-    }
-  };
-  add("rpm", "requests", minute);
-  add("rpd", "requests", day);
-  add("itpm", "inputTokens", minute);
-  add("otpm", "outputTokens", minute);
-  add("tpm", "tokens", minute);
-  add("tpd", "tokens", day);
-  const limiterOptions: RateLimiterOptions = { windows };
-  if (o.marginMs !== undefined) limiterOptions.marginMs = o.marginMs;
+  const work = planWork(count, prior, entries, o.retryErrored ?? false);
+  let stopSending = false;
+  const unsent = new Map<AbortSignal, AbortController>();
+  const baseFetch = globalThis.fetch;
   const f = rateLimitedFetch({
-    limiter: limiterOptions,
+    limiter: {
+      windows: windowsFor(o.limits, o.windowMs),
+      ...(o.marginMs !== undefined ? { marginMs: o.marginMs } : {}),
+    },
     concurrency: o.concurrency,
-    retry: { retries: o.retries },
-    learn: { windowMs: minute },
+    retry: {
+      retries: o.retries,
+      shouldRetry: (e) => (isStop(e) ? false : undefined),
+    },
+    learn: { windowMs: o.windowMs },
+    // The send hook: once the run is stopping, nothing more goes out.
+    fetch: (url, init) => {
+      if (init?.signal) unsent.delete(init.signal);
+      return stopSending
+        ? Promise.reject(new StopSending("the run is stopping"))
+        : baseFetch(url, init);
+    },
   });
-  // A request that can never fit is an input error, found before sending.
-  {
-    let n = 0;
-    for await (const [line, text] of lines(o.input)) {
-      if (text.trim() === "" || n++ < skip) continue;
-      const item = parseLine(line, text, {});
-      try {
-        f.limiter.timeUntil(estimateCost(url, item.body));
-      } catch (e) {
-        throw new UsageError(`line ${line}: ${(e as Error).message}`);
-      }
+  let output: OrderedOutput | undefined;
+  try {
+    await checkFits(o.input, work, (c) => f.limiter.timeUntil(c), ep.url);
+    output = new OrderedOutput(
+      o.output,
+      work,
+      journal,
+      o.retryErrored ?? false,
+    );
+    output.flush(); // results journaled by an earlier run that are next in order
+  } catch (e) {
+    journal.close();
+    if (work.toSend === count && !existsSync(o.output)) {
+      rmSync(journal.path, { force: true }); // nothing was there: leave nothing
     }
+    throw e;
   }
-
-  const remaining = count - skip;
+  const available = count - work.toSend;
   if (!o.quiet) {
+    const from = [
+      available && prior.done ? `${prior.done} in the output` : "",
+      work.journaled.size ? `${work.journaled.size} in the journal` : "",
+    ].filter(Boolean).join(", ");
     o.err(
-      `paceline: ${remaining} of ${count} ${p} requests to run${
-        skip ? ` (resuming after ${skip})` : ""
+      `paceline: ${work.toSend} of ${count} ${provider} requests to run${
+        available
+          ? ` (${available} already have results${from ? `: ${from}` : ""})`
+          : ""
+      }${
+        o.retryErrored && prior.erroredCount
+          ? `; redoing ${prior.erroredCount} errored`
+          : ""
       } → ${o.output}\n`,
     );
+    if (ignored) {
+      o.err(
+        `paceline: ${ignored} torn line(s) in ${journal.path} ignored (a crash mid-write); those requests run again\n`,
+      );
+    }
   }
-  const fh = await open(o.output, "a");
-  let stopping = false;
-  const abort = new AbortController();
+
+  // 3–5. Execute, record, emit.
+  const hardStop = new AbortController();
+  let stopping: "signal" | "fatal" | undefined;
+  let fatal: { why: string; outcome: Outcome; line: number } | undefined;
+  const stop = (why: "signal" | "fatal"): void => {
+    stopping ??= why;
+    stopSending = true;
+    // Requests still waiting for a slot or a permit were never sent: drop them.
+    for (const ctl of unsent.values()) ctl.abort(new StopSending("stopping"));
+    unsent.clear();
+  };
   let signalCount = 0;
   const onSignal = (): void => {
-    signalCount++;
-    if (signalCount === 1) {
-      stopping = true;
+    if (++signalCount === 1) {
+      stop("signal");
       if (!o.quiet) {
         o.err(
           "\npaceline: stopping: finishing requests in flight (again to abort them)\n",
         );
       }
-    } else abort.abort(new Error("interrupted"));
+    } else hardStop.abort(new Error("interrupted"));
   };
   if (o.signals !== false) {
     process.on("SIGINT", onSignal);
     process.on("SIGTERM", onSignal);
   }
-  async function* items(): AsyncGenerator<Item> {
-    let n = 0;
+  async function* todo(): AsyncGenerator<Item & { index: number }> {
+    let i = -1;
     for await (const [line, text] of lines(o.input)) {
       if (stopping) return;
       if (text.trim() === "") continue;
-      if (n++ < skip) continue;
-      yield parseLine(line, text, {});
+      if (!work.needs(++i)) continue;
+      yield { ...parseLine(line, text, {}), index: i };
     }
   }
   const startedAt = performance.now();
-  const recent = new RecentRate(minute);
-  let done = 0;
+  let finished = 0; // results recorded in this run
   let errors = 0;
   let lastProgress = 0;
   const interval = o.isTTY ? 200 : o.progressMs ?? 3000;
@@ -686,67 +1230,104 @@ export async function run(o: RunOptions): Promise<number> {
     if (!final && now - lastProgress < interval) return;
     lastProgress = now;
     const line = progressLine(
-      done,
-      remaining,
+      finished,
+      work.toSend,
       errors,
       f.stats,
-      o.limits,
+      f.limiter.usage(),
       startedAt,
-      recent,
+      o.windowMs,
     );
     if (o.isTTY) o.err(`\r\x1b[2K${line}${final ? "\n" : ""}`);
     else o.err(`${line}\n`);
   };
   const ticker = setInterval(() => progress(), Math.min(interval, 1000));
-  let interrupted = false;
   try {
-    const results = mapConcurrentIterable(
-      items(),
+    // Unordered: a line sleeping in backoff holds nothing back; order is
+    // restored by the output stage, from the journal. The pool is larger
+    // than the in-flight bound (`--concurrency`, enforced by the fetch) so
+    // lines waiting out a backoff do not idle the connection slots.
+    const results = mapConcurrentUnordered(
+      todo(),
       async (item, _i, signal) => {
-        const s = AbortSignal.any([signal, abort.signal]);
+        const ctl = new AbortController();
+        const s = AbortSignal.any([signal, hardStop.signal, ctl.signal]);
+        unsent.set(s, ctl);
         try {
           return {
             item,
-            outcome: await perform(f, p, url, headers, item, o.stream, s),
+            outcome: await perform(f, provider, ep, item, o.stream, s),
           };
-        } catch {
-          return { item, outcome: undefined }; // aborted: not written
+        } finally {
+          unsent.delete(s);
         }
       },
       { concurrency: Math.max(o.concurrency * 2, 16) },
     );
-    for await (const { item, outcome } of results) {
-      if (!outcome) {
-        interrupted = true;
-        break; // keep the file a prefix of the input
+    for await (const { value: { item, outcome } } of results) {
+      if (!outcome) continue; // never sent, or aborted: no result
+      const why = fatalOf(outcome);
+      if (why) {
+        // Not a result: fix the cause and run again.
+        fatal ??= { why, outcome, line: item.line };
+        stop("fatal");
+        continue;
       }
-      await fh.write(resultLine(p, item, outcome) + "\n"); // one write per line
-      done++;
+      const line = resultLine(provider, item, outcome);
+      const stored = journal.append(item.index, !outcome.ok, line);
+      finished++;
       if (!outcome.ok) errors++;
+      output.put(item.index, stored);
       progress();
     }
   } finally {
     clearInterval(ticker);
-    await fh.close();
     if (o.signals !== false) {
       process.off("SIGINT", onSignal);
       process.off("SIGTERM", onSignal);
     }
+    output.close();
+    if (output.next === count) journal.remove();
+    else journal.close();
   }
-  if (stopping) interrupted = true;
+
+  // 6. Report.
+  const complete = output.next === count;
   progress(true);
-  if (!o.quiet) {
-    o.err(`\n${f.stats.report()}\n`);
+  if (!o.quiet) o.err(`\n${f.stats.report()}\n`);
+  const kept = `${output.next} of ${count} in order in ${o.output}${
+    output.waiting ? `, ${output.waiting} more in ${journal.path}` : ""
+  }`;
+  if (fatal) {
+    const detail = scrub(fatal.outcome.message ?? "", ep.apiKey);
     o.err(
-      interrupted
-        ? `\npaceline: interrupted after ${
-          skip + done
-        } of ${count}; run the same command again to resume.\n`
-        : `\npaceline: ${done} results (${errors} errored) in ${o.output}\n`,
+      `\npaceline: stopped at line ${fatal.line}: ${fatal.why}.\n${
+        detail ? `  server: ${detail}\n` : ""
+      }Nothing more was sent; those refusals were not recorded as results. Results kept: ${kept}.\n` +
+        `${
+          fatal.outcome.quota
+            ? "Raise the spend limit or add credit"
+            : `Check the key in ${ep.keyVar}`
+        }, then run the same command again: only lines without a result are sent.\n`,
+    );
+    return 3;
+  }
+  if (!complete) {
+    if (!o.quiet) {
+      o.err(
+        `\npaceline: interrupted. Results kept: ${kept}. Run the same command again to resume: only lines without a result are sent.\n`,
+      );
+    }
+    return 130;
+  }
+  if (!o.quiet) {
+    o.err(
+      `\npaceline: ${count} results (${output.errored} errored) in ${o.output}${
+        output.errored ? "; --retry-errored runs the errored ones again" : ""
+      }\n`,
     );
   }
-  if (interrupted) return 130;
-  return errors ? 1 : 0;
+  return output.errored ? 1 : 0;
 }
 
 const TOPICS_EN = [
@@ -841,7 +1422,11 @@ export async function demo(
 }
 
 /** Parses argv and runs; returns the exit code. */
-export async function main(argv: string[], io = {
+export async function main(argv: string[], io: {
+  out: (s: string) => void;
+  err: (s: string) => void;
+  isTTY: boolean;
+} = {
   out: (s: string) => void process.stdout.write(s),
   err: (s: string) => void process.stderr.write(s),
   isTTY: Boolean(process.stderr.isTTY),
@@ -934,6 +1519,9 @@ export async function main(argv: string[], io = {
         case "--stream":
           o.stream = true;
           break;
+        case "--retry-errored":
+          o.retryErrored = true;
+          break;
         case "--quiet":
           o.quiet = true;
           break;
@@ -962,6 +1550,7 @@ export async function main(argv: string[], io = {
       retries: o.retries ?? 5,
       stream: o.stream ?? false,
       quiet: o.quiet ?? false,
+      retryErrored: o.retryErrored ?? false,
       progressMs: o.progressMs,
       ...io,
     });

@@ -38,6 +38,7 @@ function anthropicLines(n: number): string[] {
           role: "user",
           content: i % 3 ? `Question ${i}` : `第${i}个问题`,
         }],
+        metadata: { user_id: `req-${i}` }, // the simulator counts per line
       },
     }));
 }
@@ -202,8 +203,10 @@ describe("paceline run", () => {
   });
 
   it("errored requests are written as errored results; exit code 1", async () => {
-    const s = await sim({ quotaAfter: 3 });
-    const { input, output } = batchFiles(anthropicLines(5).join("\n"));
+    const s = await sim({
+      perClientFaults: { "req-3": { status: 500 }, "req-4": { status: 503 } },
+    });
+    const { input, output } = batchFiles(anthropicLines(6).join("\n"));
     const r = await runCli([
       "run",
       input,
@@ -212,15 +215,12 @@ describe("paceline run", () => {
       "--base-url",
       s.url,
       "--quiet",
-      "--concurrency",
-      "1",
+      "--retries",
+      "0",
     ], NO_KEYS);
     expect(r.code).toBe(1);
     const rows = readResults(output) as {
-      result: {
-        type: string;
-        error?: { error: { details: { error_code: string } } };
-      };
+      result: { type: string; error?: { error: { type: string } } };
     }[];
     expect(rows.map((x) => x.result.type)).toEqual([
       "succeeded",
@@ -228,11 +228,10 @@ describe("paceline run", () => {
       "succeeded",
       "errored",
       "errored",
+      "succeeded",
     ]);
-    expect(rows[3]!.result.error!.error.details.error_code).toBe(
-      "enforced_spend_limit_reached",
-    );
-    expect(s.stats().received).toBe(5); // quota 429s are not retried
+    expect(rows[3]!.result.error!.error.type).toBe("api_error");
+    expect(existsSync(`${output}.journal`)).toBe(false); // complete: no journal
   });
 
   const malformed: [string, string[], RegExp][] = [
@@ -355,17 +354,31 @@ describe("paceline run", () => {
         "50",
         "--concurrency",
         "2",
+        "--rpm",
+        "600",
+        "--itpm",
+        "100000",
+        "--window-ms",
+        "2000",
       ],
       { ...NO_KEYS, ANTHROPIC_API_KEY: key },
     );
     expect(r.code).toBe(0);
-    expect(r.err).toMatch(
-      /\d+\/30 \(\d+\.\d%\) ETA .* req\/min .* tok\/min · 429s 0 · retries 0 · errors 0/,
-    );
+    // Rates in the limits' own unit: the window's use against its limit.
+    const shown = [
+      ...r.err.matchAll(
+        /\d+\/30 \(\d+\.\d%\) ETA \S+ · req (\d+)\/600 per 2s · in tok (\d+)\/100k per 2s · 429s 0 · retries 0 · errors 0/g,
+      ),
+    ];
+    expect(shown.length).toBeGreaterThan(0);
+    for (const m of shown) {
+      expect(Number(m[1])).toBeLessThanOrEqual(30);
+      expect(Number(m[2])).toBeLessThanOrEqual(100_000);
+    }
     expect(r.err).toMatch(/30\/30 \(100\.0%\)/);
     expect(r.err).toMatch(/calls\s+30 \(30 ok/);
     expect(r.out + r.err + readFileSync(output, "utf8")).not.toContain(key);
-    // A wrong key: errored results, and still no key in any output.
+    // A wrong key: a fatal stop, and still no key in any output.
     const bad = await runCli([
       "run",
       input,
@@ -377,9 +390,12 @@ describe("paceline run", () => {
       ...NO_KEYS,
       ANTHROPIC_API_KEY: "sk-ant-WRONG-SECRET-1",
     });
-    expect(bad.code).toBe(1);
-    expect(bad.out + bad.err + readFileSync(join(d, "bad.jsonl"), "utf8")).not
-      .toContain("WRONG-SECRET");
+    expect(bad.code).toBe(3);
+    expect(bad.err).toMatch(/API key was refused \(HTTP 401\)/);
+    expect(
+      bad.out + bad.err + readFileSync(join(d, "bad.jsonl"), "utf8") +
+        readFileSync(join(d, "bad.jsonl.journal"), "utf8"),
+    ).not.toContain("WRONG-SECRET");
   });
 });
 
@@ -428,7 +444,7 @@ describe("paceline run: interrupt and resume", () => {
       const code = await exited;
       expect(code).toBe(130);
       expect(err).toMatch(/stopping: finishing requests in flight/);
-      expect(err).toMatch(/interrupted after \d+ of 60/);
+      expect(err).toMatch(/interrupted\. Results kept: \d+ of 60 in order/);
       const partial = readResults(output);
       expect(partial.length).toBeGreaterThan(0);
       expect(partial.length).toBeLessThan(n);
@@ -479,4 +495,298 @@ describe("paceline demo", () => {
     },
     20_000,
   );
+});
+
+/** Lines of a journal file (complete ones), parsed. */
+function journalRows(path: string): { i: number; e: number; r: unknown }[] {
+  if (!existsSync(path)) return [];
+  return readFileSync(path, "utf8").split("\n").filter(Boolean).map((l) =>
+    JSON.parse(l)
+  );
+}
+
+const ids = (n: number) => Array.from({ length: n }, (_, i) => `req-${i}`);
+
+/** Starts the built CLI as a child process (so it can be killed). */
+function spawnCli(args: string[]) {
+  const cli = join(import.meta.dirname, "dist", "cli.js");
+  expect(existsSync(cli)).toBe(true); // npm test builds first
+  const child = spawn(process.execPath, [cli, ...args], {
+    env: {
+      ...process.env,
+      ...Object.fromEntries(Object.keys(NO_KEYS).map((k) => [k, ""])),
+    },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let err = "";
+  child.stderr.on("data", (c) => (err += c));
+  const exited = new Promise<number | null>((r) =>
+    child.on("exit", (c) => r(c))
+  );
+  return { child, exited, err: () => err };
+}
+
+describe("paceline run: journal, stalls and fatal stops", () => {
+  it("a slow, failing early line holds nothing back; output still in input order", async () => {
+    const s = await sim({
+      latency: { baseMs: 2 },
+      perClientFaults: { "req-0": { status: 529, delayMs: 2000, times: 1 } },
+    });
+    const { input, output } = batchFiles(anthropicLines(400).join("\n"));
+    const r = await runCli([
+      "run",
+      input,
+      "-o",
+      output,
+      "--base-url",
+      s.url,
+      "--quiet",
+      "--concurrency",
+      "4",
+    ], NO_KEYS);
+    expect(r.code).toBe(0);
+    const order = s.stats().completed;
+    // Every other line finished while line 0 was slow and then backing off
+    // (an ordered pipeline would stall once its buffer filled behind it).
+    expect(order.length).toBe(400);
+    expect(order.at(-1)).toBe("req-0");
+    expect(s.stats().perClient["req-0"]!.attempts).toBe(2);
+    expect(readResults(output).map((x) => x.custom_id)).toEqual(ids(400));
+    expect(existsSync(`${output}.journal`)).toBe(false);
+  });
+
+  it(
+    "kill -9 at ~40 % under 8 % 529s, then rerun: every line once, in order; at most ~2 × concurrency redone",
+    async () => {
+      const s = await sim({
+        latency: { baseMs: 30 },
+        faults: { overloaded529: 0.08 },
+        retryAfterMs: true,
+        seed: 11,
+      });
+      const n = 300;
+      const concurrency = 8;
+      const { input, output } = batchFiles(anthropicLines(n).join("\n") + "\n");
+      const journal = `${output}.journal`;
+      const run = spawnCli([
+        "run",
+        input,
+        "-o",
+        output,
+        "--base-url",
+        s.url,
+        "--concurrency",
+        String(concurrency),
+        "--quiet",
+      ]);
+      for (let i = 0; i < 400; i++) {
+        await new Promise((r) => setTimeout(r, 25));
+        if (journalRows(journal).length >= 0.4 * n) break;
+      }
+      run.child.kill("SIGKILL");
+      expect(await run.exited).toBe(null); // killed, no clean-up ran
+      const before = journalRows(journal).length;
+      expect(before).toBeGreaterThan(0);
+      expect(before).toBeLessThan(n);
+      const r = await runCli([
+        "run",
+        input,
+        "-o",
+        output,
+        "--base-url",
+        s.url,
+        "--concurrency",
+        String(concurrency),
+        "--quiet",
+      ], NO_KEYS);
+      expect(r.code).toBe(0);
+      expect(readResults(output).map((x) => x.custom_id)).toEqual(ids(n));
+      expect(existsSync(journal)).toBe(false);
+      const st = s.stats();
+      const redone = Object.values(st.perClient).filter((c) => c.succeeded > 1);
+      expect(redone.length).toBeLessThanOrEqual(2 * concurrency);
+      for (const id of ids(n)) {
+        expect(st.perClient[id]!.succeeded).toBeGreaterThanOrEqual(1);
+      }
+      expect(st.faults.overloaded529).toBeGreaterThan(0);
+    },
+    30_000,
+  );
+
+  it("spend limit reached: exit 3, nothing more sent, no quota results; a healthy rerun sends only what is left", async () => {
+    const concurrency = 4;
+    const s = await sim({ quotaAfter: 30, latency: { baseMs: 5 } });
+    const n = 80;
+    const { input, output } = batchFiles(anthropicLines(n).join("\n"));
+    const r = await runCli([
+      "run",
+      input,
+      "-o",
+      output,
+      "--base-url",
+      s.url,
+      "--concurrency",
+      String(concurrency),
+    ], NO_KEYS);
+    expect(r.code).toBe(3);
+    expect(r.err).toMatch(
+      /stopped at line \d+: the account's quota.*enforced_spend_limit_reached/,
+    );
+    expect(r.err).toMatch(/run the same command again/);
+    const st = s.stats();
+    expect(st.rejected.quota).toBeGreaterThan(0);
+    expect(st.rejected.quota).toBeLessThanOrEqual(2 * concurrency);
+    // Nothing recorded is a quota refusal; everything recorded succeeded.
+    const written = existsSync(output) && readFileSync(output, "utf8")
+      ? readResults(output)
+      : [];
+    const journaled = journalRows(`${output}.journal`);
+    for (const row of written) {
+      expect((row.result as { type: string }).type).toBe("succeeded");
+    }
+    for (const row of journaled) expect(row.e).toBe(0);
+    expect(new Set(journaled.map((x) => x.i)).size).toBe(30);
+
+    const healthy = await sim({ latency: { baseMs: 5 } });
+    const again = await runCli([
+      "run",
+      input,
+      "-o",
+      output,
+      "--base-url",
+      healthy.url,
+      "--quiet",
+    ], NO_KEYS);
+    expect(again.code).toBe(0);
+    expect(readResults(output).map((x) => x.custom_id)).toEqual(ids(n));
+    const first = s.stats().perClient;
+    const second = healthy.stats().perClient;
+    for (const id of ids(n)) {
+      const done = (first[id]?.succeeded ?? 0) > 0;
+      expect(second[id] === undefined).toBe(done); // no success sent twice
+    }
+    expect(healthy.stats().received).toBe(n - 30);
+  });
+
+  it("a wrong key (401): exit 3 after at most ~2 × concurrency requests; the right key finishes the job", async () => {
+    const s = await sim({ apiKey: "sk-right-key-1", latency: { baseMs: 5 } });
+    const { input, output } = batchFiles(anthropicLines(50).join("\n"));
+    const r = await runCli([
+      "run",
+      input,
+      "-o",
+      output,
+      "--base-url",
+      s.url,
+      "--concurrency",
+      "4",
+    ], { ...NO_KEYS, ANTHROPIC_API_KEY: "sk-wrong-key-2" });
+    expect(r.code).toBe(3);
+    expect(r.err).toMatch(/API key was refused \(HTTP 401\)/);
+    expect(r.err).toMatch(/Check the key in ANTHROPIC_API_KEY/);
+    expect(r.err).not.toContain("sk-wrong-key-2");
+    expect(s.stats().rejected.auth).toBeLessThanOrEqual(8);
+    expect(readFileSync(output, "utf8")).toBe("");
+    const ok = await runCli([
+      "run",
+      input,
+      "-o",
+      output,
+      "--base-url",
+      s.url,
+      "--quiet",
+    ], { ...NO_KEYS, ANTHROPIC_API_KEY: "sk-right-key-1" });
+    expect(ok.code).toBe(0);
+    expect(readResults(output).map((x) => x.custom_id)).toEqual(ids(50));
+    expect(s.stats().accepted).toBe(50);
+  });
+
+  it("--retry-errored sends only the errored lines and rewrites the output in order", async () => {
+    const s = await sim({
+      perClientFaults: { "req-2": { status: 500 }, "req-5": { status: 529 } },
+    });
+    const { input, output } = batchFiles(anthropicLines(8).join("\n"));
+    const args = ["run", input, "-o", output, "--quiet", "--retries", "0"];
+    const first = await runCli([...args, "--base-url", s.url], NO_KEYS);
+    expect(first.code).toBe(1);
+    // Without the flag, a rerun has nothing to do.
+    const idle = await runCli([...args, "--base-url", s.url], NO_KEYS);
+    expect(idle.code).toBe(1);
+    expect(s.stats().received).toBe(8);
+    const healthy = await sim();
+    const r = await runCli(
+      [...args, "--base-url", healthy.url, "--retry-errored"],
+      NO_KEYS,
+    );
+    expect(r.code).toBe(0);
+    expect(Object.keys(healthy.stats().perClient).sort()).toEqual([
+      "req-2",
+      "req-5",
+    ]);
+    const rows = readResults(output);
+    expect(rows.map((x) => x.custom_id)).toEqual(ids(8));
+    expect(
+      rows.every((x) => (x.result as { type: string }).type === "succeeded"),
+    )
+      .toBe(true);
+    expect(existsSync(`${output}.tmp`)).toBe(false);
+    expect(existsSync(`${output}.journal`)).toBe(false);
+  });
+
+  it("a torn journal line (kill -9 mid-write) is ignored, never half-read; journaled results are used, not resent", async () => {
+    const s = await sim();
+    const n = 10;
+    const { input, output } = batchFiles(anthropicLines(n).join("\n"));
+    const journal = `${output}.journal`;
+    const entry = (i: number, text: string) =>
+      JSON.stringify({
+        i,
+        e: 0,
+        r: {
+          custom_id: `req-${i}`,
+          result: {
+            type: "succeeded",
+            message: { content: [{ type: "text", text }] },
+          },
+        },
+      });
+    writeFileSync(
+      journal,
+      `${entry(3, "from the journal")}\n` +
+        `{"i":4,"e":0,"r":{"custom_id":"req-4","res\n` + // a damaged line
+        `${entry(7, "also journaled")}\n` +
+        entry(8, "torn").slice(0, 40), // torn: no newline
+    );
+    const r = await runCli(
+      ["run", input, "-o", output, "--base-url", s.url],
+      NO_KEYS,
+    );
+    expect(r.code).toBe(0);
+    expect(r.err).toMatch(/1 torn line\(s\) in .*journal ignored/);
+    const rows = readResults(output) as {
+      custom_id: string;
+      result: { message: { content: { text: string }[] } };
+    }[];
+    expect(rows.map((x) => x.custom_id)).toEqual(ids(n));
+    expect(rows[3]!.result.message.content[0]!.text).toBe("from the journal");
+    expect(rows[7]!.result.message.content[0]!.text).toBe("also journaled");
+    expect(rows[8]!.result.message.content[0]!.text).not.toBe("torn");
+    expect(Object.keys(s.stats().perClient).sort()).toEqual(
+      ids(n).filter((id) => id !== "req-3" && id !== "req-7").sort(),
+    );
+    // A journal of another input is refused, and nothing is sent.
+    writeFileSync(journal, `${entry(2, "x").replace("req-2", "other")}\n`);
+    const { input: input2, output: output2 } = batchFiles(
+      anthropicLines(3).join("\n"),
+    );
+    writeFileSync(`${output2}.journal`, readFileSync(journal));
+    const before = s.stats().received;
+    const bad = await runCli(
+      ["run", input2, "-o", output2, "--base-url", s.url],
+      NO_KEYS,
+    );
+    expect(bad.code).toBe(2);
+    expect(bad.err).toMatch(/journal belongs to another input/);
+    expect(s.stats().received).toBe(before);
+  });
 });

@@ -151,6 +151,8 @@ export interface SimStats {
    * `metadata.user_id`, or OpenAI `user`): attempts, and completed successes.
    */
   perClient: Record<string, { attempts: number; succeeded: number }>;
+  /** Client request ids in the order their successful responses completed. */
+  completed: string[];
   /** The outcome of every request in arrival order: status, or a fault name. */
   log: string[];
 }
@@ -433,6 +435,7 @@ export async function startSimulator(
       acceptedAt: { first: -1, last: -1 },
       usage: { inputTokens: 0, outputTokens: 0 },
       perClient: {},
+      completed: [],
       log: [],
     };
   };
@@ -749,7 +752,10 @@ export async function startSimulator(
     const done = (): void => {
       stats.usage.inputTokens += input;
       stats.usage.outputTokens += outTokens;
-      if (client !== undefined) stats.perClient[client]!.succeeded++;
+      if (client !== undefined) {
+        stats.perClient[client]!.succeeded++;
+        stats.completed.push(client);
+      }
     };
 
     if (body.stream === true) {

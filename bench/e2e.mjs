@@ -3,6 +3,9 @@
 // running in a child process, through paceline and through what users would
 // otherwise write. CPU time is this (client) process only.
 import { spawn } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import Anthropic from "@anthropic-ai/sdk";
 import pLimit from "p-limit";
@@ -10,23 +13,29 @@ import PQueue from "p-queue";
 import pRetry, { AbortError } from "p-retry";
 import { mapConcurrent, rateLimitedFetch } from "../dist/mod.js";
 import { inputTokensOf } from "../dist/sim.js";
-import { table } from "./lib.mjs";
+import { median, table } from "./lib.mjs";
 
 const simPath = fileURLToPath(new URL("../dist/sim.js", import.meta.url));
+const cliPath = fileURLToPath(new URL("../dist/cli.js", import.meta.url));
 
-async function startSimChild(limits, windowMs) {
+async function startSimChild(limits, windowMs, extra = []) {
   const child = spawn(process.execPath, [
     simPath,
     "--port",
     "0",
-    "--rpm",
-    String(limits.requests),
-    "--itpm",
-    String(limits.inputTokens),
-    "--otpm",
-    String(limits.outputTokens),
-    "--window-ms",
-    String(windowMs),
+    ...(limits
+      ? [
+        "--rpm",
+        String(limits.requests),
+        "--itpm",
+        String(limits.inputTokens),
+        "--otpm",
+        String(limits.outputTokens),
+        "--window-ms",
+        String(windowMs),
+      ]
+      : []),
+    ...extra,
   ], { stdio: ["ignore", "pipe", "inherit"] });
   const url = await new Promise((resolve, reject) => {
     let out = "";
@@ -87,6 +96,129 @@ const theory = (total, limit, ms) =>
   Math.max(0, Math.ceil(total / limit) - 1) * ms;
 
 export async function e2e({ quick }) {
+  const a = await limitsTable({ quick });
+  const b = await cliVsLibrary({ quick });
+  return {
+    markdown: `${a.markdown}\n\n${b.markdown}`,
+    results: { limits: a.results, cliVsLibrary: b.results },
+  };
+}
+
+/**
+ * The batch CLI against the library it is built on, on the same requests
+ * with 5 % 529s: a line sleeping in backoff must not hold the rest back.
+ */
+async function cliVsLibrary({ quick }) {
+  const n = quick ? 300 : 3000;
+  const concurrency = 32;
+  const extra = ["--latency-ms", "50", "--fault-529", "0.05", "--seed", "3"];
+  const requests = batch(n);
+  const dir = mkdtempSync(join(tmpdir(), "paceline-bench-"));
+  const input = join(dir, "in.jsonl");
+  writeFileSync(
+    input,
+    requests.map((params, i) => JSON.stringify({ custom_id: `b${i}`, params }))
+      .join("\n") + "\n",
+  );
+  const contenders = [
+    {
+      name: "library: `rateLimitedFetch` + `mapConcurrent`",
+      run: async (url) => {
+        const f = rateLimitedFetch({ concurrency });
+        const ok = await mapConcurrent(requests, async (r) => {
+          const res = await f(`${url}/v1/messages`, {
+            method: "POST",
+            headers: {
+              "content-type": "application/json",
+              "x-api-key": "k",
+              "anthropic-version": "2023-06-01",
+            },
+            body: JSON.stringify(r),
+          });
+          await res.text();
+          return res.ok;
+        }, { concurrency: concurrency * 2 });
+        return ok.filter(Boolean).length;
+      },
+    },
+    {
+      name: "CLI: `paceline run` (journal, ordered output)",
+      run: async (url) => {
+        const output = join(dir, "out.jsonl");
+        rmSync(output, { force: true });
+        const code = await new Promise((resolve) => {
+          const child = spawn(process.execPath, [
+            cliPath,
+            "run",
+            input,
+            "-o",
+            output,
+            "--base-url",
+            url,
+            "--concurrency",
+            String(concurrency),
+            "--quiet",
+          ], { stdio: ["ignore", "ignore", "inherit"] });
+          child.on("exit", resolve);
+        });
+        if (code !== 0 && code !== 1) throw new Error(`CLI exited ${code}`);
+        return readFileSync(output, "utf8").split("\n").filter((l) =>
+          l.includes('"succeeded"')
+        ).length;
+      },
+    },
+  ];
+  const rounds = quick ? 1 : 2;
+  const times = new Map(contenders.map((c) => [c.name, []]));
+  const oks = new Map();
+  try {
+    for (let r = 0; r < rounds; r++) {
+      for (let i = 0; i < contenders.length; i++) {
+        const c = contenders[(i + r) % contenders.length];
+        const sim = await startSimChild(undefined, 0, extra);
+        try {
+          const t0 = performance.now();
+          oks.set(c.name, await c.run(sim.url));
+          times.get(c.name).push(performance.now() - t0);
+        } finally {
+          await sim.close();
+        }
+      }
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  const med = median;
+  const base = med(times.get(contenders[0].name));
+  const results = contenders.map((c) => ({
+    name: c.name,
+    succeeded: oks.get(c.name),
+    wallMs: med(times.get(c.name)),
+    ratio: med(times.get(c.name)) / base,
+  }));
+  return {
+    markdown: [
+      `### CLI vs library, 5 % 529s: ${n} Anthropic requests, 50 ms latency, concurrency ${concurrency}, no rate limits (${rounds} rotating round${
+        rounds > 1 ? "s" : ""
+      }, median)`,
+      "",
+      table(
+        ["contender", "succeeded", "wall", "vs library"],
+        results.map((r) => [
+          r.name,
+          `${r.succeeded}/${n}`,
+          `${(r.wallMs / 1000).toFixed(2)} s`,
+          `${r.ratio.toFixed(2)}×`,
+        ]),
+      ),
+      "",
+      "Target: CLI ≤ 1.10 × the library (the CLI's time includes starting Node).",
+    ].join("\n"),
+    results,
+  };
+}
+
+async function limitsTable({ quick }) {
   const n = quick ? 100 : 500;
   const windowMs = quick ? 500 : 2000;
   const requests = batch(n);

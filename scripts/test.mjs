@@ -54,6 +54,7 @@ step(
       "sim.ts",
       "cli.ts",
       "test/fetch_smoke.ts",
+      "test/cli_smoke.ts",
     ),
 );
 step("deno lint", () => deno("lint"));
@@ -119,6 +120,14 @@ step(
   () => smoke(bin("deno"), ["run", "-A", "test/fetch_smoke.ts"]),
 );
 step("fetch e2e smoke (Bun)", () => smoke(bin("bun"), ["test/fetch_smoke.ts"]));
+step(
+  "CLI journal: fatal stop, then resume (Deno)",
+  () => smoke(bin("deno"), ["run", "-A", "test/cli_smoke.ts"]),
+);
+step(
+  "CLI journal: fatal stop, then resume (Bun)",
+  () => smoke(bin("bun"), ["test/cli_smoke.ts"]),
+);
 const demoSmoke = (cmd, args) => {
   const out = run(cmd, args);
   if (!/simulator: 20 accepted/.test(out)) {
