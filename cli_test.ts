@@ -403,15 +403,12 @@ describe("paceline run: interrupt and resume", () => {
   it(
     "SIGINT stops cleanly; a re-run resumes; a torn last line is cut; nothing lost or duplicated",
     async () => {
-      const cli = join(import.meta.dirname, "dist", "cli.js");
-      expect(existsSync(cli)).toBe(true); // npm test builds first
       const s = await sim({ latency: { baseMs: 150 } });
       const n = 60;
       const { d, input, output } = batchFiles(
         anthropicLines(n).join("\n") + "\n",
       );
-      const child = spawn(process.execPath, [
-        cli,
+      const { child, exited, err: stderr } = spawnCli([
         "run",
         input,
         "-o",
@@ -420,18 +417,7 @@ describe("paceline run: interrupt and resume", () => {
         s.url,
         "--concurrency",
         "4",
-      ], {
-        env: {
-          ...process.env,
-          ...Object.fromEntries(Object.keys(NO_KEYS).map((k) => [k, ""])),
-        },
-        stdio: ["ignore", "pipe", "pipe"],
-      });
-      let err = "";
-      child.stderr.on("data", (c) => (err += c));
-      const exited = new Promise<number | null>((r) =>
-        child.on("exit", (c) => r(c))
-      );
+      ]);
       // Interrupt once some results are out, however slow this machine is.
       for (let i = 0; i < 200; i++) {
         await new Promise((r) => setTimeout(r, 50));
@@ -442,6 +428,7 @@ describe("paceline run: interrupt and resume", () => {
       }
       child.kill("SIGINT");
       const code = await exited;
+      const err = stderr();
       expect(code).toBe(130);
       expect(err).toMatch(/stopping: finishing requests in flight/);
       expect(err).toMatch(/interrupted\. Results kept: \d+ of 60 in order/);
