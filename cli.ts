@@ -47,6 +47,7 @@ import {
   estimateCost,
   HttpError,
   mapConcurrentUnordered,
+  parseRetryAfter,
   rateLimitedFetch,
   SseParser,
   type Stats,
@@ -56,6 +57,8 @@ import {
 import { startSimulator } from "./sim.ts";
 
 const VERSION = "0.1.0";
+/** The library's default `maxRetryAfterMs`: longer server-told waits fail the line at once. */
+const MAX_RETRY_AFTER_MS = 120_000;
 
 const HELP = `paceline ${VERSION}: rate-limited batch runs against LLM APIs
 
@@ -402,6 +405,8 @@ interface Outcome {
   message?: string;
   /** A quota/billing 429: the provider's code. */
   quota?: string;
+  /** What we add to the server's message, e.g. that its long wait was obeyed. */
+  note?: string;
 }
 
 /**
@@ -460,6 +465,11 @@ async function perform(
         return { ok: true, status: response.status, body: parsed, requestId };
       }
       const err = HttpError.from(response, text);
+      // A server that asked for a long wait was obeyed (not retried): say so.
+      const asked = parseRetryAfter(response.headers, Date.now(), {
+        maxMs: Infinity,
+        resetHeaders: response.status === 429,
+      });
       return {
         ok: false,
         status: response.status,
@@ -467,6 +477,11 @@ async function perform(
         requestId,
         errorType: err.type,
         message: err.message,
+        note: asked !== undefined && asked > MAX_RETRY_AFTER_MS
+          ? `the server asked to wait ${
+            fmtDuration(asked)
+          }; not retried (longer than ${fmtDuration(MAX_RETRY_AFTER_MS)})`
+          : undefined,
         quota: err.quota,
       };
     }
@@ -857,20 +872,35 @@ function readAt(fd: number, off: number, len: number): string {
   return buf.toString("utf8");
 }
 
+/**
+ * The server's error body with our note put before its message (e.g. that a
+ * long server-told wait was obeyed by not retrying); other fields kept.
+ */
+function noted(body: unknown, note: string | undefined): unknown {
+  const err = (body as { error?: unknown } | null)?.error;
+  if (!note || !err || typeof err !== "object") return body;
+  const e = err as { message?: unknown };
+  return {
+    ...(body as object),
+    error: {
+      ...e,
+      message: typeof e.message === "string" ? `${note}: ${e.message}` : note,
+    },
+  };
+}
+
 function resultLine(provider: Provider, item: Item, outcome: Outcome): string {
+  const body = outcome.ok ? outcome.body : noted(outcome.body, outcome.note);
   if (provider === "anthropic") {
     const result = outcome.ok ? { type: "succeeded", message: outcome.body } : {
       type: "errored",
-      error: outcome.body && typeof outcome.body === "object" &&
-          "error" in (outcome.body as object)
-        ? outcome.body
-        : {
-          type: "error",
-          error: {
-            type: outcome.errorType ?? "api_error",
-            message: outcome.message,
-          },
+      error: body && typeof body === "object" && "error" in body ? body : {
+        type: "error",
+        error: {
+          type: outcome.errorType ?? "api_error",
+          message: outcome.message,
         },
+      },
     };
     return JSON.stringify({ custom_id: item.customId, result });
   }
@@ -881,7 +911,7 @@ function resultLine(provider: Provider, item: Item, outcome: Outcome): string {
       ? {
         status_code: outcome.status,
         request_id: outcome.requestId ?? null,
-        body: outcome.body,
+        body,
       }
       : null,
     error: outcome.status ? null : {
@@ -1019,6 +1049,10 @@ class OrderedOutput {
 
 function fmtDuration(ms: number): string {
   if (!Number.isFinite(ms)) return "?";
+  if (ms >= 2 * 31_557_600_000) {
+    return `${Math.round(ms / 31_557_600_000)} years`;
+  }
+  if (ms >= 172_800_000) return `${Math.round(ms / 86_400_000)} days`;
   const s = Math.round(ms / 1000);
   return s >= 3600
     ? `${Math.floor(s / 3600)}h${
@@ -1132,6 +1166,7 @@ export async function run(o: RunOptions): Promise<number> {
     concurrency: o.concurrency,
     retry: {
       retries: o.retries,
+      maxRetryAfterMs: MAX_RETRY_AFTER_MS,
       shouldRetry: (e) => (isStop(e) ? false : undefined),
     },
     learn: { windowMs: o.windowMs },

@@ -688,6 +688,33 @@ describe("paceline run: journal, stalls and fatal stops", () => {
     expect(s.stats().accepted).toBe(50);
   });
 
+  it("a server's 30-year retry-after is obeyed: that line errored at once, saying how long; no hammering", async () => {
+    const s = await sim({
+      perClientFaults: { "req-1": { status: 429, retryAfter: "946080000" } },
+    });
+    const { input, output } = batchFiles(anthropicLines(4).join("\n"));
+    const r = await runCli(
+      ["run", input, "-o", output, "--base-url", s.url, "--quiet"],
+      NO_KEYS,
+    );
+    expect(r.code).toBe(1);
+    const rows = readResults(output) as {
+      result: { type: string; error?: { error: { message: string } } };
+    }[];
+    expect(rows.map((x) => x.result.type)).toEqual([
+      "succeeded",
+      "errored",
+      "succeeded",
+      "succeeded",
+    ]);
+    expect(s.stats().perClient["req-1"]!.attempts).toBe(1);
+    expect(r.err).toBe("");
+    const line = readFileSync(output, "utf8").split("\n")[1]!;
+    expect(JSON.parse(line).result.error.error.message).toBe(
+      "the server asked to wait 30 years; not retried (longer than 2m00s): Scripted 429",
+    );
+  });
+
   it("--retry-errored sends only the errored lines and rewrites the output in order", async () => {
     const s = await sim({
       perClientFaults: { "req-2": { status: 500 }, "req-5": { status: 529 } },

@@ -1579,9 +1579,18 @@ export interface ParseRetryAfterOptions {
    * wait. Default `true`.
    */
   resetHeaders?: boolean;
+  /**
+   * Longest wait returned; a longer one yields `undefined`. Default one day
+   * (86,400,000), so a caller that only sleeps never sleeps for years.
+   * `Infinity` returns any parseable wait as it is, for callers that want to
+   * tell "the server asked for 30 years" apart from "the server said
+   * nothing" ({@linkcode retry} does: it fails at once on a wait above its
+   * `maxRetryAfterMs`).
+   */
+  maxMs?: number;
 }
 
-/** Server-told waits longer than this are treated as garbage. */
+/** parseRetryAfter's default limit: longer waits are not slept. */
 const ABSURD_MS = 86_400_000;
 
 /**
@@ -1599,17 +1608,19 @@ const ABSURD_MS = 86_400_000;
  *    `x-ratelimit-reset` (epoch seconds). Buckets whose `remaining` is 0 are
  *    preferred; the longest of those (or of all, if none says 0) wins.
  *
- * Parsing is strict: no `Date.parse`. Garbage, negative values, `NaN`, dates
- * without a zone and waits over one day yield `undefined`, so the caller
- * falls back to its own backoff instead of hammering or sleeping for years.
- * A date in the past also yields `undefined`. Repeated values (`"5, 10"`)
- * yield the longest.
+ * Parsing is strict: no `Date.parse`. Garbage, negative values, `NaN` and
+ * dates without a zone yield `undefined`, so the caller falls back to its
+ * own backoff instead of hammering. A date in the past also yields
+ * `undefined`. Waits over `maxMs` (default one day) yield `undefined` too, so
+ * nobody sleeps for years; {@linkcode retry} reads them with `maxMs:
+ * Infinity` and fails at once instead. Repeated values (`"5, 10"`) yield the
+ * longest.
  *
  * @param headers A `Headers` object or a plain record.
  * @param now The current wall-clock time in epoch ms, for dates; default
  *   `Date.now()`.
  * @param options See {@linkcode ParseRetryAfterOptions}.
- * @returns Milliseconds to wait (≥ 0, ≤ one day), or `undefined`.
+ * @returns Milliseconds to wait (≥ 0, ≤ `maxMs`), or `undefined`.
  *
  * @example
  * ```ts
@@ -1631,8 +1642,12 @@ export function parseRetryAfter(
   options: ParseRetryAfterOptions = {},
 ): number | undefined {
   if (!headers) return undefined;
-  const { resetHeaders = true } = options;
+  const { resetHeaders = true, maxMs = ABSURD_MS } = options;
   const get = headerGetter(headers);
+  const sane = (v: number | undefined): number | undefined =>
+    v !== undefined && v >= 0 && v <= maxMs && Number.isFinite(v)
+      ? v
+      : undefined;
   const ms = get("retry-after-ms");
   if (ms !== undefined) {
     const v = maxOfList(ms, (s) => parseDecimal(s));
@@ -1645,10 +1660,6 @@ export function parseRetryAfter(
   }
   if (!resetHeaders) return undefined;
   return sane(parseResets(get, now));
-}
-
-function sane(v: number | undefined): number | undefined {
-  return v !== undefined && v >= 0 && v <= ABSURD_MS ? v : undefined;
 }
 
 /** A case-insensitive single-value getter over either kind of headers. */
@@ -2138,9 +2149,14 @@ export interface RetryOptions extends BackoffOptions {
   maxElapsedMs?: number;
   /**
    * The longest server-told wait we honour, in ms. A server asking for more
-   * fails at once with a {@linkcode RetryError} that says how long it asked
-   * for. Default 120,000 (two minutes: a per-minute window plus slack; longer
-   * asks usually mean a daily limit, where failing fast beats a silent stall).
+   * — absurd asks included, such as `retry-after: 946080000` (30 years) or a
+   * date decades ahead — fails at once, without another attempt, with a
+   * {@linkcode RetryError} that says how long it asked for: the server said
+   * "not for a long time", so we neither sleep that long nor hammer it with
+   * backoff. Waits over one day fail even with `Infinity`. Only values that
+   * do not parse fall back to backoff. Default 120,000 (two minutes: a
+   * per-minute window plus slack; longer asks usually mean a daily limit,
+   * where failing fast beats a silent stall).
    */
   maxRetryAfterMs?: number;
   /**
@@ -2307,12 +2323,15 @@ async function retryChecked<T>(
     if (attempt > o.retries) {
       giveUp(`Gave up after ${attempt} attempt${attempt === 1 ? "" : "s"}`);
     }
+    // Any parseable wait, absurd ones included: a server that says "not
+    // for 30 years" is obeyed by not retrying, never hammered with backoff.
     const told = parseRetryAfter(failure.headers, o.dateNow(), {
       resetHeaders: failure.status === 429,
+      maxMs: Infinity,
     });
     let delayMs: number;
     if (told !== undefined) {
-      if (told > o.maxRetryAfterMs) {
+      if (told > o.maxRetryAfterMs || told > ABSURD_MS) {
         giveUp(
           `The server asked to wait ${
             formatMs(told)
@@ -2490,7 +2509,9 @@ function formatMs(ms: number): string {
   if (ms < 1000) return `${Math.round(ms)} ms`;
   if (ms < 120_000) return `${+(ms / 1000).toFixed(1)} s`;
   if (ms < 7_200_000) return `${+(ms / 60_000).toFixed(1)} min`;
-  return `${+(ms / 3_600_000).toFixed(1)} h`;
+  if (ms < 172_800_000) return `${+(ms / 3_600_000).toFixed(1)} h`;
+  if (ms < 2 * 31_557_600_000) return `${+(ms / 86_400_000).toFixed(1)} days`;
+  return `${+(ms / 31_557_600_000).toFixed(1)} years`;
 }
 
 interface CheckedRetryOptions extends Required<BackoffOptions> {

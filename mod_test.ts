@@ -1355,6 +1355,40 @@ describe("retry", () => {
       .toEqual([300_000]);
   });
 
+  it("an absurd server-told wait (30 years) is obeyed: one attempt, no sleep, the duration in the error", async () => {
+    const thirtyYears = new Date(Date.now() + 30 * 365.25 * 86_400_000)
+      .toUTCString();
+    for (
+      const [headers, said] of [
+        [{ "retry-after": "946080000" }, /asked to wait 30 years, longer than maxRetryAfterMs/],
+        [{ "retry-after": thirtyYears }, /asked to wait \d\d(\.\d)? years/],
+        [{ "retry-after-ms": "90000000" }, /asked to wait 25 h/],
+      ] as const
+    ) {
+      const s = scripted([resp(429, headers), () => "never"]);
+      const { result, sleeps } = await runRetry(s.fn, {
+        maxRetryAfterMs: Infinity, // even then: over a day is never slept
+      });
+      expect(s.calls()).toBe(1);
+      expect(sleeps).toEqual([]);
+      expect(result.error).toBeInstanceOf(RetryError);
+      expect((result.error as Error).message).toMatch(said);
+      expect((result.error as RetryError).response?.status).toBe(429);
+    }
+    // Garbage is not a wait: backoff as before.
+    const soon = scripted([resp(429, { "retry-after": "soon" }), () => "ok"]);
+    const r = await runRetry(soon.fn);
+    expect(r.sleeps).toEqual([375]);
+    expect(r.result.value).toBe("ok");
+    // parseRetryAfter itself still never returns a wait over maxMs.
+    expect(parseRetryAfter({ "retry-after": "946080000" })).toBeUndefined();
+    expect(
+      parseRetryAfter({ "retry-after": "946080000" }, Date.now(), {
+        maxMs: Infinity,
+      }),
+    ).toBe(946_080_000_000);
+  });
+
   it("maxElapsedMs stops a retry whose wait would pass the budget", async () => {
     const s = scripted([resp(503)]);
     const { result, sleeps, clock } = await runRetry(s.fn, {

@@ -103,13 +103,19 @@ export interface SimulatorOptions {
   /**
    * Scripted faults for particular logical requests, keyed by client request
    * id (see {@linkcode SimStats.perClient}): the first `times` attempts
-   * (default every attempt) wait `delayMs` and/or fail with `status` (500,
-   * 503 or 529, in the provider's error shape). For tests of one slow or
-   * failing line in a batch.
+   * (default every attempt) wait `delayMs` and/or fail with `status` (429,
+   * 500, 503 or 529, in the provider's error shape; `retryAfter` is sent as
+   * the `retry-after` header). For tests of one slow or failing line in a
+   * batch.
    */
   perClientFaults?: Record<
     string,
-    { status?: 500 | 503 | 529; delayMs?: number; times?: number }
+    {
+      status?: 429 | 500 | 503 | 529;
+      delayMs?: number;
+      times?: number;
+      retryAfter?: string;
+    }
   >;
 }
 
@@ -609,11 +615,17 @@ export async function startSimulator(
       const scripted = options.perClientFaults?.[client];
       if (scripted && seen.attempts <= (scripted.times ?? Infinity)) {
         if (scripted.delayMs) await sleep(scripted.delayMs);
+        const h: Record<string, string> = scripted.retryAfter === undefined
+          ? {}
+          : { "retry-after": scripted.retryAfter };
         if (scripted.status === 529) {
-          return send(529, error("overloaded_error", "Overloaded"));
+          return send(529, error("overloaded_error", "Overloaded"), h);
+        }
+        if (scripted.status === 429) {
+          return send(429, error("rate_limit_error", "Scripted 429"), h);
         }
         if (scripted.status) {
-          return send(scripted.status, error("api_error", "Scripted fault"));
+          return send(scripted.status, error("api_error", "Scripted fault"), h);
         }
       }
     }
