@@ -1360,7 +1360,10 @@ describe("retry", () => {
       .toUTCString();
     for (
       const [headers, said] of [
-        [{ "retry-after": "946080000" }, /asked to wait 30 years, longer than maxRetryAfterMs/],
+        [
+          { "retry-after": "946080000" },
+          /asked to wait 30 years, longer than maxRetryAfterMs/,
+        ],
         [{ "retry-after": thirtyYears }, /asked to wait \d\d(\.\d)? years/],
         [{ "retry-after-ms": "90000000" }, /asked to wait 25 h/],
       ] as const

@@ -41,7 +41,7 @@ const deno = (...args) => run(bin("deno"), args);
 step("build", () => run("npm", ["run", "--silent", "build"]));
 step("typecheck (tsc)", () => run(bin("tsc"), ["-p", "tsconfig.json"]));
 step(
-  "vitest (Node: mod_test.ts, sim_test.ts, fetch_test.ts, cli_test.ts)",
+  "vitest (Node: mod_test.ts, sim_test.ts, fetch_test.ts, cli_test.ts, frameworks_test.ts)",
   () => run(bin("vitest"), ["run"]),
 );
 step(

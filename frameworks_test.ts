@@ -1,0 +1,172 @@
+// The frameworks people build on, through rateLimitedFetch against the
+// simulator: Vercel AI SDK (ai + @ai-sdk/anthropic, @ai-sdk/openai) and
+// LangChain.js (@langchain/anthropic, @langchain/openai). Their own retries
+// are off (maxRetries: 0) because paceline retries; every call must reach
+// the server once, draw no 429, and settle its real usage into fetch.stats,
+// streaming included.
+import { describe, expect, it } from "vitest";
+import { generateText, streamText } from "ai";
+import { createAnthropic } from "@ai-sdk/anthropic";
+import { createOpenAI } from "@ai-sdk/openai";
+import { ChatAnthropic } from "@langchain/anthropic";
+import { ChatOpenAI } from "@langchain/openai";
+import { rateLimitedFetch } from "./mod.ts";
+import type { Simulator } from "./sim.ts";
+import { sim } from "./test/sims.ts";
+
+const WINDOW_MS = 1000;
+const LIMIT = 8;
+/** Calls per framework: more than one window's worth, so limits bind. */
+const CALLS = 12;
+
+async function limited(): Promise<{
+  s: Simulator;
+  f: ReturnType<typeof rateLimitedFetch>;
+}> {
+  const s = await sim({ limits: { requests: LIMIT, windowMs: WINDOW_MS } });
+  const f = rateLimitedFetch({
+    limiter: {
+      windows: [{ key: "requests", limit: LIMIT, ms: WINDOW_MS }],
+      // The simulator shares this event loop with heavy framework code:
+      // arrival can trail the send stamp by 100 ms+ (see fetch_test).
+      marginMs: 200,
+    },
+    concurrency: 4,
+    learn: false,
+  });
+  return { s, f };
+}
+
+/** Every call once, no 429, and the tokens the server counted = ours. */
+function expectClean(s: Simulator, f: ReturnType<typeof rateLimitedFetch>) {
+  const st = s.stats();
+  expect(st.rateLimited.requests).toBe(0);
+  expect(st.received).toBe(CALLS);
+  expect(st.accepted).toBe(CALLS);
+  const ours = f.stats.toJSON();
+  expect(ours.calls).toBe(CALLS);
+  expect(ours.retries).toBe(0);
+  expect(ours.inputTokens).toBe(st.usage.inputTokens);
+  expect(ours.outputTokens).toBe(st.usage.outputTokens);
+  expect(ours.outputTokens).toBeGreaterThan(0);
+}
+
+const prompt = (i: number) => `Question ${i}: what is a sliding window?`;
+
+describe("Vercel AI SDK through rateLimitedFetch", () => {
+  it("@ai-sdk/anthropic: generateText and streamText", async () => {
+    const { s, f } = await limited();
+    const anthropic = createAnthropic({
+      apiKey: "k",
+      baseURL: `${s.url}/v1`,
+      fetch: f,
+    });
+    const model = anthropic("claude-sim");
+    const texts = await Promise.all(
+      Array.from({ length: CALLS }, async (_, i) => {
+        if (i % 3 === 0) {
+          const r = streamText({
+            model,
+            prompt: prompt(i),
+            maxOutputTokens: 30,
+            maxRetries: 0,
+          });
+          let text = "";
+          for await (const t of r.textStream) text += t;
+          expect((await r.usage).outputTokens).toBeGreaterThan(0);
+          return text;
+        }
+        const r = await generateText({
+          model,
+          prompt: prompt(i),
+          maxOutputTokens: 30,
+          maxRetries: 0,
+        });
+        return r.text;
+      }),
+    );
+    expect(texts.every((t) => t.length > 0)).toBe(true);
+    expectClean(s, f);
+  });
+
+  it("@ai-sdk/openai (chat completions): generateText and streamText", async () => {
+    const { s, f } = await limited();
+    const openai = createOpenAI({
+      apiKey: "k",
+      baseURL: `${s.url}/v1`,
+      fetch: f,
+    });
+    const model = openai.chat("gpt-sim");
+    const texts = await Promise.all(
+      Array.from({ length: CALLS }, async (_, i) => {
+        if (i % 3 === 0) {
+          const r = streamText({
+            model,
+            prompt: prompt(i),
+            maxOutputTokens: 30,
+            maxRetries: 0,
+          });
+          let text = "";
+          for await (const t of r.textStream) text += t;
+          return text;
+        }
+        return (await generateText({
+          model,
+          prompt: prompt(i),
+          maxOutputTokens: 30,
+          maxRetries: 0,
+        })).text;
+      }),
+    );
+    expect(texts.every((t) => t.length > 0)).toBe(true);
+    expectClean(s, f);
+  });
+});
+
+/** A third of the calls streamed, the rest invoked; every answer non-empty. */
+async function invokeAndStream(chat: ChatAnthropic | ChatOpenAI) {
+  const text = (c: unknown) => (typeof c === "string" ? c : "");
+  const texts = await Promise.all(
+    Array.from({ length: CALLS }, async (_, i) => {
+      if (i % 3 === 0) {
+        let out = "";
+        for await (const chunk of await chat.stream(prompt(i))) {
+          out += text(chunk.content);
+        }
+        return out;
+      }
+      return text((await chat.invoke(prompt(i))).content);
+    }),
+  );
+  expect(texts.every((t) => t.length > 0)).toBe(true);
+}
+
+describe("LangChain.js through rateLimitedFetch", () => {
+  it("ChatAnthropic: invoke and stream", async () => {
+    const { s, f } = await limited();
+    const chat = new ChatAnthropic({
+      model: "claude-sim",
+      apiKey: "k",
+      anthropicApiUrl: s.url,
+      maxTokens: 30,
+      maxRetries: 0,
+      clientOptions: { fetch: f },
+    });
+    await invokeAndStream(chat);
+    expectClean(s, f);
+  });
+
+  it("ChatOpenAI: invoke and stream", async () => {
+    const { s, f } = await limited();
+    const chat = new ChatOpenAI({
+      model: "gpt-sim",
+      apiKey: "k",
+      maxTokens: 30,
+      maxRetries: 0,
+      streamUsage: true,
+      configuration: { baseURL: `${s.url}/v1`, fetch: f },
+    });
+    await invokeAndStream(chat);
+    expectClean(s, f);
+  });
+});
