@@ -88,6 +88,9 @@ Options for run:
   --window-ms N          length of a "minute" (default 60000; for simulators)
   --retry-errored        also redo lines whose recorded result is errored (e.g. 5xx
                          after all retries); the output is rewritten in input order
+  --dry-run              validate and plan only: request and token totals (input
+                         estimated, output at max_tokens) and the least time the
+                         limits given allow, naming the binding limit; sends nothing
 
 Every result is recorded the moment it finishes in <output>.journal; the output
 is written in input order and is always a prefix of the input. Running the same
@@ -129,6 +132,8 @@ interface RunOptions {
   quiet: boolean;
   /** Also redo lines whose recorded result is errored. */
   retryErrored?: boolean;
+  /** Validate and plan only: totals and the least duration; nothing sent. */
+  dryRun?: boolean;
   marginMs?: number;
   /** Progress line interval when stderr is not a TTY, ms. */
   progressMs?: number;
@@ -368,6 +373,63 @@ function planWork(
   let toSend = 0;
   for (let i = 0; i < count; i++) if (needs(i)) toSend++;
   return { prior, journaled, rewrite, needs, toSend };
+}
+
+const WINDOW_NAMES: Record<string, string> = {
+  requests: "requests",
+  inputTokens: "input tokens",
+  outputTokens: "output tokens",
+  tokens: "tokens",
+};
+
+/**
+ * `--dry-run`: every line's estimated cost, the totals, and the least time
+ * the given limits allow — for each window, `(ceil(total / limit) - 1) ×
+ * window` (the first window's worth goes at once) — naming the binding
+ * window. Sends nothing.
+ */
+async function dryRun(
+  input: string,
+  provider: Provider,
+  limits: Record<string, number>,
+  minute: number,
+): Promise<string> {
+  const url = provider === "anthropic"
+    ? "https://api.anthropic.com/v1/messages"
+    : "https://api.openai.com/v1/chat/completions";
+  const total: Record<string, number> = {
+    requests: 0,
+    inputTokens: 0,
+    outputTokens: 0,
+  };
+  for await (const [line, text] of lines(input)) {
+    if (text.trim() === "") continue;
+    const cost = estimateCost(url, parseLine(line, text, {}).body);
+    total.requests! += 1;
+    total.inputTokens! += cost.inputTokens ?? 0;
+    total.outputTokens! += cost.outputTokens ?? 0;
+  }
+  total.tokens = total.inputTokens! + total.outputTokens!;
+  const n = (x: number): string => x.toLocaleString("en-US");
+  const head = `${n(total.requests!)} requests · ~${
+    n(total.inputTokens!)
+  } input tokens (estimated) · ≤ ${
+    n(total.outputTokens!)
+  } output tokens (max_tokens)`;
+  let binding: { name: string; ms: number; least: number } | undefined;
+  for (const w of windowsFor(limits, minute)) {
+    const least = Math.max(0, Math.ceil(total[w.key]! / w.limit) - 1) * w.ms;
+    const name = `${WINDOW_NAMES[w.key]} per ${
+      w.ms === minute ? "minute" : "day"
+    }`;
+    if (!binding || least > binding.least) binding = { name, ms: w.ms, least };
+  }
+  if (!binding) {
+    return `${head}\nno limits given: the run's length depends on the limits learned from the server's headers.\n`;
+  }
+  return `${head} → at least ${
+    fmtDuration(binding.least)
+  }; ${binding.name} is the binding limit.\n`;
 }
 
 /** Every line that will be sent must fit the limits: found before sending. */
@@ -1147,6 +1209,10 @@ export async function run(o: RunOptions): Promise<number> {
     );
   }
   const count = ids.length;
+  if (o.dryRun) {
+    o.out(await dryRun(o.input, provider, o.limits, o.windowMs));
+    return 0;
+  }
   // 2. Plan: endpoint, limits, and what earlier runs already finished.
   const ep = endpoint(o, provider);
   const prior = scanOutput(o.output, ids);
@@ -1557,6 +1623,9 @@ export async function main(argv: string[], io: {
         case "--retry-errored":
           o.retryErrored = true;
           break;
+        case "--dry-run":
+          o.dryRun = true;
+          break;
         case "--quiet":
           o.quiet = true;
           break;
@@ -1586,6 +1655,7 @@ export async function main(argv: string[], io: {
       stream: o.stream ?? false,
       quiet: o.quiet ?? false,
       retryErrored: o.retryErrored ?? false,
+      dryRun: o.dryRun ?? false,
       progressMs: o.progressMs,
       ...io,
     });

@@ -12,6 +12,7 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { main } from "./cli.ts";
+import { estimateCost } from "./mod.ts";
 
 function dir(): string {
   return mkdtempSync(join(tmpdir(), "paceline-cli-"));
@@ -713,6 +714,39 @@ describe("paceline run: journal, stalls and fatal stops", () => {
     expect(JSON.parse(line).result.error.error.message).toBe(
       "the server asked to wait 30 years; not retried (longer than 2m00s): Scripted 429",
     );
+  });
+
+  it("--dry-run prints exact totals and the least time, naming the binding limit; sends nothing", async () => {
+    const s = await sim();
+    const lines = anthropicLines(10);
+    const { input, output } = batchFiles(lines.join("\n"));
+    const input_tokens = lines.reduce(
+      (a, l) =>
+        a +
+        estimateCost("https://x/v1/messages", JSON.parse(l).params)
+          .inputTokens!,
+      0,
+    );
+    const args = ["run", input, "-o", output, "--base-url", s.url, "--dry-run"];
+    // rpm 4: 10 requests need 3 windows → 2 min; otpm 100: 400 → 4 windows → 3 min.
+    const r = await runCli([...args, "--rpm", "4", "--otpm", "100"], NO_KEYS);
+    expect(r.code).toBe(0);
+    expect(r.out).toBe(
+      `10 requests · ~${input_tokens} input tokens (estimated) · ≤ 400 output tokens (max_tokens) → at least 3m00s; output tokens per minute is the binding limit.\n`,
+    );
+    const rpm = await runCli([...args, "--rpm", "2", "--otpm", "100"], NO_KEYS);
+    expect(rpm.out).toMatch(
+      /at least 4m00s; requests per minute is the binding limit/,
+    );
+    const none = await runCli(args, NO_KEYS);
+    expect(none.out).toMatch(/no limits given/);
+    expect(s.stats().received).toBe(0);
+    expect(existsSync(output)).toBe(false);
+    expect(existsSync(`${output}.journal`)).toBe(false);
+    const { input: bad } = batchFiles(`${lines[0]}\n{oops\n`);
+    const b = await runCli(["run", bad, "--dry-run"], NO_KEYS);
+    expect(b.code).toBe(2);
+    expect(b.err).toMatch(/line 2: invalid JSON/);
   });
 
   it("--retry-errored sends only the errored lines and rewrites the output in order", async () => {
