@@ -375,11 +375,12 @@ function planWork(
   return { prior, journaled, rewrite, needs, toSend };
 }
 
-const WINDOW_NAMES: Record<string, string> = {
-  requests: "requests",
-  inputTokens: "input tokens",
-  outputTokens: "output tokens",
-  tokens: "tokens",
+/** Each cost key's name: short (progress line) and long (plans, messages). */
+const KEY_NAMES: Record<string, [short: string, long: string]> = {
+  requests: ["req", "requests"],
+  inputTokens: ["in tok", "input tokens"],
+  outputTokens: ["out tok", "output tokens"],
+  tokens: ["tok", "tokens"],
 };
 
 /**
@@ -402,9 +403,7 @@ async function dryRun(
     inputTokens: 0,
     outputTokens: 0,
   };
-  for await (const [line, text] of lines(input)) {
-    if (text.trim() === "") continue;
-    const cost = estimateCost(url, parseLine(line, text, {}).body);
+  for await (const { cost } of estimates(input, url)) {
     total.requests! += 1;
     total.inputTokens! += cost.inputTokens ?? 0;
     total.outputTokens! += cost.outputTokens ?? 0;
@@ -419,7 +418,7 @@ async function dryRun(
   let binding: { name: string; ms: number; least: number } | undefined;
   for (const w of windowsFor(limits, minute)) {
     const least = Math.max(0, Math.ceil(total[w.key]! / w.limit) - 1) * w.ms;
-    const name = `${WINDOW_NAMES[w.key]} per ${
+    const name = `${KEY_NAMES[w.key]?.[1] ?? w.key} per ${
       w.ms === minute ? "minute" : "day"
     }`;
     if (!binding || least > binding.least) binding = { name, ms: w.ms, least };
@@ -439,16 +438,25 @@ async function checkFits(
   timeUntil: (cost: Cost) => number,
   url: string,
 ): Promise<void> {
-  let i = -1;
-  for await (const [line, text] of lines(input)) {
-    if (text.trim() === "") continue;
-    if (!work.needs(++i)) continue;
-    const item = parseLine(line, text, {});
+  for await (const { line, cost } of estimates(input, url, work.needs)) {
     try {
-      timeUntil(estimateCost(url, item.body));
+      timeUntil(cost);
     } catch (e) {
       throw new UsageError(`line ${line}: ${(e as Error).message}`);
     }
+  }
+}
+
+/** The estimated cost of each input line (those `wanted`, by index), with its line number. */
+async function* estimates(
+  input: string,
+  url: string,
+  wanted: (i: number) => boolean = () => true,
+): AsyncGenerator<{ line: number; cost: Cost }> {
+  let i = -1;
+  for await (const [line, text] of lines(input)) {
+    if (text.trim() === "" || !wanted(++i)) continue;
+    yield { line, cost: estimateCost(url, parseLine(line, text, {}).body) };
   }
 }
 
@@ -1011,12 +1019,7 @@ class OrderedOutput {
   #journal: Journal;
   #inMemory = 0;
 
-  constructor(
-    path: string,
-    work: Work,
-    journal: Journal,
-    retryErrored: boolean,
-  ) {
+  constructor(path: string, work: Work, journal: Journal) {
     const { prior, journaled } = work;
     this.path = path;
     this.#prior = prior;
@@ -1027,9 +1030,8 @@ class OrderedOutput {
       this.#fd = openSync(this.#tmp, "w");
       this.#old = {
         fd: openSync(path, "r"),
-        keep: (i) =>
-          i < prior.done && !journaled.has(i) &&
-          !(retryErrored && prior.errored[i]),
+        // An earlier line stays unless a newer result replaces it or it is redone.
+        keep: (i) => i < prior.done && !journaled.has(i) && !work.needs(i),
       };
       this.next = 0;
       this.errored = 0;
@@ -1142,13 +1144,6 @@ function fmtCount(n: number): string {
   return `${+(r / 1_000_000).toFixed(2)}M`;
 }
 
-const KEY_LABELS: Record<string, string> = {
-  requests: "req",
-  inputTokens: "in tok",
-  outputTokens: "out tok",
-  tokens: "tok",
-};
-
 /**
  * One progress line. Rates are what each limit counts, in its own unit:
  * the limiter's use of that window now against its limit (given or
@@ -1170,7 +1165,7 @@ function progressLine(
   const eta = done ? (elapsed / done) * (total - done) : Infinity;
   const use = windows.length
     ? windows.map((w) =>
-      `${KEY_LABELS[w.key] ?? w.key} ${fmtCount(w.used)}/${
+      `${KEY_NAMES[w.key]?.[0] ?? w.key} ${fmtCount(w.used)}/${
         fmtCount(w.limit)
       } per ${unitOf(w.ms)}`
     )
@@ -1247,12 +1242,7 @@ export async function run(o: RunOptions): Promise<number> {
   let output: OrderedOutput | undefined;
   try {
     await checkFits(o.input, work, (c) => f.limiter.timeUntil(c), ep.url);
-    output = new OrderedOutput(
-      o.output,
-      work,
-      journal,
-      o.retryErrored ?? false,
-    );
+    output = new OrderedOutput(o.output, work, journal);
     output.flush(); // results journaled by an earlier run that are next in order
   } catch (e) {
     journal.close();

@@ -85,6 +85,19 @@ async function runCli(
   }
 }
 
+/** Results in the Anthropic shape. */
+type AnthropicRow = {
+  custom_id: string;
+  result: {
+    type: string;
+    error?: { error: { type: string; message: string } };
+  };
+};
+
+function anthropicRows(path: string): AnthropicRow[] {
+  return readResults(path) as AnthropicRow[];
+}
+
 function readResults(path: string): Record<string, unknown>[] {
   const text = readFileSync(path, "utf8");
   expect(text.endsWith("\n")).toBe(true);
@@ -220,9 +233,7 @@ describe("paceline run", () => {
       "0",
     ], NO_KEYS);
     expect(r.code).toBe(1);
-    const rows = readResults(output) as {
-      result: { type: string; error?: { error: { type: string } } };
-    }[];
+    const rows = anthropicRows(output);
     expect(rows.map((x) => x.result.type)).toEqual([
       "succeeded",
       "succeeded",
@@ -518,7 +529,7 @@ describe("paceline run: journal, stalls and fatal stops", () => {
   it("a slow, failing early line holds nothing back; output still in input order", async () => {
     const s = await sim({
       latency: { baseMs: 2 },
-      perClientFaults: { "req-0": { status: 529, delayMs: 2000, times: 1 } },
+      perClientFaults: { "req-0": { status: 529, delayMs: 3000, times: 1 } },
     });
     const { input, output } = batchFiles(anthropicLines(400).join("\n"));
     const r = await runCli([
@@ -699,9 +710,7 @@ describe("paceline run: journal, stalls and fatal stops", () => {
       NO_KEYS,
     );
     expect(r.code).toBe(1);
-    const rows = readResults(output) as {
-      result: { type: string; error?: { error: { message: string } } };
-    }[];
+    const rows = anthropicRows(output);
     expect(rows.map((x) => x.result.type)).toEqual([
       "succeeded",
       "errored",
@@ -710,8 +719,7 @@ describe("paceline run: journal, stalls and fatal stops", () => {
     ]);
     expect(s.stats().perClient["req-1"]!.attempts).toBe(1);
     expect(r.err).toBe("");
-    const line = readFileSync(output, "utf8").split("\n")[1]!;
-    expect(JSON.parse(line).result.error.error.message).toBe(
+    expect(rows[1]!.result.error!.error.message).toBe(
       "the server asked to wait 30 years; not retried (longer than 2m00s): Scripted 429",
     );
   });

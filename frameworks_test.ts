@@ -53,6 +53,34 @@ function expectClean(s: Simulator, f: ReturnType<typeof rateLimitedFetch>) {
 
 const prompt = (i: number) => `Question ${i}: what is a sliding window?`;
 
+/**
+ * A third of the calls through `streamText` (the stream's reported usage
+ * checked too), the rest through `generateText`; every answer non-empty.
+ */
+async function generateAndStream(
+  model: Parameters<typeof generateText>[0]["model"],
+) {
+  const options = (i: number) => ({
+    model,
+    prompt: prompt(i),
+    maxOutputTokens: 30,
+    maxRetries: 0, // paceline retries
+  });
+  const texts = await Promise.all(
+    Array.from({ length: CALLS }, async (_, i) => {
+      if (i % 3 === 0) {
+        const r = streamText(options(i));
+        let text = "";
+        for await (const t of r.textStream) text += t;
+        expect((await r.usage).outputTokens).toBeGreaterThan(0);
+        return text;
+      }
+      return (await generateText(options(i))).text;
+    }),
+  );
+  expect(texts.every((t) => t.length > 0)).toBe(true);
+}
+
 describe("Vercel AI SDK through rateLimitedFetch", () => {
   it("@ai-sdk/anthropic: generateText and streamText", async () => {
     const { s, f } = await limited();
@@ -61,31 +89,7 @@ describe("Vercel AI SDK through rateLimitedFetch", () => {
       baseURL: `${s.url}/v1`,
       fetch: f,
     });
-    const model = anthropic("claude-sim");
-    const texts = await Promise.all(
-      Array.from({ length: CALLS }, async (_, i) => {
-        if (i % 3 === 0) {
-          const r = streamText({
-            model,
-            prompt: prompt(i),
-            maxOutputTokens: 30,
-            maxRetries: 0,
-          });
-          let text = "";
-          for await (const t of r.textStream) text += t;
-          expect((await r.usage).outputTokens).toBeGreaterThan(0);
-          return text;
-        }
-        const r = await generateText({
-          model,
-          prompt: prompt(i),
-          maxOutputTokens: 30,
-          maxRetries: 0,
-        });
-        return r.text;
-      }),
-    );
-    expect(texts.every((t) => t.length > 0)).toBe(true);
+    await generateAndStream(anthropic("claude-sim"));
     expectClean(s, f);
   });
 
@@ -96,29 +100,7 @@ describe("Vercel AI SDK through rateLimitedFetch", () => {
       baseURL: `${s.url}/v1`,
       fetch: f,
     });
-    const model = openai.chat("gpt-sim");
-    const texts = await Promise.all(
-      Array.from({ length: CALLS }, async (_, i) => {
-        if (i % 3 === 0) {
-          const r = streamText({
-            model,
-            prompt: prompt(i),
-            maxOutputTokens: 30,
-            maxRetries: 0,
-          });
-          let text = "";
-          for await (const t of r.textStream) text += t;
-          return text;
-        }
-        return (await generateText({
-          model,
-          prompt: prompt(i),
-          maxOutputTokens: 30,
-          maxRetries: 0,
-        })).text;
-      }),
-    );
-    expect(texts.every((t) => t.length > 0)).toBe(true);
+    await generateAndStream(openai.chat("gpt-sim"));
     expectClean(s, f);
   });
 });

@@ -1644,22 +1644,25 @@ export function parseRetryAfter(
   if (!headers) return undefined;
   const { resetHeaders = true, maxMs = ABSURD_MS } = options;
   const get = headerGetter(headers);
-  const sane = (v: number | undefined): number | undefined =>
-    v !== undefined && v >= 0 && v <= maxMs && Number.isFinite(v)
-      ? v
-      : undefined;
   const ms = get("retry-after-ms");
   if (ms !== undefined) {
     const v = maxOfList(ms, (s) => parseDecimal(s));
-    if (v !== undefined) return sane(v);
+    if (v !== undefined) return sane(v, maxMs);
   }
   const ra = get("retry-after");
   if (ra !== undefined) {
     const v = parseDelaySecondsOrDate(ra, now);
-    if (v !== undefined) return sane(v);
+    if (v !== undefined) return sane(v, maxMs);
   }
   if (!resetHeaders) return undefined;
-  return sane(parseResets(get, now));
+  return sane(parseResets(get, now), maxMs);
+}
+
+/** A finite wait in [0, maxMs], else undefined. */
+function sane(v: number | undefined, maxMs: number): number | undefined {
+  return v !== undefined && v >= 0 && v <= maxMs && Number.isFinite(v)
+    ? v
+    : undefined;
 }
 
 /** A case-insensitive single-value getter over either kind of headers. */
