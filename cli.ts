@@ -49,6 +49,7 @@ import {
   mapConcurrentUnordered,
   parseRetryAfter,
   rateLimitedFetch,
+  RateLimiter,
   SseParser,
   type Stats,
   type WindowSpec,
@@ -70,6 +71,8 @@ Usage:
 Input: JSONL in the providers' batch formats (detected per file):
   Anthropic: {"custom_id": "a1", "params": {"model": ..., "max_tokens": ..., "messages": [...]}}
   OpenAI:    {"custom_id": "a1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
+             "url" is one of /v1/chat/completions, /v1/responses, /v1/embeddings,
+             /v1/completions, /v1/moderations; a file may mix them and models
 
 Options for run:
   -o, --output FILE      results file (default: <input>.results.jsonl); an existing
@@ -80,17 +83,23 @@ Options for run:
   --rpm N --rpd N        requests per minute / day
   --itpm N --otpm N      input / output tokens per minute
   --tpm N --tpd N        tokens (input + output) per minute / day
-                         limits you do not give are learned from response headers
+                         limits you do not give are learned from response
+                         headers, for each model (the provider's limits are per model)
+  --per-model            the limits given apply to each model separately
+                         (default: to all requests together, as a relay's might)
+  --per-key              everything for the key as a whole, learned limits too
   --concurrency N        most requests in flight (default 8)
   --retries N            retries per request (default 5)
-  --stream               use streaming requests
+  --stream               use streaming requests (Messages and chat completions;
+                         other endpoints are sent whole)
   --quiet                no progress output
   --window-ms N          length of a "minute" (default 60000; for simulators)
   --retry-errored        also redo lines whose recorded result is errored (e.g. 5xx
                          after all retries); the output is rewritten in input order
   --dry-run              validate and plan only: request and token totals (input
                          estimated, output at max_tokens) and the least time the
-                         limits given allow, naming the binding limit; sends nothing
+                         limits given allow, naming the binding limit (per model
+                         with --per-model); sends nothing
 
 Every result is recorded the moment it finishes in <output>.journal; the output
 is written in input order and is always a prefix of the input. Running the same
@@ -115,8 +124,24 @@ type Provider = "anthropic" | "openai";
 interface Item {
   line: number;
   customId: string;
+  /** The endpoint's path: `/v1/messages`, or the OpenAI line's `url`. */
+  path: string;
   body: Record<string, unknown>;
 }
+
+/**
+ * The OpenAI Batch endpoints that return text or vectors, and the body
+ * field each cannot do without.
+ */
+const OPENAI_ENDPOINTS: Record<string, "messages" | "input" | "prompt"> = {
+  "/v1/chat/completions": "messages",
+  "/v1/responses": "input",
+  "/v1/completions": "prompt",
+  "/v1/embeddings": "input",
+  "/v1/moderations": "input",
+};
+/** Endpoints that can stream (`--stream`); the others are sent whole. */
+const STREAMING = new Set(["/v1/messages", "/v1/chat/completions"]);
 
 interface RunOptions {
   input: string;
@@ -134,6 +159,12 @@ interface RunOptions {
   retryErrored?: boolean;
   /** Validate and plan only: totals and the least duration; nothing sent. */
   dryRun?: boolean;
+  /**
+   * Whose limits the given ones are: the whole key (default; learned
+   * limits are per model), each model (`"all"`), or everything per key,
+   * learned ones too (`false`, for relays).
+   */
+  perModel?: "learned" | "all" | false;
   marginMs?: number;
   /** Progress line interval when stderr is not a TTY, ms. */
   progressMs?: number;
@@ -208,23 +239,20 @@ function parseLine(
     string,
     unknown
   >;
-  if (
-    typeof body !== "object" || body === null || !Array.isArray(body.messages)
-  ) {
-    throw new UsageError(
-      `line ${n}: "${
-        kind === "anthropic" ? "params" : "body"
-      }" needs a "messages" array`,
-    );
+  const where = kind === "anthropic" ? "params" : "body";
+  if (typeof body !== "object" || body === null || Array.isArray(body)) {
+    throw new UsageError(`line ${n}: "${where}" must be a JSON object`);
   }
+  let path = "/v1/messages";
   if (kind === "openai") {
-    if (o.url !== "/v1/chat/completions") {
+    if (typeof o.url !== "string" || !(o.url in OPENAI_ENDPOINTS)) {
       throw new UsageError(
-        `line ${n}: "url" must be "/v1/chat/completions": received ${
-          JSON.stringify(o.url)
-        }`,
+        `line ${n}: "url" must be one of ${
+          Object.keys(OPENAI_ENDPOINTS).join(", ")
+        }: received ${JSON.stringify(o.url)}`,
       );
     }
+    path = o.url;
     if (o.method !== undefined && o.method !== "POST") {
       throw new UsageError(
         `line ${n}: "method" must be "POST": received ${
@@ -232,23 +260,45 @@ function parseLine(
         }`,
       );
     }
-  } else if (typeof body.max_tokens !== "number") {
+  }
+  const field = kind === "anthropic" ? "messages" : OPENAI_ENDPOINTS[path]!;
+  const given = body[field];
+  if (field === "messages" ? !Array.isArray(given) : !isInput(given)) {
+    throw new UsageError(
+      `line ${n}: "${where}" needs ${
+        field === "messages"
+          ? `a "messages" array`
+          : `"${field}" (a string or a non-empty array)`
+      }${kind === "openai" ? ` for ${path}` : ""}`,
+    );
+  }
+  if (kind === "anthropic" && typeof body.max_tokens !== "number") {
     throw new UsageError(`line ${n}: "params.max_tokens" is required`);
   }
-  return { line: n, customId: o.custom_id, body };
+  return { line: n, customId: o.custom_id, path, body };
+}
+
+/** An `input` or `prompt`: a non-empty string or a non-empty array. */
+function isInput(v: unknown): boolean {
+  return (typeof v === "string" && v !== "") ||
+    (Array.isArray(v) && v.length > 0);
 }
 
 /** Checks the whole input before anything is sent; returns the format and count. */
 async function validate(
   path: string,
-): Promise<{ provider: Provider; count: number; ids: string[] }> {
+): Promise<
+  { provider: Provider; count: number; ids: string[]; paths: Set<string> }
+> {
   if (!existsSync(path)) throw new UsageError(`input file not found: ${path}`);
   const format: { provider?: Provider } = {};
   const seen = new Map<string, number>();
   const ids: string[] = [];
+  const paths = new Set<string>();
   for await (const [n, line] of lines(path)) {
     if (line.trim() === "") continue;
     const item = parseLine(n, line, format);
+    paths.add(item.path);
     const first = seen.get(item.customId);
     if (first !== undefined) {
       throw new UsageError(
@@ -263,7 +313,7 @@ async function validate(
   if (!format.provider) {
     throw new UsageError(`${path}: no requests (the file is empty)`);
   }
-  return { provider: format.provider, count: ids.length, ids };
+  return { provider: format.provider, count: ids.length, ids, paths };
 }
 
 // =============================================================================
@@ -272,7 +322,8 @@ async function validate(
 
 /** Where requests go and how they are signed. Never printed: it holds the key. */
 interface Endpoint {
-  url: string;
+  /** The URL for an endpoint path such as `/v1/embeddings`. */
+  url: (path: string) => string;
   headers: Record<string, string>;
   /** The key itself, only to scrub it from messages. */
   apiKey: string | undefined;
@@ -302,9 +353,11 @@ function endpoint(o: RunOptions, p: Provider): Endpoint {
     (p === "anthropic"
       ? "https://api.anthropic.com"
       : "https://api.openai.com/v1");
+  // Anthropic's base is the host (the SDK's convention; "/v1" tolerated),
+  // OpenAI's ends in /v1 (the SDK's convention).
   const url = p === "anthropic"
-    ? `${base}${/\/v1$/.test(base) ? "" : "/v1"}/messages`
-    : `${base}/chat/completions`;
+    ? () => `${base}${/\/v1$/.test(base) ? "" : "/v1"}/messages`
+    : (path: string) => `${base}${path.replace(/^\/v1/, "")}`;
   const headers: Record<string, string> = {
     "content-type": "application/json",
   };
@@ -387,58 +440,105 @@ const KEY_NAMES: Record<string, [short: string, long: string]> = {
  * `--dry-run`: every line's estimated cost, the totals, and the least time
  * the given limits allow — for each window, `(ceil(total / limit) - 1) ×
  * window` (the first window's worth goes at once) — naming the binding
- * window. Sends nothing.
+ * window. With limits per model (`--per-model`), each model's own totals
+ * against its own windows; the slowest model sets the run's length. Sends
+ * nothing.
  */
 async function dryRun(
   input: string,
-  provider: Provider,
   limits: Record<string, number>,
   minute: number,
+  perModel: boolean,
 ): Promise<string> {
-  const url = provider === "anthropic"
-    ? "https://api.anthropic.com/v1/messages"
-    : "https://api.openai.com/v1/chat/completions";
-  const total: Record<string, number> = {
-    requests: 0,
-    inputTokens: 0,
-    outputTokens: 0,
-  };
-  for await (const { cost } of estimates(input, url)) {
-    total.requests! += 1;
-    total.inputTokens! += cost.inputTokens ?? 0;
-    total.outputTokens! += cost.outputTokens ?? 0;
+  const totals = new Map<string, Record<string, number>>();
+  const all = newTotal();
+  for await (const { cost, model } of estimates(input)) {
+    for (const t of perModel ? [all, totalOf(totals, model)] : [all]) {
+      t.requests! += 1;
+      t.inputTokens! += cost.inputTokens ?? 0;
+      t.outputTokens! += cost.outputTokens ?? 0;
+      t.tokens! += (cost.inputTokens ?? 0) + (cost.outputTokens ?? 0);
+    }
   }
-  total.tokens = total.inputTokens! + total.outputTokens!;
   const n = (x: number): string => x.toLocaleString("en-US");
-  const head = `${n(total.requests!)} requests · ~${
-    n(total.inputTokens!)
-  } input tokens (estimated) · ≤ ${
-    n(total.outputTokens!)
-  } output tokens (max_tokens)`;
-  let binding: { name: string; ms: number; least: number } | undefined;
-  for (const w of windowsFor(limits, minute)) {
-    const least = Math.max(0, Math.ceil(total[w.key]! / w.limit) - 1) * w.ms;
-    const name = `${KEY_NAMES[w.key]?.[1] ?? w.key} per ${
-      w.ms === minute ? "minute" : "day"
-    }`;
-    if (!binding || least > binding.least) binding = { name, ms: w.ms, least };
+  const head = (t: Record<string, number>): string =>
+    `${n(t.requests!)} request${t.requests === 1 ? "" : "s"} · ~${
+      n(t.inputTokens!)
+    } input tokens (estimated) · ≤ ${
+      n(t.outputTokens!)
+    } output tokens (max_tokens)`;
+  const windows = windowsFor(limits, minute);
+  if (!windows.length) {
+    return `${
+      head(all)
+    }\nno limits given: the run's length depends on the limits learned from the server's headers.\n`;
   }
-  if (!binding) {
-    return `${head}\nno limits given: the run's length depends on the limits learned from the server's headers.\n`;
+  const least = (t: Record<string, number>) => {
+    let binding: { name: string; least: number } | undefined;
+    for (const w of windows) {
+      const ms = Math.max(0, Math.ceil(t[w.key]! / w.limit) - 1) * w.ms;
+      const name = `${KEY_NAMES[w.key]?.[1] ?? w.key} per ${
+        w.ms === minute ? "minute" : "day"
+      }`;
+      if (!binding || ms > binding.least) binding = { name, least: ms };
+    }
+    return binding!;
+  };
+  const atOnce = "→ everything fits in the first window of every limit given";
+  if (!perModel) {
+    const b = least(all);
+    if (b.least === 0) return `${head(all)} ${atOnce}.\n`;
+    return `${head(all)} → at least ${
+      fmtDuration(b.least)
+    }; ${b.name} is the binding limit.\n`;
   }
-  return `${head} → at least ${
-    fmtDuration(binding.least)
-  }; ${binding.name} is the binding limit.\n`;
+  const out = [`${head(all)}; the limits apply to each model:`];
+  let slowest: { model: string; name: string; least: number } | undefined;
+  for (const [model, t] of totals) {
+    const b = least(t);
+    out.push(
+      `  ${model || "(no model)"}: ${head(t)} → ${
+        b.least
+          ? `at least ${fmtDuration(b.least)} (${b.name} binds)`
+          : "fits in the first window"
+      }`,
+    );
+    if (!slowest || b.least > slowest.least) slowest = { model, ...b };
+  }
+  if (slowest!.least === 0) {
+    out.push(`${atOnce}, for each model.`);
+    return out.join("\n") + "\n";
+  }
+  out.push(
+    `→ at least ${fmtDuration(slowest!.least)}; ${slowest!.name} of ${
+      slowest!.model || "(no model)"
+    } is the binding limit.`,
+  );
+  return out.join("\n") + "\n";
+}
+
+function newTotal(): Record<string, number> {
+  return { requests: 0, inputTokens: 0, outputTokens: 0, tokens: 0 };
+}
+
+function totalOf(
+  totals: Map<string, Record<string, number>>,
+  model: string,
+): Record<string, number> {
+  let t = totals.get(model);
+  if (!t) totals.set(model, t = newTotal());
+  return t;
 }
 
 /** Every line that will be sent must fit the limits: found before sending. */
 async function checkFits(
   input: string,
   work: Work,
-  timeUntil: (cost: Cost) => number,
-  url: string,
+  windows: WindowSpec[],
 ): Promise<void> {
-  for await (const { line, cost } of estimates(input, url, work.needs)) {
+  const limiter = new RateLimiter({ windows });
+  const timeUntil = (cost: Cost): number => limiter.timeUntil(cost);
+  for await (const { line, cost } of estimates(input, work.needs)) {
     try {
       timeUntil(cost);
     } catch (e) {
@@ -447,16 +547,21 @@ async function checkFits(
   }
 }
 
-/** The estimated cost of each input line (those `wanted`, by index), with its line number. */
+/** The estimated cost of each input line (those `wanted`, by index), with its line number and model. */
 async function* estimates(
   input: string,
-  url: string,
   wanted: (i: number) => boolean = () => true,
-): AsyncGenerator<{ line: number; cost: Cost }> {
+): AsyncGenerator<{ line: number; cost: Cost; model: string }> {
   let i = -1;
   for await (const [line, text] of lines(input)) {
     if (text.trim() === "" || !wanted(++i)) continue;
-    yield { line, cost: estimateCost(url, parseLine(line, text, {}).body) };
+    const item = parseLine(line, text, {});
+    const model = item.body.model;
+    yield {
+      line,
+      cost: estimateCost(`https://api${item.path}`, item.body),
+      model: typeof model === "string" ? model : "",
+    };
   }
 }
 
@@ -507,6 +612,7 @@ async function perform(
   stream: boolean,
   signal: AbortSignal,
 ): Promise<Outcome | undefined> {
+  stream &&= STREAMING.has(item.path);
   const body = stream
     ? {
       ...item.body,
@@ -517,7 +623,7 @@ async function perform(
     }
     : { ...item.body, stream: false };
   try {
-    const response = await f(ep.url, {
+    const response = await f(ep.url(item.path), {
       method: "POST",
       headers: ep.headers,
       body: JSON.stringify(body),
@@ -1183,6 +1289,23 @@ function progressLine(
   ].join(" · ");
 }
 
+/**
+ * The windows to show: the key's, then those of the (at most 3) models
+ * used most recently, each labelled with its model.
+ */
+function windowsNow(
+  f: { limiter: RateLimiter; models: ReadonlyMap<string, RateLimiter> },
+): WindowUsage[] {
+  const out = f.limiter.usage();
+  const models = [...f.models];
+  for (const [model, l] of models.slice(-3)) {
+    for (const w of l.usage()) {
+      out.push({ ...w, key: `${model}: ${KEY_NAMES[w.key]?.[0] ?? w.key}` });
+    }
+  }
+  return out;
+}
+
 /** Removes the key (and anything shaped like one) from a server's message. */
 function scrub(text: string, apiKey: string | undefined): string {
   let out = apiKey ? text.split(apiKey).join("[key]") : text;
@@ -1197,7 +1320,7 @@ function scrub(text: string, apiKey: string | undefined): string {
 /** Runs a batch. Returns the exit code. */
 export async function run(o: RunOptions): Promise<number> {
   // 1. Read & validate: the whole input, before anything is sent.
-  const { provider, ids } = await validate(o.input);
+  const { provider, ids, paths } = await validate(o.input);
   if (o.provider && o.provider !== provider) {
     throw new UsageError(
       `--provider ${o.provider} but the input is in the ${provider} batch format`,
@@ -1205,7 +1328,9 @@ export async function run(o: RunOptions): Promise<number> {
   }
   const count = ids.length;
   if (o.dryRun) {
-    o.out(await dryRun(o.input, provider, o.limits, o.windowMs));
+    o.out(
+      await dryRun(o.input, o.limits, o.windowMs, o.perModel === "all"),
+    );
     return 0;
   }
   // 2. Plan: endpoint, limits, and what earlier runs already finished.
@@ -1231,6 +1356,7 @@ export async function run(o: RunOptions): Promise<number> {
       shouldRetry: (e) => (isStop(e) ? false : undefined),
     },
     learn: { windowMs: o.windowMs },
+    perModel: o.perModel ?? "learned",
     // The send hook: once the run is stopping, nothing more goes out.
     fetch: (url, init) => {
       if (init?.signal) unsent.delete(init.signal);
@@ -1241,7 +1367,7 @@ export async function run(o: RunOptions): Promise<number> {
   });
   let output: OrderedOutput | undefined;
   try {
-    await checkFits(o.input, work, (c) => f.limiter.timeUntil(c), ep.url);
+    await checkFits(o.input, work, windowsFor(o.limits, o.windowMs));
     output = new OrderedOutput(o.output, work, journal);
     output.flush(); // results journaled by an earlier run that are next in order
   } catch (e) {
@@ -1268,6 +1394,13 @@ export async function run(o: RunOptions): Promise<number> {
           : ""
       } → ${o.output}\n`,
     );
+    if (paths.size > 1) {
+      o.err(
+        `paceline: note: this file mixes endpoints (${
+          [...paths].join(", ")
+        }); paceline runs it as is, OpenAI's Batch API would want one file per endpoint\n`,
+      );
+    }
     if (ignored) {
       o.err(
         `paceline: ${ignored} torn line(s) in ${journal.path} ignored (a crash mid-write); those requests run again\n`,
@@ -1325,7 +1458,7 @@ export async function run(o: RunOptions): Promise<number> {
       work.toSend,
       errors,
       f.stats,
-      f.limiter.usage(),
+      windowsNow(f),
       startedAt,
       o.windowMs,
     );
@@ -1616,6 +1749,15 @@ export async function main(argv: string[], io: {
         case "--dry-run":
           o.dryRun = true;
           break;
+        case "--per-model":
+        case "--per-key":
+          if (o.perModel !== undefined) {
+            throw new UsageError(
+              "--per-model and --per-key exclude each other",
+            );
+          }
+          o.perModel = a === "--per-model" ? "all" : false;
+          break;
         case "--quiet":
           o.quiet = true;
           break;
@@ -1646,6 +1788,7 @@ export async function main(argv: string[], io: {
       quiet: o.quiet ?? false,
       retryErrored: o.retryErrored ?? false,
       dryRun: o.dryRun ?? false,
+      perModel: o.perModel,
       progressMs: o.progressMs,
       ...io,
     });

@@ -58,6 +58,49 @@ function openaiLines(n: number): string[] {
     }));
 }
 
+/** One OpenAI batch line for `url`, varied by `i` (each input form the endpoint takes). */
+function openaiLine(url: string, i: number, model?: string): string {
+  const bodies: Record<string, () => Record<string, unknown>> = {
+    "/v1/chat/completions": () => ({
+      model: model ?? "gpt-sim",
+      max_tokens: 30,
+      messages: [{ role: "user", content: `Hi ${i}` }],
+    }),
+    "/v1/responses": () => ({
+      model: model ?? "gpt-sim",
+      max_output_tokens: 30,
+      instructions: "Be brief.",
+      input: i % 2 ? `Tell me about ${i}` : [{
+        role: "user",
+        content: [{ type: "input_text", text: `Tell me about ${i}` }],
+      }],
+    }),
+    "/v1/completions": () => ({
+      model: model ?? "gpt-sim-instruct",
+      max_tokens: 20,
+      prompt: i % 2 ? `Once upon ${i}` : [`Once upon ${i}`],
+    }),
+    "/v1/embeddings": () => ({
+      model: model ?? "emb-sim",
+      input: i % 3 === 0
+        ? [`document ${i}`, `第${i}个文档`]
+        : i % 3 === 1
+        ? `document ${i}`
+        : [101, 2023, i, 102],
+    }),
+    "/v1/moderations": () => ({
+      model: model ?? "mod-sim",
+      input: `some text ${i}`,
+    }),
+  };
+  return JSON.stringify({
+    custom_id: `${url.slice(4)}-${i}`,
+    method: "POST",
+    url,
+    body: bodies[url]!(),
+  });
+}
+
 async function runCli(
   args: string[],
   env: Record<string, string | undefined> = {},
@@ -261,14 +304,64 @@ describe("paceline run", () => {
       [...anthropicLines(3), anthropicLines(2)[1]!],
       /line 4: duplicate custom_id "req-1" \(first on line 2\)/,
     ],
-    ["wrong url", [
+    [
+      "wrong url",
+      [
+        JSON.stringify({
+          custom_id: "x",
+          method: "POST",
+          url: "/v1/images/generations",
+          body: { prompt: "a cat" },
+        }),
+      ],
+      /line 1: "url" must be one of \/v1\/chat\/completions, \/v1\/responses, \/v1\/completions, \/v1\/embeddings, \/v1\/moderations: received "\/v1\/images\/generations"/,
+    ],
+    [
+      "embeddings without input",
+      [
+        openaiLine("/v1/embeddings", 0),
+        JSON.stringify({
+          custom_id: "e",
+          method: "POST",
+          url: "/v1/embeddings",
+          body: { model: "emb" },
+        }),
+      ],
+      /line 2: "body" needs "input" \(a string or a non-empty array\) for \/v1\/embeddings/,
+    ],
+    [
+      "Responses without input",
+      [
+        JSON.stringify({
+          custom_id: "r",
+          method: "POST",
+          url: "/v1/responses",
+          body: { model: "m", messages: [{ role: "user", content: "hi" }] },
+        }),
+      ],
+      /line 1: "body" needs "input" \(a string or a non-empty array\) for \/v1\/responses/,
+    ],
+    ["completions with an empty prompt", [
       JSON.stringify({
-        custom_id: "x",
-        method: "POST",
-        url: "/v1/embeddings",
-        body: { messages: [] },
+        custom_id: "c",
+        url: "/v1/completions",
+        body: { model: "m", prompt: "" },
       }),
-    ], /line 1: "url" must be "\/v1\/chat\/completions"/],
+    ], /line 1: "body" needs "prompt" .* for \/v1\/completions/],
+    ["moderations with an empty input list", [
+      JSON.stringify({
+        custom_id: "m",
+        url: "/v1/moderations",
+        body: { input: [] },
+      }),
+    ], /line 1: "body" needs "input" .* for \/v1\/moderations/],
+    ["chat without messages", [
+      JSON.stringify({
+        custom_id: "c",
+        url: "/v1/chat/completions",
+        body: { model: "m", input: "hi" },
+      }),
+    ], /line 1: "body" needs a "messages" array for \/v1\/chat\/completions/],
     [
       "mixed formats",
       [anthropicLines(1)[0]!, openaiLines(1)[0]!],
@@ -755,6 +848,185 @@ describe("paceline run: journal, stalls and fatal stops", () => {
     const b = await runCli(["run", bad, "--dry-run"], NO_KEYS);
     expect(b.code).toBe(2);
     expect(b.err).toMatch(/line 2: invalid JSON/);
+  });
+
+  it("every OpenAI batch endpoint, mixed in one file: each line once, in order, its own shape, 0 × 429, usage equal to the server's", async () => {
+    const s = await sim({
+      limits: { requests: 30, inputTokens: 600, windowMs: 2000 },
+    });
+    const urls = [
+      "/v1/chat/completions",
+      "/v1/responses",
+      "/v1/completions",
+      "/v1/embeddings",
+      "/v1/moderations",
+    ];
+    const lines = Array.from(
+      { length: 60 },
+      (_, i) => openaiLine(urls[i % 5]!, i),
+    );
+    const { input, output } = batchFiles(lines.join("\n") + "\n");
+    const r = await runCli([
+      "run",
+      input,
+      "-o",
+      output,
+      "--base-url",
+      `${s.url}/v1`,
+      "--rpm",
+      "30",
+      "--itpm",
+      "600",
+      "--window-ms",
+      "2000",
+      // The first window's requests reach the in-process simulator up to
+      // ~100 ms after they are stamped (cold connections, one busy event
+      // loop for both); a real minute's default margin is 300 ms.
+      "--margin-ms",
+      "150",
+      "--progress-ms",
+      "100000",
+    ], NO_KEYS);
+    expect(r.code).toBe(0);
+    expect(r.err).toMatch(/this file mixes endpoints/);
+    const rows = readResults(output) as {
+      custom_id: string;
+      response: { status_code: number; body: Record<string, unknown> };
+    }[];
+    expect(rows.map((x) => x.custom_id)).toEqual(
+      lines.map((l) => JSON.parse(l).custom_id),
+    );
+    const st = s.stats();
+    expect(st.accepted).toBe(60);
+    expect(st.received).toBe(60);
+    expect(Object.values(st.rateLimited).reduce((a, b) => a + b)).toBe(0);
+    for (const [i, row] of rows.entries()) {
+      expect(row.response.status_code).toBe(200);
+      // Five response shapes, each checked field by field below.
+      // deno-lint-ignore no-explicit-any
+      const b = row.response.body as Record<string, any>;
+      const url = urls[i % 5];
+      if (url === "/v1/chat/completions") {
+        expect(b.object).toBe("chat.completion");
+        expect(b.choices[0].message.content.length).toBeGreaterThan(0);
+      } else if (url === "/v1/responses") {
+        expect(b.object).toBe("response");
+        expect(b.output[0].content[0].type).toBe("output_text");
+        expect(b.usage.output_tokens).toBeGreaterThan(0);
+      } else if (url === "/v1/completions") {
+        expect(b.object).toBe("text_completion");
+        expect(b.choices[0].text.length).toBeGreaterThan(0);
+      } else if (url === "/v1/embeddings") {
+        expect(b.object).toBe("list");
+        expect(b.data.length).toBe(i % 3 === 0 ? 2 : 1);
+        expect(b.data[0].embedding.length).toBe(8);
+        expect(b.usage.prompt_tokens).toBeGreaterThan(0);
+      } else {
+        expect(b.results[0].flagged).toBe(false);
+      }
+    }
+    // The report's token totals are the server's.
+    const m = /tokens\s+([\d,]+) in, ([\d,]+) out/.exec(r.err);
+    expect(m).not.toBeNull();
+    expect(Number(m![1]!.replace(/,/g, ""))).toBe(st.usage.inputTokens);
+    expect(Number(m![2]!.replace(/,/g, ""))).toBe(st.usage.outputTokens);
+  });
+
+  it("a batch mixing a fast and a slow model, limits learned: each model gets its own, 429s ≤ 5 %", async () => {
+    const s = await sim({
+      limits: { requests: 40, windowMs: 500 },
+      modelLimits: { "gpt-slow": { requests: 8 } },
+    });
+    const lines = Array.from(
+      { length: 120 },
+      (_, i) =>
+        openaiLine(
+          "/v1/chat/completions",
+          i,
+          i % 2 ? "gpt-slow" : "gpt-fast",
+        ),
+    );
+    const { input, output } = batchFiles(lines.join("\n") + "\n");
+    const r = await runCli([
+      "run",
+      input,
+      "-o",
+      output,
+      "--base-url",
+      `${s.url}/v1`,
+      "--window-ms",
+      "500",
+      "--concurrency",
+      "8",
+      "--quiet",
+    ], NO_KEYS);
+    expect(r.code).toBe(0);
+    const st = s.stats();
+    expect(st.accepted).toBe(120);
+    const refused = Object.values(st.rateLimited).reduce((a, b) => a + b);
+    expect(refused / st.received).toBeLessThanOrEqual(0.05);
+    expect(readResults(output).map((x) => x.custom_id)).toEqual(
+      lines.map((l) => JSON.parse(l).custom_id),
+    );
+  });
+
+  it("--dry-run --per-model: each model's totals against its own limits; the slowest model binds", async () => {
+    const lines = [
+      ...Array.from(
+        { length: 6 },
+        (_, i) => openaiLine("/v1/chat/completions", i, "big"),
+      ),
+      ...Array.from(
+        { length: 2 },
+        (_, i) => openaiLine("/v1/embeddings", i, "emb"),
+      ),
+    ];
+    const { input } = batchFiles(lines.join("\n"));
+    const cost = (l: string) => {
+      const o = JSON.parse(l);
+      return estimateCost(`https://x${o.url}`, o.body);
+    };
+    const inBig = lines.slice(0, 6).reduce(
+      (a, l) => a + cost(l).inputTokens!,
+      0,
+    );
+    const inEmb = lines.slice(6).reduce((a, l) => a + cost(l).inputTokens!, 0);
+    const r = await runCli(
+      ["run", input, "--dry-run", "--per-model", "--rpm", "2"],
+      NO_KEYS,
+    );
+    expect(r.code).toBe(0);
+    // big: 6 requests at 2 a minute → 3 windows → 2 min; emb: 2 → 0 s.
+    expect(r.out).toBe(
+      `8 requests · ~${
+        inBig + inEmb
+      } input tokens (estimated) · ≤ 180 output tokens (max_tokens); the limits apply to each model:
+  big: 6 requests · ~${inBig} input tokens (estimated) · ≤ 180 output tokens (max_tokens) → at least 2m00s (requests per minute binds)
+  emb: 2 requests · ~${inEmb} input tokens (estimated) · ≤ 0 output tokens (max_tokens) → fits in the first window
+→ at least 2m00s; requests per minute of big is the binding limit.
+`,
+    );
+    const roomy = await runCli(
+      ["run", input, "--dry-run", "--per-model", "--rpm", "6"],
+      NO_KEYS,
+    );
+    expect(roomy.out).toMatch(
+      /\n→ everything fits in the first window of every limit given, for each model\.\n$/,
+    );
+    // The same limit for the key as a whole: 8 requests → 4 windows → 3 min.
+    const key = await runCli(
+      ["run", input, "--dry-run", "--rpm", "2"],
+      NO_KEYS,
+    );
+    expect(key.out).toMatch(
+      /→ at least 3m00s; requests per minute is the binding limit/,
+    );
+    const both = await runCli(
+      ["run", input, "--dry-run", "--per-model", "--per-key"],
+      NO_KEYS,
+    );
+    expect(both.code).toBe(2);
+    expect(both.err).toMatch(/--per-model and --per-key exclude each other/);
   });
 
   it("--retry-errored sends only the errored lines and rewrites the output in order", async () => {

@@ -15,6 +15,7 @@ import {
   openai,
   QuotaError,
   rateLimitedFetch,
+  RateLimiter,
   retry,
   SseParser,
   Stats,
@@ -73,6 +74,56 @@ function theory(total: number, limit: number, windowMs: number): number {
 }
 
 describe("estimates and parsing", () => {
+  it("every OpenAI batch endpoint: input never under the simulator's count; output from its own field; usage read back", () => {
+    const cases: [string, Record<string, unknown>, number][] = [
+      ["responses", { input: "Tell me about 日本", max_output_tokens: 50 }, 50],
+      ["responses", {
+        instructions: "Be brief.",
+        input: [
+          { role: "user", content: [{ type: "input_text", text: "Hi there" }] },
+          { type: "function_call_output", output: "42 degrees" },
+          { role: "user", content: [{ type: "input_image", image_url: "x" }] },
+        ],
+      }, 4096],
+      ["completions", { prompt: "Once upon a time" }, 16],
+      ["completions", { prompt: ["one", "two"], max_tokens: 9 }, 9],
+      ["embeddings", { input: "a document" }, 0],
+      ["embeddings", { input: ["first", "第二个文档"] }, 0],
+      ["embeddings", { input: [101, 2023, 102] }, 0],
+      ["embeddings", { input: [[1, 2], [3, 4, 5]] }, 0],
+      ["moderations", { input: "some text" }, 0],
+      ["moderations", {
+        input: [{ type: "text", text: "look" }, {
+          type: "image_url",
+          image_url: {},
+        }],
+      }, 0],
+    ];
+    for (const [kind, body, out] of cases) {
+      const c = estimateCost(`https://api.openai.com/v1/${kind}?x=1`, body);
+      const sim = inputTokensOf(body, kind as never);
+      expect({ kind, body, ok: c.inputTokens! >= sim, out: c.outputTokens })
+        .toEqual({ kind, body, ok: true, out });
+    }
+    // Token arrays count exactly; an image part counts as media.
+    expect(estimateCost("http://x/v1/embeddings", { input: [[1, 2], [3]] }))
+      .toEqual({ requests: 1, inputTokens: 3, outputTokens: 0 });
+    expect(
+      estimateCost("http://x/v1/responses", {
+        input: [{ role: "user", content: [{ type: "input_image" }] }],
+      }).inputTokens,
+    ).toBe(4 + 4 + 1600);
+    // Usage: Responses' input/output tokens, embeddings' prompt tokens.
+    expect(
+      usageOf({
+        usage: { input_tokens: 12, output_tokens: 5, total_tokens: 17 },
+      }),
+    )
+      .toEqual({ inputTokens: 12, outputTokens: 5 });
+    expect(usageOf({ usage: { prompt_tokens: 8, total_tokens: 8 } }))
+      .toEqual({ inputTokens: 8 });
+  });
+
   it("never under-estimates the simulator's input tokens, CJK included", () => {
     const all = [
       ...prompts(200),
@@ -253,7 +304,14 @@ describe("rateLimitedFetch end to end", () => {
       const refused = Object.values(st.rateLimited).reduce((a, b) => a + b, 0);
       expect(refused / attempts).toBeLessThanOrEqual(0.02);
       expect(st.accepted).toBe(200);
-      expect(claude.limiter.usage().map((w) => [w.key, w.limit])).toEqual([
+      // Learned per model: the model's own windows; the key's stay empty.
+      expect(claude.limiter.usage()).toEqual([]);
+      expect([...claude.fetch.models.keys()]).toEqual(["claude-sim"]);
+      expect(
+        claude.fetch.models.get("claude-sim")!.usage().map((
+          w,
+        ) => [w.key, w.limit]),
+      ).toEqual([
         ["requests", 60],
         ["inputTokens", 4000],
         ["outputTokens", 6000],
@@ -418,24 +476,33 @@ describe("rateLimitedFetch end to end", () => {
     20_000,
   );
 
-  it("a 429 pauses the whole limiter for the server-told time", async () => {
-    const s = await sim({
-      limits: { requests: 2, windowMs: 1000 },
-      retryAfterMs: true,
-    });
-    const f = rateLimitedFetch({ learn: false, retry: { retries: 3 } });
-    const send = () =>
-      f(`${s.url}/v1/messages`, {
-        method: "POST",
-        body: JSON.stringify(request("x")),
-      }).then((r) => r.text());
-    await Promise.all([send(), send()]);
-    const t0 = performance.now();
-    await send(); // 429 → retry-after-ms ≈ 1000 → paused
-    expect(f.limiter.pausedUntil).toBeGreaterThan(0);
-    expect(performance.now() - t0).toBeGreaterThanOrEqual(900);
-    expect(f.stats.toJSON().rateLimited).toBe(1);
-    expect(f.stats.toJSON().retries).toBe(1);
+  it("a 429 pauses that model's windows for the server-told time (perModel false: all of them)", async () => {
+    for (const perModel of ["learned", false] as const) {
+      const s = await sim({
+        limits: { requests: 2, windowMs: 1000 },
+        retryAfterMs: true,
+      });
+      const f = rateLimitedFetch({
+        learn: false,
+        retry: { retries: 3 },
+        perModel,
+      });
+      const send = () =>
+        f(`${s.url}/v1/messages`, {
+          method: "POST",
+          body: JSON.stringify(request("x")),
+        }).then((r) => r.text());
+      await Promise.all([send(), send()]);
+      const t0 = performance.now();
+      await send(); // 429 → retry-after-ms ≈ 1000 → paused
+      const paused = perModel ? f.models.get("claude-sim")! : f.limiter;
+      expect(paused.pausedUntil).toBeGreaterThan(0);
+      if (perModel) expect(f.limiter.pausedUntil).toBe(-Infinity);
+      else expect(f.models.size).toBe(0);
+      expect(performance.now() - t0).toBeGreaterThanOrEqual(900);
+      expect(f.stats.toJSON().rateLimited).toBe(1);
+      expect(f.stats.toJSON().retries).toBe(1);
+    }
   });
 
   it("an unexpected 429 widens the margin", async () => {
@@ -560,6 +627,177 @@ describe("rateLimitedFetch learning", () => {
       .text();
     // The server says 6 left after our first request: 3 were someone else's.
     expect(f.limiter.usage()[0]!.used).toBe(4);
+  });
+});
+
+describe("rateLimitedFetch per model", () => {
+  const body = (model: string) =>
+    JSON.stringify({
+      model,
+      max_tokens: 10,
+      messages: [{ role: "user", content: "hi" }],
+    });
+  /** A server that says each model's request limit in its headers and logs when each was sent. */
+  const server = (clock: ManualClock, limits: Record<string, number>) => {
+    const sentAt: Record<string, number[]> = {};
+    const fetch = (_url: unknown, init?: RequestInit): Promise<Response> => {
+      const model = JSON.parse(String(init!.body)).model as string;
+      (sentAt[model] ??= []).push(clock.now());
+      const headers: Record<string, string> = {
+        "content-type": "application/json",
+      };
+      if (limits[model]) {
+        headers["x-ratelimit-limit-requests"] = String(limits[model]);
+      }
+      return Promise.resolve(new Response("{}", { headers }));
+    };
+    return { sentAt, fetch: fetch as typeof globalThis.fetch };
+  };
+  const call = (f: typeof fetch, model: string) =>
+    f("http://x/v1/chat/completions", { method: "POST", body: body(model) })
+      .then((r) => r.text());
+  /** Runs the manual clock until every call has settled. */
+  const drive = async (clock: ManualClock, all: Promise<unknown>) => {
+    let done = false;
+    void all.then(() => done = true);
+    for (let i = 0; i < 1000 && !done; i++) {
+      await clock.flush();
+      if (!done && clock.nextAt !== undefined) {
+        await clock.advance(clock.nextAt - clock.now());
+      }
+    }
+    await all;
+  };
+
+  it("learns each model's limits from its own headers; a slow model does not hold back a fast one", async () => {
+    const clock = new ManualClock();
+    const srv = server(clock, { fast: 40, slow: 2 });
+    const f = rateLimitedFetch({
+      clock,
+      fetch: srv.fetch,
+      learn: { windowMs: 1000 },
+      limiter: { marginMs: 0 },
+    });
+    await call(f, "slow");
+    await call(f, "fast"); // both learned now
+    await clock.advance(1000); // the learning calls have left the windows
+    const all = Promise.all(
+      Array.from({ length: 10 }, (_, i) => call(f, i % 2 ? "fast" : "slow")),
+    );
+    await drive(clock, all);
+    expect(f.limiter.usage()).toEqual([]);
+    expect(
+      [...f.models].map(([m, l]) => [m, l.usage().map((w) => w.limit)]),
+    ).toEqual([["slow", [2]], ["fast", [40]]]);
+    expect(srv.sentAt.fast!.slice(1)).toEqual([1000, 1000, 1000, 1000, 1000]);
+    expect(srv.sentAt.slow!.slice(1)).toEqual([1000, 1000, 2000, 2000, 3000]);
+  });
+
+  it("perModel false: one set of windows flips between the models' headers (the old behaviour)", async () => {
+    const clock = new ManualClock();
+    const srv = server(clock, { fast: 40, slow: 2 });
+    const f = rateLimitedFetch({
+      clock,
+      fetch: srv.fetch,
+      learn: { windowMs: 1000 },
+      perModel: false,
+    });
+    await call(f, "slow");
+    expect(f.limiter.usage()[0]!.limit).toBe(2);
+    await call(f, "fast");
+    expect(f.limiter.usage()[0]!.limit).toBe(40);
+    expect(f.models.size).toBe(0);
+  });
+
+  it("given limits apply to the whole key by default, to each model with perModel 'all'", async () => {
+    for (const perModel of ["learned", "all"] as const) {
+      const clock = new ManualClock();
+      const srv = server(clock, {});
+      const f = rateLimitedFetch({
+        clock,
+        fetch: srv.fetch,
+        limiter: {
+          windows: [{ key: "requests", limit: 2, ms: 1000 }],
+          marginMs: 0,
+        },
+        perModel,
+      });
+      const all = Promise.all(
+        ["a", "a", "a", "b", "b", "b"].map((m) => call(f, m)),
+      );
+      await drive(clock, all);
+      if (perModel === "learned") {
+        // 2 per second for the key: a a | a b | b b
+        expect(srv.sentAt).toEqual({ a: [0, 0, 1000], b: [1000, 2000, 2000] });
+      } else {
+        expect(srv.sentAt).toEqual({ a: [0, 0, 1000], b: [0, 0, 1000] });
+        expect(f.limiter.usage()).toEqual([]);
+        expect(f.models.get("b")!.usage()[0]!.limit).toBe(2);
+      }
+    }
+    expect(() =>
+      rateLimitedFetch({ perModel: "all", limiter: new RateLimiter() })
+    ).toThrow(/perModel: "all".*limiter options/);
+    expect(() => rateLimitedFetch({ perModel: "yes" as never })).toThrow(
+      /'perModel' must be "learned", "all" or false: received "yes"/,
+    );
+    expect(() => rateLimitedFetch({ maxModels: 0 })).toThrow(/'maxModels'.*0/);
+  });
+
+  it("a model's permit held while the key's windows made it wait counts from when it is sent", async () => {
+    const clock = new ManualClock();
+    const srv = server(clock, { a: 5 });
+    const f = rateLimitedFetch({
+      clock,
+      fetch: srv.fetch,
+      learn: { windowMs: 10_000 },
+      // The key: 10 input tokens a second, one call's worth (4 + 4 + 1).
+      limiter: {
+        windows: [{ key: "inputTokens", limit: 10, ms: 1000 }],
+        marginMs: 0,
+      },
+    });
+    await call(f, "a"); // t=0: learns a's 5 per 10 s (this call is not in it)
+    await drive(clock, call(f, "a")); // a's permit at 0, the key's at 1000
+    expect(srv.sentAt.a).toEqual([0, 1000]);
+    await clock.advance(10_500 - clock.now());
+    // Stamped at 1000 (when sent), so still inside a's 10 s window.
+    expect(f.models.get("a")!.usage()[0]!.used).toBe(1);
+    await clock.advance(500);
+    expect(f.models.get("a")!.usage()[0]!.used).toBe(0);
+  });
+
+  it("bounded: 10,000 models keep at most maxModels limiters; busy ones are never dropped", async () => {
+    const clock = new ManualClock();
+    const limits: Record<string, number> = {};
+    for (let i = 0; i < 10_000; i++) limits[`m${i}`] = 100;
+    const srv = server(clock, limits);
+    const f = rateLimitedFetch({
+      clock,
+      fetch: srv.fetch,
+      learn: { windowMs: 1000 },
+      maxModels: 8,
+    });
+    for (let i = 0; i < 10_000; i++) {
+      await call(f, `m${i}`);
+      if (i % 100 === 99) await clock.advance(2000); // older windows go idle
+    }
+    expect(f.models.size).toBeLessThanOrEqual(8);
+    expect(clock.pending).toBe(0);
+    // Eight busy models fill the table; a ninth shares the overflow windows.
+    const g = rateLimitedFetch({
+      clock,
+      fetch: server(clock, { a: 1, b: 1, c: 1 }).fetch,
+      limiter: { marginMs: 0 },
+      learn: { windowMs: 1000 },
+      maxModels: 2,
+    });
+    await call(g, "a");
+    await call(g, "b");
+    await call(g, "a"); // a's window now holds a request
+    await call(g, "b");
+    await call(g, "c");
+    expect([...g.models.keys()]).toEqual(["a", "b"]);
   });
 });
 

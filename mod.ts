@@ -624,6 +624,13 @@ const MAX_ENTRIES = 8192;
 const WAKE: unique symbol = Symbol("paceline.wake");
 
 /**
+ * Re-stamps a permit's entries at the current time, for a caller that held
+ * it while waiting for another limiter: the server counts the request when
+ * it arrives, so its entries must expire counting from then. Internal.
+ */
+let restampPermit: (permit: Permit) => void;
+
+/**
  * A permission to send one request, from {@linkcode RateLimiter.acquire}. It
  * is charged to every window already; call {@linkcode Permit.settle} when
  * the real cost is known (e.g. token usage from the response).
@@ -689,7 +696,26 @@ export class Permit {
     }
     settlePermit(this.#limiter, merged, this.#charged, this.#own, this.#seqs);
   }
+
+  static {
+    restampPermit = (permit) => permit.#restamp();
+  }
+
+  /** Moves this permit's entries to now (it was granted before a second wait). */
+  #restamp(): void {
+    if (!this.#own) {
+      this.#charged = this.#charged.slice();
+      this.#own = this.#charged.slice();
+    }
+    restampWindows(this.#limiter, this.#own, this.#seqs);
+  }
 }
+
+let restampWindows: (
+  limiter: RateLimiter,
+  own: number[],
+  seqs: number[],
+) => void;
 
 let settlePermit: (
   limiter: RateLimiter,
@@ -740,6 +766,7 @@ export class RateLimiter {
   static {
     settlePermit = (limiter, cost, charged, own, seqs) =>
       limiter.#settle(cost, charged, own, seqs);
+    restampWindows = (limiter, own, seqs) => limiter.#restamp(own, seqs);
   }
 
   /**
@@ -1157,6 +1184,19 @@ export class RateLimiter {
 
   #wakeHead(): void {
     this.#wake?.abort(WAKE);
+  }
+
+  #restamp(own: number[], seqs: number[]): void {
+    const ws = this.#windows;
+    const now = this.#clock.now();
+    const n = Math.min(ws.length, seqs.length);
+    for (let i = 0; i < n; i++) {
+      const w = ws[i]!;
+      w.expire(now);
+      if (!w.holds(seqs[i]!)) continue;
+      w.addTo(seqs[i]!, -own[i]!);
+      seqs[i] = w.push(now, own[i]!);
+    }
   }
 
   #settle(
@@ -3740,7 +3780,9 @@ function textOfContent(content: unknown, add: (text: string) => void): number {
         const p = part as Record<string, unknown>;
         if (typeof p.text === "string") add(p.text);
         else if (
-          p.type === "image" || p.type === "image_url" || p.type === "document"
+          p.type === "image" || p.type === "image_url" ||
+          p.type === "document" || p.type === "input_image" ||
+          p.type === "input_file"
         ) {
           media += MEDIA_TOKENS;
         } else if (p.content !== undefined) {
@@ -3754,14 +3796,24 @@ function textOfContent(content: unknown, add: (text: string) => void): number {
 }
 
 /**
- * The default cost estimate of a request. For Anthropic Messages
- * (`…/messages`) and OpenAI-style chat completions (`…/chat/completions`)
- * bodies: `{ requests: 1, inputTokens, outputTokens }` where input tokens
- * are {@linkcode estimateTokens} of every text (system, messages, tool
- * definitions and tool inputs) plus 4 per message and 4 per request, 1,600
- * per image or document, and output tokens are `max_tokens` (or
- * `max_completion_tokens`; 4,096 if neither is set). Anything else costs
- * `{ requests: 1 }`.
+ * The default cost estimate of a request, from its URL's path and JSON body:
+ *
+ * - Anthropic Messages (`…/messages`) and chat completions
+ *   (`…/chat/completions`): input tokens are {@linkcode estimateTokens} of
+ *   every text (system, messages, tool definitions and tool inputs) plus 4
+ *   per message and 4 per request, 1,600 per image or document; output
+ *   tokens are `max_tokens` (or `max_completion_tokens`; 4,096 if neither).
+ * - OpenAI Responses (`…/responses`): `instructions` and `input` (a string
+ *   or a list of items) counted the same way; output `max_output_tokens`
+ *   (4,096 if unset).
+ * - Legacy completions (`…/completions`): the `prompt` (a string, strings,
+ *   or token arrays); output `max_tokens` (16 if unset, the API's default).
+ * - Embeddings (`…/embeddings`) and moderations (`…/moderations`): the
+ *   `input` (a string, strings, token arrays, or multimodal parts); no
+ *   output tokens.
+ *
+ * The result is `{ requests: 1, inputTokens, outputTokens }`; anything else
+ * costs `{ requests: 1 }`.
  *
  * @param url The request URL.
  * @param body The parsed JSON body, if any.
@@ -3777,35 +3829,105 @@ function textOfContent(content: unknown, add: (text: string) => void): number {
  *   messages: [{ role: "user", content: "Hello" }],
  * });
  * if (cost.inputTokens !== 2 + 4 + 4 || cost.outputTokens !== 512) throw new Error();
+ *
+ * const embed = estimateCost("https://api.openai.com/v1/embeddings", {
+ *   model: "text-embedding-3-small",
+ *   input: ["first document", [101, 2023, 102]], // a string and a token array
+ * });
+ * if (embed.inputTokens !== 4 + 3 || embed.outputTokens !== 0) throw new Error();
  * ```
  */
 export function estimateCost(url: string, body: unknown): Cost {
-  const path = url.split("?")[0]!;
-  if (
-    !body || typeof body !== "object" ||
-    !/\/(messages|chat\/completions)$/.test(path)
-  ) return { requests: 1 };
+  const kind = ENDPOINT_KIND.exec(url.split("?")[0]!)?.[1];
+  if (!kind || !body || typeof body !== "object") return { requests: 1 };
   const b = body as Record<string, unknown>;
-  let n = 4;
+  let n = 0;
   const add = (t: string): void => {
     n += estimateTokens(t);
   };
   // (`n += f()` would read n before f adds to it.)
-  let media = textOfContent(b.system, add);
-  if (Array.isArray(b.messages)) {
-    for (const m of b.messages) {
-      n += 4;
-      media += textOfContent((m as { content?: unknown } | null)?.content, add);
+  if (kind === "embeddings" || kind === "moderations") {
+    const media = textOrTokens(b.input, add, (k) => n += k);
+    return { requests: 1, inputTokens: n + media, outputTokens: 0 };
+  }
+  if (kind === "completions") {
+    textOrTokens(b.prompt, add, (k) => n += k);
+    return {
+      requests: 1,
+      inputTokens: n + 4,
+      outputTokens: maxOut(b.max_tokens, 16),
+    };
+  }
+  n = 4;
+  let media = 0;
+  let max: unknown;
+  if (kind === "responses") {
+    media += textOfContent(b.instructions, add);
+    if (typeof b.input === "string") add(b.input);
+    else if (Array.isArray(b.input)) {
+      for (const item of b.input) {
+        n += 4;
+        const it = item as Record<string, unknown> | null;
+        if (it?.content !== undefined) media += textOfContent(it.content, add);
+        else if (typeof it?.output === "string") add(it.output);
+        else if (typeof it?.arguments === "string") add(it.arguments);
+      }
     }
+    max = b.max_output_tokens;
+  } else {
+    media += textOfContent(b.system, add);
+    if (Array.isArray(b.messages)) {
+      for (const m of b.messages) {
+        n += 4;
+        media += textOfContent(
+          (m as { content?: unknown } | null)?.content,
+          add,
+        );
+      }
+    }
+    max = b.max_tokens ?? b.max_completion_tokens;
   }
   n += media;
   if (Array.isArray(b.tools)) add(JSON.stringify(b.tools));
-  const max = Number(b.max_tokens ?? b.max_completion_tokens ?? 4096);
-  return {
-    requests: 1,
-    inputTokens: n,
-    outputTokens: Number.isFinite(max) && max >= 0 ? max : 4096,
-  };
+  return { requests: 1, inputTokens: n, outputTokens: maxOut(max, 4096) };
+}
+
+/** The endpoint a URL path names, for {@linkcode estimateCost}. */
+const ENDPOINT_KIND =
+  /\/(messages|chat\/completions|responses|completions|embeddings|moderations)$/;
+
+function maxOut(value: unknown, fallback: number): number {
+  const max = Number(value ?? fallback);
+  return Number.isFinite(max) && max >= 0 ? max : fallback;
+}
+
+/**
+ * Counts an embeddings/moderations `input` or a completions `prompt`: a
+ * string, a list of strings, a token array, a list of token arrays, or
+ * multimodal parts. Texts go to `add`, token counts to `tokens`; returns
+ * the media tokens.
+ */
+function textOrTokens(
+  value: unknown,
+  add: (text: string) => void,
+  tokens: (n: number) => void,
+): number {
+  if (typeof value === "string") {
+    add(value);
+    return 0;
+  }
+  if (!Array.isArray(value)) return 0;
+  if (value.length && typeof value[0] === "number") {
+    tokens(value.length);
+    return 0;
+  }
+  let media = 0;
+  for (const v of value) {
+    if (typeof v === "string") add(v);
+    else if (Array.isArray(v)) tokens(v.length);
+    else media += textOfContent([v], add);
+  }
+  return media;
 }
 
 /**
@@ -3834,8 +3956,9 @@ export interface UsageOptions {
 /**
  * The real cost in a response body's `usage`, for settling a
  * {@linkcode Permit}: Anthropic (`input_tokens` + `cache_creation_input_tokens`
- * [+ `cache_read_input_tokens`], `output_tokens`) or OpenAI (`prompt_tokens`,
- * `completion_tokens`). `undefined` if the body has no usage.
+ * [+ `cache_read_input_tokens`], `output_tokens`), OpenAI chat, completions
+ * and embeddings (`prompt_tokens`, `completion_tokens`), OpenAI Responses
+ * (`input_tokens`, `output_tokens`). `undefined` if the body has no usage.
  *
  * @param body A parsed response body (or an SSE event's data).
  * @param options See {@linkcode UsageOptions}.
@@ -4016,6 +4139,24 @@ export interface RateLimitedFetchOptions {
   clock?: Clock;
   /** Stats to fill in; default a new {@linkcode Stats}. */
   stats?: Stats;
+  /**
+   * Keep windows per model (the JSON body's `model`), as providers limit
+   * per model. `"learned"` (default): limits learned from headers are kept
+   * per model (the headers describe the model that answered) and a 429's
+   * wait pauses that model only; limits you give in `limiter` apply to all
+   * requests together. `"all"`: the limits you give apply to each model
+   * separately too (`limiter` must then be options, not an instance).
+   * `false`: one set of windows for everything, learned ones included —
+   * for a relay that limits per key whatever the model.
+   */
+  perModel?: "learned" | "all" | false;
+  /**
+   * Most models with windows of their own; default 64. When a new model
+   * comes and all are taken, the least recently used idle one (nothing in
+   * its windows, nobody waiting) is dropped; if none is idle, the newcomer
+   * shares one extra set of windows with the other models past the cap.
+   */
+  maxModels?: number;
 }
 
 /**
@@ -4040,6 +4181,11 @@ export type RateLimitedFetch =
     readonly limiter: RateLimiter;
     /** What happened so far. */
     readonly stats: Stats;
+    /**
+     * Each model's own limiter (see {@linkcode RateLimitedFetchOptions.perModel}),
+     * by model name, least recently used first. Read-only.
+     */
+    readonly models: ReadonlyMap<string, RateLimiter>;
   };
 
 const FETCH_OPTIONS = new Set([
@@ -4054,6 +4200,8 @@ const FETCH_OPTIONS = new Set([
   "fetch",
   "clock",
   "stats",
+  "perModel",
+  "maxModels",
 ]);
 
 const LEARN_HEADERS: [string, string][] = [
@@ -4146,17 +4294,97 @@ export function rateLimitedFetch(
       retryOptions.onRetry?.(info);
     },
   });
-  const limiter = options.limiter instanceof RateLimiter
-    ? options.limiter
-    : new RateLimiter({ clock, ...options.limiter });
+  const perModel = options.perModel ?? "learned";
+  if (perModel !== "learned" && perModel !== "all" && perModel !== false) {
+    throw new TypeError(
+      `rateLimitedFetch 'perModel' must be "learned", "all" or false: received ${
+        JSON.stringify(perModel)
+      }`,
+    );
+  }
+  const maxModels = options.maxModels ?? 64;
+  checkCount(maxModels, "maxModels", "rateLimitedFetch");
+  /** With perModel "all": the given windows, copied for each model. */
+  let template: WindowSpec[] = [];
+  let limiter: RateLimiter;
+  if (perModel === "all") {
+    if (options.limiter instanceof RateLimiter) {
+      throw new TypeError(
+        `rateLimitedFetch 'perModel: "all"' copies the limits in 'limiter' for each model: pass limiter options, not a RateLimiter instance`,
+      );
+    }
+    template = new RateLimiter({ clock, ...options.limiter }).usage().map((
+      w,
+    ) => ({ key: w.key, limit: w.limit, ms: w.ms, marginMs: w.marginMs }));
+    limiter = new RateLimiter({ clock });
+  } else {
+    limiter = options.limiter instanceof RateLimiter
+      ? options.limiter
+      : new RateLimiter({ clock, ...options.limiter });
+  }
   const stats = options.stats ?? new Stats(clock);
   const slots = new Semaphore(concurrency);
   const learnMs = typeof learn === "object" ? learn.windowMs ?? 60_000 : 60_000;
   checkPositive(learnMs, "learn.windowMs", "rateLimitedFetch");
-  const userKeys = new Set(limiter.usage().map((w) => w.key));
-  /** Estimated amounts of requests sent and not yet answered, per key. */
-  const inflight: Record<string, number> = {};
-  const track = (cost: Cost, sign: 1 | -1): void => {
+  /** The keys the user gave limits for: never learned. */
+  const userKeys = new Set(
+    perModel === "all"
+      ? template.map((w) => w.key)
+      : limiter.usage().map((w) => w.key),
+  );
+  /** A model's limiter: the given windows with "all", and the given default margin. */
+  const modelLimiter = (): RateLimiter =>
+    new RateLimiter({
+      clock,
+      windows: template,
+      ...(options.limiter instanceof RateLimiter ||
+          options.limiter?.marginMs === undefined
+        ? {}
+        : { marginMs: options.limiter.marginMs }),
+    });
+  const newLane = (l: RateLimiter): Lane => ({
+    limiter: l,
+    margins: new MarginTuner(l, clock),
+    inflight: {},
+  });
+  /** The whole key's windows: the given limits (and, without a model, the learned ones). */
+  const keyLane = newLane(limiter);
+  /** Each model's windows, least recently used first. */
+  const lanes = new Map<string, Lane>();
+  const models = new Map<string, RateLimiter>();
+  let overflow: Lane | undefined;
+  const laneFor = (model: string): Lane => {
+    let lane = lanes.get(model);
+    if (lane) {
+      lanes.delete(model); // most recently used goes last
+      lanes.set(model, lane);
+      return lane;
+    }
+    if (lanes.size >= maxModels) {
+      let idle: string | undefined;
+      for (const [name, l] of lanes) {
+        if (
+          l.limiter.pending === 0 &&
+          l.limiter.usage().every((w) => w.used === 0)
+        ) {
+          idle = name;
+          break;
+        }
+      }
+      if (idle === undefined) {
+        return overflow ??= newLane(modelLimiter());
+      }
+      lanes.delete(idle);
+      models.delete(idle);
+    }
+    lane = newLane(modelLimiter());
+    lanes.set(model, lane);
+    models.delete(model);
+    models.set(model, lane.limiter);
+    return lane;
+  };
+  const track = (lane: Lane, cost: Cost, sign: 1 | -1): void => {
+    const inflight = lane.inflight;
     for (const k of Object.keys(cost)) {
       inflight[k] = (inflight[k] ?? 0) + sign * cost[k]!;
     }
@@ -4165,10 +4393,10 @@ export function rateLimitedFetch(
         sign * ((cost.inputTokens ?? 0) + (cost.outputTokens ?? 0));
     }
   };
-  const margins = new MarginTuner(limiter, clock);
 
-  const learnFrom = (h: Headers): void => {
+  const learnFrom = (h: Headers, lane: Lane): void => {
     if (learn === false) return;
+    const limiter = lane.limiter;
     let windows: WindowUsage[] | undefined; // read once, refreshed after changes
     const find = (key: string): WindowUsage | undefined => {
       windows ??= limiter.usage();
@@ -4192,8 +4420,8 @@ export function rateLimitedFetch(
           limiter.setLimit(key, limit, learnMs);
           // A new window has not seen the requests still in flight; the
           // server will count them, so charge them now.
-          if (!learned && inflight[key]) {
-            limiter.record({ [key]: inflight[key] });
+          if (!learned && lane.inflight[key]) {
+            limiter.record({ [key]: lane.inflight[key] });
           }
           windows = undefined;
         }
@@ -4273,6 +4501,10 @@ export function rateLimitedFetch(
     }
     const cost = estimate(url, parsed);
     const replayable = !(body instanceof ReadableStream);
+    const model = (parsed as { model?: unknown } | undefined)?.model;
+    const lane = perModel !== false && typeof model === "string" && model
+      ? laneFor(model)
+      : keyLane;
     const attempt = async (): Promise<Response> => {
       const t0 = clock.now();
       await slots.acquire(signal);
@@ -4284,19 +4516,37 @@ export function rateLimitedFetch(
         }
       };
       let permit: Permit;
+      let modelPermit: Permit | undefined;
       try {
+        if (lane !== keyLane) {
+          modelPermit = await lane.limiter.acquire(cost, { signal });
+        }
         permit = await limiter.acquire(cost, { signal });
+        // Held while the key's windows made us wait: it counts from now.
+        if (modelPermit && clock.now() > modelPermit.at) {
+          restampPermit(modelPermit);
+        }
       } catch (error) {
+        modelPermit?.settle(zeroOf(cost)); // an aborted waiter uses nothing
         release();
         throw error;
       }
+      const settle = (seen: Cost): void => {
+        permit.settle(seen);
+        modelPermit?.settle(seen);
+        stats.tokens(seen.inputTokens ?? 0, seen.outputTokens ?? 0);
+      };
+      const quiet = (): void => {
+        lane.margins.ok();
+        if (lane !== keyLane) keyLane.margins.ok();
+      };
       const sent = clock.now();
       let response: Response;
-      track(cost, 1);
+      track(lane, cost, 1);
       try {
         response = await baseFetch(url, { ...sendInit, signal });
       } catch (error) {
-        track(cost, -1);
+        track(lane, cost, -1);
         release();
         stats.attempt(
           sent - t0,
@@ -4306,18 +4556,15 @@ export function rateLimitedFetch(
         );
         throw error;
       }
-      track(cost, -1);
-      learnFrom(response.headers);
+      track(lane, cost, -1);
+      learnFrom(response.headers, lane);
       const type = response.headers.get("content-type") ?? "";
       if (response.ok && type.includes("text/event-stream") && response.body) {
         return observeStream(response, (seen) => {
           release();
-          if (seen) {
-            permit.settle(seen);
-            stats.tokens(seen.inputTokens ?? 0, seen.outputTokens ?? 0);
-          }
+          if (seen) settle(seen);
           stats.attempt(sent - t0, clock.now() - sent, response.status);
-          margins.ok();
+          quiet();
         }, usage);
       }
       let text: string | undefined;
@@ -4342,18 +4589,21 @@ export function rateLimitedFetch(
       let kind: string | undefined;
       if (response.ok) {
         const seen = json === undefined ? undefined : usage(json);
-        if (seen) {
-          permit.settle(seen);
-          stats.tokens(seen.inputTokens ?? 0, seen.outputTokens ?? 0);
-        }
-        margins.ok();
+        if (seen) settle(seen);
+        quiet();
       } else if (response.status === 429) {
         if (quotaCode(json)) kind = "quota";
         else {
           const told = parseRetryAfter(response.headers);
-          if (told !== undefined) limiter.pauseUntil(clock.now() + told);
-          if (adaptiveMargin) stats.unexpected429(margins.widen());
-          else stats.unexpected429(false);
+          if (told !== undefined) {
+            lane.limiter.pauseUntil(clock.now() + told);
+          }
+          let widened = false;
+          if (adaptiveMargin) {
+            widened = lane.margins.widen();
+            if (lane !== keyLane) widened = keyLane.margins.widen() || widened;
+          }
+          stats.unexpected429(widened);
         }
       }
       stats.attempt(sent - t0, clock.now() - sent, response.status, kind);
@@ -4382,7 +4632,22 @@ export function rateLimitedFetch(
       throw error;
     }
   };
-  return Object.assign(wrapped, { limiter, stats }) as RateLimitedFetch;
+  return Object.assign(wrapped, { limiter, stats, models }) as RateLimitedFetch;
+}
+
+/** One set of windows of a {@linkcode rateLimitedFetch}: the key's, or a model's. */
+interface Lane {
+  limiter: RateLimiter;
+  margins: MarginTuner;
+  /** Estimated amounts of requests sent and not yet answered, per key. */
+  inflight: Record<string, number>;
+}
+
+/** A cost of the same keys, all zero: settles a permit to nothing. */
+function zeroOf(cost: Cost): Cost {
+  const zero: Cost = {};
+  for (const k of Object.keys(cost)) zero[k] = 0;
+  return zero;
 }
 
 /**
@@ -4467,8 +4732,10 @@ function observeStream(
       }
       // Anthropic: message_start holds input usage; message_delta the
       // cumulative output (take the last, do not sum). OpenAI: a final chunk.
+      // Responses: response.completed holds the whole response.
       const u = usage(
-        (data.message as Record<string, unknown> | undefined) ?? data,
+        (data.message as Record<string, unknown> | undefined) ??
+          (data.response as Record<string, unknown> | undefined) ?? data,
       );
       if (u) seen = { ...seen, ...u };
     }

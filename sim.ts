@@ -1,9 +1,10 @@
 /**
  * An LLM API simulator: a real HTTP server on loopback that speaks the
- * Anthropic Messages API and the OpenAI chat completions API closely enough
- * for the official SDKs, enforces rate limits strictly (sliding log) or as
- * a token bucket, sends the providers' rate-limit headers, and injects
- * faults from a seeded PRNG. paceline's tests, demo and benchmarks run
+ * Anthropic Messages API and the OpenAI chat completions, Responses,
+ * completions, embeddings and moderations APIs closely enough for the
+ * official SDKs, enforces rate limits strictly (sliding log) or as a token
+ * bucket — for the whole key, or per model — sends the providers'
+ * rate-limit headers, and injects faults from a seeded PRNG. paceline's tests, demo and benchmarks run
  * against it.
  *
  * Standalone: `node dist/sim.js --port 8787 --rpm 50 --itpm 30000 --otpm 8000`
@@ -76,6 +77,13 @@ export interface SimulatorOptions {
   apiKey?: string;
   /** Rate limits; none by default. */
   limits?: SimLimits;
+  /**
+   * Limits of particular models (the body's `model`), as providers limit
+   * per model: each model listed here has windows of its own (same window
+   * length as `limits`) and its own rate-limit headers; other models share
+   * `limits`.
+   */
+  modelLimits?: Record<string, Omit<SimLimits, "windowMs">>;
   /**
    * `"sliding"` (default): a strict log over accepted requests; a request
    * that would push any window over its limit is refused. `"bucket"`:
@@ -216,8 +224,71 @@ function contentText(content: unknown): string {
   return "";
 }
 
-/** Input tokens of an Anthropic or OpenAI request body, by the simulator's rule. */
-export function inputTokensOf(body: Record<string, unknown>): number {
+/** The endpoints the simulator serves, by the path after `/v1/`. */
+export type Kind =
+  | "messages"
+  | "messages/count_tokens"
+  | "chat/completions"
+  | "responses"
+  | "completions"
+  | "embeddings"
+  | "moderations";
+const ROUTE =
+  /\/v1\/(messages(?:\/count_tokens)?|chat\/completions|responses|completions|embeddings|moderations)$/;
+const isText = (v: unknown): boolean =>
+  (typeof v === "string" && v !== "") ||
+  (Array.isArray(v) && v.length > 0);
+/** The field each endpoint cannot do without. */
+const REQUIRED: Record<
+  Kind,
+  { field: string; check: (v: unknown) => boolean }
+> = {
+  "messages": { field: "messages", check: Array.isArray },
+  "messages/count_tokens": { field: "messages", check: Array.isArray },
+  "chat/completions": { field: "messages", check: Array.isArray },
+  "responses": { field: "input", check: isText },
+  "completions": { field: "prompt", check: isText },
+  "embeddings": { field: "input", check: isText },
+  "moderations": { field: "input", check: isText },
+};
+const OUTPUTLESS = new Set<Kind>(["embeddings", "moderations"]);
+const STREAMS = new Set<Kind>(["messages", "chat/completions"]);
+
+/** Tokens of a `prompt`/`input` value: a string, strings, token arrays, or parts. */
+function textOrTokens(v: unknown): number {
+  if (typeof v === "string") return countTokens(v);
+  if (!Array.isArray(v)) return 0;
+  if (typeof v[0] === "number") return v.length;
+  let n = 0;
+  for (const x of v) {
+    n += Array.isArray(x) ? x.length : countTokens(contentText([x]));
+  }
+  return n;
+}
+
+/**
+ * Input tokens of a request body, by the simulator's rule: messages (+ 3
+ * each) and system for Messages and chat; `instructions` and `input` items
+ * (+ 3 each) for Responses; the `prompt` or `input` for completions,
+ * embeddings and moderations (token arrays count their length). Plus 1.
+ */
+export function inputTokensOf(
+  body: Record<string, unknown>,
+  kind: Kind = "messages",
+): number {
+  if (kind === "completions") return 1 + textOrTokens(body.prompt);
+  if (kind === "embeddings" || kind === "moderations") {
+    return textOrTokens(body.input);
+  }
+  if (kind === "responses") {
+    let n = 1 + countTokens(contentText(body.instructions));
+    if (typeof body.input === "string") return n + countTokens(body.input);
+    for (const item of body.input as unknown[]) {
+      const it = item as Record<string, unknown> | null;
+      n += 3 + countTokens(contentText(it?.content ?? it?.output));
+    }
+    return n;
+  }
   let n = 1;
   n += countTokens(contentText(body.system));
   const messages = Array.isArray(body.messages) ? body.messages : [];
@@ -394,12 +465,20 @@ export async function startSimulator(
       `startSimulator 'limits.windowMs' must be > 0: received ${windowMs}`,
     );
   }
-  for (const d of DIMS) {
-    const v = limits[d];
-    if (v !== undefined && !(v > 0 && Number.isFinite(v))) {
-      throw new RangeError(
-        `startSimulator 'limits.${d}' must be a positive number: received ${v}`,
-      );
+  const modelLimits = options.modelLimits ?? {};
+  for (
+    const [where, l] of [
+      ["limits", limits],
+      ...Object.entries(modelLimits).map(([m, l]) => [`modelLimits.${m}`, l]),
+    ] as [string, Omit<SimLimits, "windowMs">][]
+  ) {
+    for (const d of DIMS) {
+      const v = l[d];
+      if (v !== undefined && !(v > 0 && Number.isFinite(v))) {
+        throw new RangeError(
+          `startSimulator '${where}.${d}' must be a positive number: received ${v}`,
+        );
+      }
     }
   }
   if (mode !== "sliding" && mode !== "bucket") {
@@ -411,17 +490,27 @@ export async function startSimulator(
   }
   const clock = () => performance.now();
   let random = prng(seed);
-  let meters: Partial<Record<Dim, Meter>>;
+  /** The windows of each model in `modelLimits`, and of all others (""). */
+  let meterSets: Map<string, Partial<Record<Dim, Meter>>>;
   let stats: SimStats;
   let seq = 0;
   const init = (): void => {
     random = prng(seed);
-    meters = {};
-    for (const d of DIMS) {
-      const limit = limits[d];
-      if (limit !== undefined) {
-        meters[d] = new Meter(limit, windowMs, mode === "bucket", clock());
+    meterSets = new Map();
+    for (
+      const [model, l] of [
+        ["", limits],
+        ...Object.entries(modelLimits),
+      ] as const
+    ) {
+      const meters: Partial<Record<Dim, Meter>> = {};
+      for (const d of DIMS) {
+        const limit = l[d];
+        if (limit !== undefined) {
+          meters[d] = new Meter(limit, windowMs, mode === "bucket", clock());
+        }
       }
+      meterSets.set(model, meters);
     }
     stats = {
       received: 0,
@@ -447,7 +536,10 @@ export async function startSimulator(
   };
   init();
 
-  const rateHeaders = (now: number): Record<string, string> => {
+  const rateHeaders = (
+    now: number,
+    meters: Partial<Record<Dim, Meter>>,
+  ): Record<string, string> => {
     const h: Record<string, string> = {};
     const wall = Date.now();
     const names: [Dim, string, string | undefined][] = [
@@ -513,7 +605,9 @@ export async function startSimulator(
     for await (const c of req) chunks.push(c as Uint8Array);
     const raw = new TextDecoder().decode(concat(chunks));
     const path = (req.url ?? "/").split("?")[0]!;
-    const openai = path.endsWith("/chat/completions");
+    const kind = ROUTE.exec(path)?.[1] as Kind | undefined;
+    const openai = kind !== "messages" && kind !== "messages/count_tokens";
+    let meters = meterSets.get("")!;
     const send = (
       status: number,
       body: unknown,
@@ -523,7 +617,7 @@ export async function startSimulator(
         "content-type": "application/json",
         "request-id": id,
         "x-request-id": id,
-        ...rateHeaders(clock()),
+        ...rateHeaders(clock(), meters),
         ...headers,
       });
       res.end(JSON.stringify(body));
@@ -545,10 +639,7 @@ export async function startSimulator(
       res.end(JSON.stringify(stats));
       return;
     }
-    if (
-      req.method !== "POST" ||
-      !/\/v1\/(messages(\/count_tokens)?|chat\/completions)$/.test(path)
-    ) {
+    if (req.method !== "POST" || !kind) {
       stats.rejected.notFound++;
       return send(
         404,
@@ -579,31 +670,51 @@ export async function startSimulator(
       }
     }
     let body: Record<string, unknown>;
+    const needs = REQUIRED[kind];
     try {
       body = JSON.parse(raw);
-      if (
-        typeof body !== "object" || body === null ||
-        !Array.isArray(body.messages)
-      ) throw new Error("messages");
+      if (typeof body !== "object" || body === null) throw new Error();
     } catch {
+      stats.rejected.invalid++;
+      return send(400, error("invalid_request_error", "body: invalid JSON"));
+    }
+    if (!needs.check(body[needs.field])) {
       stats.rejected.invalid++;
       return send(
         400,
-        error("invalid_request_error", "messages: field required"),
+        error("invalid_request_error", `${needs.field}: field required`),
       );
     }
-    const input = inputTokensOf(body);
-    if (path.endsWith("/count_tokens")) {
+    if (typeof body.model === "string" && meterSets.has(body.model)) {
+      meters = meterSets.get(body.model)!;
+    }
+    const input = inputTokensOf(body, kind);
+    if (kind === "messages/count_tokens") {
       return send(200, { input_tokens: input });
     }
-    const maxTokens = Number(
-      body.max_tokens ?? body.max_completion_tokens ?? (openai ? 4096 : NaN),
+    const maxTokens = OUTPUTLESS.has(kind) ? 0 : Number(
+      kind === "responses"
+        ? body.max_output_tokens ?? 4096
+        : kind === "completions"
+        ? body.max_tokens ?? 16
+        : body.max_tokens ?? body.max_completion_tokens ??
+          (openai ? 4096 : NaN),
     );
-    if (!(maxTokens >= 1)) {
+    if (!OUTPUTLESS.has(kind) && !(maxTokens >= 1)) {
       stats.rejected.invalid++;
       return send(
         400,
         error("invalid_request_error", "max_tokens: field required"),
+      );
+    }
+    if (body.stream === true && !STREAMS.has(kind)) {
+      stats.rejected.invalid++;
+      return send(
+        400,
+        error(
+          "invalid_request_error",
+          `stream: the simulator does not stream /v1/${kind}`,
+        ),
       );
     }
     const client = (req.headers["x-client-request-id"] as string | undefined) ??
@@ -687,7 +798,9 @@ export async function startSimulator(
     }
 
     // Deterministic output, then strict admission against every window.
-    const prompt = JSON.stringify(body.messages) + contentText(body.system);
+    const prompt = JSON.stringify(
+      body.messages ?? body.input ?? body.prompt,
+    ) + contentText(body.system ?? body.instructions);
     const outTokens = Math.min(maxTokens, 8 + (hash(prompt) % 40));
     const outCharge = outputCounting === "max_tokens" ? maxTokens : outTokens;
     const cost: Record<Dim, number> = {
@@ -762,7 +875,8 @@ export async function startSimulator(
     const delay = (latency.baseMs ?? 0) +
       (latency.perOutputTokenMs ?? 0) * outTokens;
     const done = (): void => {
-      stats.usage.inputTokens += input;
+      // Moderations report no usage; the others do, and it is counted.
+      if (kind !== "moderations") stats.usage.inputTokens += input;
       stats.usage.outputTokens += outTokens;
       if (client !== undefined) {
         stats.perClient[client]!.succeeded++;
@@ -780,7 +894,7 @@ export async function startSimulator(
         "cache-control": "no-cache",
         "request-id": id,
         "x-request-id": id,
-        ...rateHeaders(clock()),
+        ...rateHeaders(clock(), meters),
       });
       res.flushHeaders();
       stats.log.push(
@@ -916,23 +1030,98 @@ export async function startSimulator(
 
     if (delay) await sleep(delay);
     done();
+    const created = Math.floor(Date.now() / 1000);
+    const finish = stop === "end_turn" ? "stop" : "length";
+    const chatUsage = {
+      prompt_tokens: input,
+      completion_tokens: outTokens,
+      total_tokens: input + outTokens,
+    };
+    if (kind === "embeddings") {
+      const inputs = typeof body.input === "string" ||
+          typeof (body.input as unknown[])[0] === "number"
+        ? [body.input]
+        : body.input as unknown[];
+      const dims = Number(body.dimensions ?? 8);
+      return send(200, {
+        object: "list",
+        data: inputs.map((x, index) => ({
+          object: "embedding",
+          index,
+          embedding: vector(
+            Array.from(
+              { length: dims },
+              (_, i) =>
+                ((hash(`${JSON.stringify(x)}:${i}`) % 2000) - 1000) / 1000,
+            ),
+            body.encoding_format === "base64",
+          ),
+        })),
+        model,
+        usage: { prompt_tokens: input, total_tokens: input },
+      });
+    }
+    if (kind === "moderations") {
+      const inputs = Array.isArray(body.input) ? body.input : [body.input];
+      return send(200, {
+        id: `modr-${id}`,
+        model,
+        results: inputs.map(() => ({
+          flagged: false,
+          categories: { harassment: false, violence: false },
+          category_scores: { harassment: 0.0001, violence: 0.0001 },
+        })),
+      });
+    }
+    if (kind === "responses") {
+      return send(200, {
+        id: `resp_${id}`,
+        object: "response",
+        created_at: created,
+        status: stop === "end_turn" ? "completed" : "incomplete",
+        incomplete_details: stop === "end_turn"
+          ? null
+          : { reason: "max_output_tokens" },
+        model,
+        output: [{
+          type: "message",
+          id: `msg_${id}`,
+          status: "completed",
+          role: "assistant",
+          content: [{ type: "output_text", text, annotations: [] }],
+        }],
+        usage: {
+          input_tokens: input,
+          input_tokens_details: { cached_tokens: 0 },
+          output_tokens: outTokens,
+          output_tokens_details: { reasoning_tokens: 0 },
+          total_tokens: input + outTokens,
+        },
+      });
+    }
+    if (kind === "completions") {
+      return send(200, {
+        id: `cmpl-${id}`,
+        object: "text_completion",
+        created,
+        model,
+        choices: [{ text, index: 0, logprobs: null, finish_reason: finish }],
+        usage: chatUsage,
+      });
+    }
     if (openai) {
       return send(200, {
         id: `chatcmpl-${id}`,
         object: "chat.completion",
-        created: Math.floor(Date.now() / 1000),
+        created,
         model,
         choices: [{
           index: 0,
           message: { role: "assistant", content: text, refusal: null },
           logprobs: null,
-          finish_reason: stop === "end_turn" ? "stop" : "length",
+          finish_reason: finish,
         }],
-        usage: {
-          prompt_tokens: input,
-          completion_tokens: outTokens,
-          total_tokens: input + outTokens,
-        },
+        usage: chatUsage,
       });
     }
     return send(200, {
@@ -969,6 +1158,18 @@ export async function startSimulator(
   };
 }
 
+/**
+ * An embedding as floats, or (what the openai SDK asks for by default) as
+ * base64 of little-endian float32s.
+ */
+function vector(values: number[], base64: boolean): number[] | string {
+  if (!base64) return values;
+  const bytes = new Uint8Array(new Float32Array(values).buffer);
+  let bin = "";
+  for (const b of bytes) bin += String.fromCharCode(b);
+  return btoa(bin);
+}
+
 /** Drops the connection once what was written has gone out: a truncated stream. */
 function cut(res: ServerResponse): Promise<void> {
   return new Promise((resolve) => {
@@ -994,7 +1195,8 @@ function concat(chunks: Uint8Array[]): Uint8Array {
 }
 
 const HELP =
-  `paceline LLM API simulator (Anthropic /v1/messages, OpenAI /v1/chat/completions)
+  `paceline LLM API simulator (Anthropic /v1/messages; OpenAI /v1/chat/completions,
+/v1/responses, /v1/completions, /v1/embeddings, /v1/moderations)
 
 Usage: node dist/sim.js [flags]      deno run -A sim.ts [flags]
 
@@ -1006,6 +1208,9 @@ Usage: node dist/sim.js [flags]      deno run -A sim.ts [flags]
   --otpm N             output tokens per window
   --tpm N              input + output tokens per window
   --window-ms N        window length (default 60000)
+  --model-limit M:rpm=N[,itpm=N,otpm=N,tpm=N]
+                       a model with limits of its own (repeatable); other
+                       models share the limits above
   --mode M             sliding (default) | bucket
   --output-counting M  actual (default) | max_tokens
   --seed N             PRNG seed for faults (default 1)
@@ -1083,6 +1288,40 @@ export function parseSimArgs(
       case "--output-counting":
         o.outputCounting = argv[++i] as "actual" | "max_tokens";
         break;
+      case "--model-limit": {
+        // MODEL:rpm=8,itpm=1000 (a model name may itself hold colons)
+        const v = argv[++i] ?? "";
+        const eq = v.indexOf("=");
+        const colon = v.lastIndexOf(":", eq);
+        if (eq < 0 || colon <= 0) {
+          throw new RangeError(
+            `--model-limit needs MODEL:rpm=N[,itpm=N,otpm=N,tpm=N]: received ${
+              JSON.stringify(v)
+            }`,
+          );
+        }
+        const l: Omit<SimLimits, "windowMs"> = {};
+        const keys: Record<string, Dim> = {
+          rpm: "requests",
+          itpm: "inputTokens",
+          otpm: "outputTokens",
+          tpm: "tokens",
+        };
+        for (const part of v.slice(colon + 1).split(",")) {
+          const [k, n] = part.split("=");
+          const key = keys[k ?? ""];
+          if (!key) {
+            throw new RangeError(
+              `--model-limit: unknown limit ${
+                JSON.stringify(k)
+              } (rpm, itpm, otpm or tpm)`,
+            );
+          }
+          l[key] = num(`--model-limit ${k}`, n);
+        }
+        (o.modelLimits ??= {})[v.slice(0, colon)] = l;
+        break;
+      }
       default:
         throw new TypeError(`Unknown flag ${JSON.stringify(flag)}; see --help`);
     }

@@ -231,6 +231,102 @@ describe("simulator auth, shapes and modes", () => {
     expect(s.stats().rejected.auth).toBe(2);
   });
 
+  it("serves every OpenAI batch endpoint to the official SDK, with usage and per-model limits", async () => {
+    const s = await sim({
+      limits: { requests: 100, windowMs: 60_000 },
+      modelLimits: { "emb-slow": { requests: 2 } },
+    });
+    const client = new OpenAI({
+      apiKey: "k",
+      baseURL: `${s.url}/v1`,
+      maxRetries: 0,
+    });
+    const r = await client.responses.create({
+      model: "gpt-sim",
+      instructions: "Be brief.",
+      input: "Tell me about rate limits",
+      max_output_tokens: 20,
+    });
+    expect(r.output_text.length).toBeGreaterThan(0);
+    expect(r.usage!.input_tokens).toBe(
+      inputTokensOf({
+        instructions: "Be brief.",
+        input: "Tell me about rate limits",
+      }, "responses"),
+    );
+    expect(r.usage!.output_tokens).toBeLessThanOrEqual(20);
+    const c = await client.completions.create({
+      model: "gpt-sim-instruct",
+      prompt: "Once upon a time",
+      max_tokens: 12,
+    });
+    expect(c.choices[0]!.text.length).toBeGreaterThan(0);
+    expect(c.usage!.prompt_tokens).toBe(1 + countTokens("Once upon a time"));
+    const e = await client.embeddings.create({
+      model: "emb-slow",
+      input: ["first document", "second"],
+    });
+    expect(e.data.map((d) => d.index)).toEqual([0, 1]);
+    expect(e.data[0]!.embedding.length).toBe(8);
+    expect(e.usage.prompt_tokens).toBe(
+      countTokens("first document") + countTokens("second"),
+    );
+    const m = await client.moderations.create({ input: "some text" });
+    expect(m.results[0]!.flagged).toBe(false);
+    // emb-slow has its own 2 requests: its headers say so, and the third is refused.
+    const h = await post(s.url, "/v1/embeddings", {
+      model: "emb-slow",
+      input: "x",
+    });
+    expect(h.headers.get("x-ratelimit-limit-requests")).toBe("2");
+    expect(h.headers.get("x-ratelimit-remaining-requests")).toBe("0");
+    const third = await post(s.url, "/v1/embeddings", {
+      model: "emb-slow",
+      input: "y",
+    });
+    expect(third.status).toBe(429);
+    expect((await third.json()).error.code).toBe("rate_limit_exceeded");
+    // Other models share the key's 100 (4 used: responses, completions, moderations, this).
+    const other = await post(s.url, "/v1/embeddings", {
+      model: "emb-fast",
+      input: "z",
+    });
+    expect(other.status).toBe(200);
+    expect(other.headers.get("x-ratelimit-limit-requests")).toBe("100");
+    expect(other.headers.get("x-ratelimit-remaining-requests")).toBe("96");
+    // Bodies without the endpoint's field are 400s, naming it.
+    for (
+      const [path, body, field] of [
+        ["/v1/embeddings", { model: "e" }, "input"],
+        ["/v1/responses", { model: "m", messages: [] }, "input"],
+        ["/v1/completions", { model: "m", prompt: "" }, "prompt"],
+        ["/v1/moderations", { input: [] }, "input"],
+      ] as const
+    ) {
+      const bad = await post(s.url, path, body);
+      expect(bad.status).toBe(400);
+      expect((await bad.json()).error.message).toBe(`${field}: field required`);
+    }
+    // Moderations report no usage, so the simulator counts none for them.
+    expect(s.stats().usage.inputTokens).toBe(
+      r.usage!.input_tokens + c.usage!.prompt_tokens + e.usage.prompt_tokens +
+        countTokens("x") + countTokens("z"),
+    );
+  });
+
+  it("--model-limit parses, model names with colons included", () => {
+    expect(
+      parseSimArgs(["--model-limit", "ft:gpt-4o:org:x:rpm=8,itpm=1000"])
+        .modelLimits,
+    ).toEqual({ "ft:gpt-4o:org:x": { requests: 8, inputTokens: 1000 } });
+    expect(() => parseSimArgs(["--model-limit", "m:rps=1"])).toThrow(
+      /unknown limit "rps"/,
+    );
+    expect(() => parseSimArgs(["--model-limit", "nolimits"])).toThrow(
+      /MODEL:rpm=N/,
+    );
+  });
+
   it("answers count_tokens, 400 for bad bodies, 404 elsewhere", async () => {
     const s = await sim();
     const c = await post(s.url, "/v1/messages/count_tokens", ask("你好"));
