@@ -20,6 +20,7 @@
  * @module
  */
 import { Buffer } from "node:buffer";
+import { createHash } from "node:crypto";
 import {
   closeSync,
   createReadStream,
@@ -50,6 +51,10 @@ import {
   parseRetryAfter,
   rateLimitedFetch,
   RateLimiter,
+  type RateLimiterOptions,
+  type RedisEval,
+  RedisLimiterError,
+  RedisRateLimiter,
   SseParser,
   type Stats,
   type WindowSpec,
@@ -88,6 +93,14 @@ Options for run:
   --per-model            the limits given apply to each model separately
                          (default: to all requests together, as a relay's might)
   --per-key              everything for the key as a whole, learned limits too
+  --redis URL            share the limits (given, learned, pauses) with every
+                         process on this key through Redis (needs npm install redis;
+                         Bun uses its built-in client)
+  --limiter-name NAME    the shared limits' name (default: provider, base URL and
+                         a hash of the key; never the key)
+  --shard K/N            run only share K of N (line i goes to shard i mod N + 1);
+                         N processes cover the file exactly once, each with its own
+                         output (default <input>.shard-K-of-N.results.jsonl) and resume
   --concurrency N        most requests in flight (default 8)
   --retries N            retries per request (default 5)
   --stream               use streaming requests (Messages and chat completions;
@@ -165,6 +178,12 @@ interface RunOptions {
    * learned ones too (`false`, for relays).
    */
   perModel?: "learned" | "all" | false;
+  /** `--redis URL`: share the limits through this Redis. */
+  redis?: string;
+  /** `--limiter-name`: the shared limits' name (default from provider, base URL and a hash of the key). */
+  limiterName?: string;
+  /** `--shard K/N`: only this share of the lines. */
+  shard?: Shard;
   marginMs?: number;
   /** Progress line interval when stderr is not a TTY, ms. */
   progressMs?: number;
@@ -190,14 +209,36 @@ function num(flag: string, v: string | undefined, min = 1): number {
 // Stage 1: read & validate — the whole input, before anything is sent
 // =============================================================================
 
-/** Reads a JSONL file line by line, without holding it all. */
-async function* lines(path: string): AsyncGenerator<[number, string]> {
+/** `--shard K/N`: this process's share of the lines (1-based K). */
+interface Shard {
+  k: number;
+  n: number;
+}
+
+/** Whether the `g`-th request line (0-based, blank lines not counted) is this shard's. */
+function inShard(shard: Shard | undefined, g: number): boolean {
+  return !shard || g % shard.n === shard.k - 1;
+}
+
+/**
+ * Reads a JSONL file line by line, without holding it all; with a shard,
+ * only that shard's request lines (and blank lines) come through.
+ */
+async function* lines(
+  path: string,
+  shard?: Shard,
+): AsyncGenerator<[number, string]> {
   const rl = createInterface({
     input: createReadStream(path, "utf8"),
     crlfDelay: Infinity,
   });
   let n = 0;
-  for await (const line of rl) yield [++n, line];
+  let g = 0;
+  for await (const line of rl) {
+    ++n;
+    if (line.trim() !== "" && !inShard(shard, g++)) continue;
+    yield [n, line];
+  }
 }
 
 /** Parses and checks one input line; throws a UsageError naming the line. */
@@ -287,6 +328,7 @@ function isInput(v: unknown): boolean {
 /** Checks the whole input before anything is sent; returns the format and count. */
 async function validate(
   path: string,
+  shard?: Shard,
 ): Promise<
   { provider: Provider; count: number; ids: string[]; paths: Set<string> }
 > {
@@ -295,10 +337,10 @@ async function validate(
   const seen = new Map<string, number>();
   const ids: string[] = [];
   const paths = new Set<string>();
+  let g = 0;
   for await (const [n, line] of lines(path)) {
     if (line.trim() === "") continue;
     const item = parseLine(n, line, format);
-    paths.add(item.path);
     const first = seen.get(item.customId);
     if (first !== undefined) {
       throw new UsageError(
@@ -308,10 +350,18 @@ async function validate(
       );
     }
     seen.set(item.customId, n);
+    // The whole file is checked; only this shard's lines are this run's.
+    if (!inShard(shard, g++)) continue;
+    paths.add(item.path);
     ids.push(item.customId);
   }
   if (!format.provider) {
     throw new UsageError(`${path}: no requests (the file is empty)`);
+  }
+  if (shard && ids.length === 0) {
+    throw new UsageError(
+      `--shard ${shard.k}/${shard.n}: this shard has no lines (the file has ${g})`,
+    );
   }
   return { provider: format.provider, count: ids.length, ids, paths };
 }
@@ -449,10 +499,11 @@ async function dryRun(
   limits: Record<string, number>,
   minute: number,
   perModel: boolean,
+  shard: Shard | undefined,
 ): Promise<string> {
   const totals = new Map<string, Record<string, number>>();
   const all = newTotal();
-  for await (const { cost, model } of estimates(input)) {
+  for await (const { cost, model } of estimates(input, undefined, shard)) {
     for (const t of perModel ? [all, totalOf(totals, model)] : [all]) {
       t.requests! += 1;
       t.inputTokens! += cost.inputTokens ?? 0;
@@ -535,10 +586,11 @@ async function checkFits(
   input: string,
   work: Work,
   windows: WindowSpec[],
+  shard: Shard | undefined,
 ): Promise<void> {
   const limiter = new RateLimiter({ windows });
   const timeUntil = (cost: Cost): number => limiter.timeUntil(cost);
-  for await (const { line, cost } of estimates(input, work.needs)) {
+  for await (const { line, cost } of estimates(input, work.needs, shard)) {
     try {
       timeUntil(cost);
     } catch (e) {
@@ -551,9 +603,10 @@ async function checkFits(
 async function* estimates(
   input: string,
   wanted: (i: number) => boolean = () => true,
+  shard?: Shard,
 ): AsyncGenerator<{ line: number; cost: Cost; model: string }> {
   let i = -1;
-  for await (const [line, text] of lines(input)) {
+  for await (const [line, text] of lines(input, shard)) {
     if (text.trim() === "" || !wanted(++i)) continue;
     const item = parseLine(line, text, {});
     const model = item.body.model;
@@ -582,6 +635,8 @@ interface Outcome {
   quota?: string;
   /** What we add to the server's message, e.g. that its long wait was obeyed. */
   note?: string;
+  /** The shared limits' Redis failed: nothing can be admitted. */
+  redis?: string;
 }
 
 /**
@@ -676,6 +731,9 @@ async function perform(
     }
   } catch (e) {
     if (signal.aborted || isStop(e)) return undefined;
+    if (e instanceof RedisLimiterError) {
+      return { ok: false, redis: e.message, message: e.message };
+    }
     const cause = (e as { cause?: unknown }).cause;
     return {
       ok: false,
@@ -693,6 +751,9 @@ async function perform(
  * after the user fixes the cause, a rerun sends those lines again.
  */
 function fatalOf(outcome: Outcome): string | undefined {
+  if (outcome.redis) {
+    return "the shared limits' Redis failed, so nothing could be admitted";
+  }
   if (outcome.status === 401) {
     return "the API key was refused (HTTP 401)";
   }
@@ -1319,8 +1380,120 @@ function scrub(text: string, apiKey: string | undefined): string {
 
 /** Runs a batch. Returns the exit code. */
 export async function run(o: RunOptions): Promise<number> {
+  let redis: SharedRedis | undefined;
+  try {
+    return await runBatch(o, async (name) => {
+      redis = await openRedis(o.redis!, name);
+      return redis.limiter;
+    });
+  } finally {
+    await redis?.close();
+  }
+}
+
+/** A connection to the Redis of `--redis`, and the shared limiter on it. */
+interface SharedRedis {
+  limiter: (options: RateLimiterOptions) => RedisRateLimiter;
+  close: () => Promise<void>;
+}
+
+/** `redis://user:secret@host` → `redis://***@host`: never print a password. */
+function redactURL(url: string): string {
+  return url.replace(/\/\/[^@/]*@/, "//***@");
+}
+
+/**
+ * Connects to `--redis URL`: Bun's built-in client under Bun, else the
+ * `redis` package (node-redis), loaded only now. Not installed: exit 2.
+ */
+async function openRedis(url: string, name: string): Promise<SharedRedis> {
+  const shown = redactURL(url);
+  let evalFn: RedisEval;
+  let close: () => Promise<void>;
+  const bun = (globalThis as {
+    Bun?: {
+      RedisClient: new (url: string) => {
+        connect(): Promise<void>;
+        send(command: string, args: string[]): Promise<unknown>;
+        close(): void;
+      };
+    };
+  }).Bun;
+  if (bun) {
+    const client = new bun.RedisClient(url);
+    try {
+      await client.connect();
+    } catch (e) {
+      throw new UsageError(
+        `--redis ${shown}: cannot connect (${
+          (e as Error).message
+        }). Nothing was sent.`,
+      );
+    }
+    evalFn = (s, k, a) =>
+      client.send("EVAL", [s, String(k.length), ...k, ...a]);
+    close = () => Promise.resolve(client.close());
+  } else {
+    let mod: typeof import("redis");
+    try {
+      mod = await import("redis");
+    } catch {
+      throw new UsageError(
+        "--redis needs the redis package (node-redis): npm install redis. Nothing was sent.",
+      );
+    }
+    const client = mod.createClient({
+      url,
+      socket: {
+        connectTimeout: 5000,
+        reconnectStrategy: (retries: number) =>
+          retries > 5 ? new Error("Redis is unreachable") : 200,
+      },
+    });
+    client.on("error", () => {
+      // Failures reach the limiter, which fails closed and stops the run.
+    });
+    try {
+      await client.connect();
+    } catch (e) {
+      throw new UsageError(
+        `--redis ${shown}: cannot connect (${
+          (e as Error).message
+        }). Nothing was sent.`,
+      );
+    }
+    evalFn = (s, k, a) => client.eval(s, { keys: k, arguments: a });
+    close = async () => {
+      await client.quit().catch(() => client.destroy());
+    };
+  }
+  return {
+    limiter: (options) =>
+      new RedisRateLimiter({ ...options, redis: evalFn, name }),
+    close,
+  };
+}
+
+/**
+ * The shared limits' default name: provider, base URL, and a hash of the
+ * key — so every process using one key shares, and the key never leaves.
+ */
+function limiterNameFor(provider: Provider, ep: Endpoint): string {
+  const hash = ep.apiKey
+    ? createHash("sha256").update(ep.apiKey).digest("hex").slice(0, 16)
+    : "no-key";
+  const base = new URL(ep.url("/v1/messages")).host;
+  return `${provider}:${base}:${hash}`;
+}
+
+async function runBatch(
+  o: RunOptions,
+  shared: (
+    name: string,
+  ) => Promise<(options: RateLimiterOptions) => RedisRateLimiter>,
+): Promise<number> {
   // 1. Read & validate: the whole input, before anything is sent.
-  const { provider, ids, paths } = await validate(o.input);
+  const { provider, ids, paths } = await validate(o.input, o.shard);
   if (o.provider && o.provider !== provider) {
     throw new UsageError(
       `--provider ${o.provider} but the input is in the ${provider} batch format`,
@@ -1329,7 +1502,13 @@ export async function run(o: RunOptions): Promise<number> {
   const count = ids.length;
   if (o.dryRun) {
     o.out(
-      await dryRun(o.input, o.limits, o.windowMs, o.perModel === "all"),
+      await dryRun(
+        o.input,
+        o.limits,
+        o.windowMs,
+        o.perModel === "all",
+        o.shard,
+      ),
     );
     return 0;
   }
@@ -1344,11 +1523,14 @@ export async function run(o: RunOptions): Promise<number> {
   let stopSending = false;
   const unsent = new Map<AbortSignal, AbortController>();
   const baseFetch = globalThis.fetch;
+  const limits: RateLimiterOptions = {
+    windows: windowsFor(o.limits, o.windowMs),
+    ...(o.marginMs !== undefined ? { marginMs: o.marginMs } : {}),
+  };
   const f = rateLimitedFetch({
-    limiter: {
-      windows: windowsFor(o.limits, o.windowMs),
-      ...(o.marginMs !== undefined ? { marginMs: o.marginMs } : {}),
-    },
+    limiter: o.redis
+      ? (await shared(o.limiterName ?? limiterNameFor(provider, ep)))(limits)
+      : limits,
     concurrency: o.concurrency,
     retry: {
       retries: o.retries,
@@ -1367,7 +1549,12 @@ export async function run(o: RunOptions): Promise<number> {
   });
   let output: OrderedOutput | undefined;
   try {
-    await checkFits(o.input, work, windowsFor(o.limits, o.windowMs));
+    await checkFits(
+      o.input,
+      work,
+      windowsFor(o.limits, o.windowMs),
+      o.shard,
+    );
     output = new OrderedOutput(o.output, work, journal);
     output.flush(); // results journaled by an earlier run that are next in order
   } catch (e) {
@@ -1436,7 +1623,7 @@ export async function run(o: RunOptions): Promise<number> {
   }
   async function* todo(): AsyncGenerator<Item & { index: number }> {
     let i = -1;
-    for await (const [line, text] of lines(o.input)) {
+    for await (const [line, text] of lines(o.input, o.shard)) {
       if (stopping) return;
       if (text.trim() === "") continue;
       if (!work.needs(++i)) continue;
@@ -1529,7 +1716,9 @@ export async function run(o: RunOptions): Promise<number> {
         detail ? `  server: ${detail}\n` : ""
       }Nothing more was sent; those refusals were not recorded as results. Results kept: ${kept}.\n` +
         `${
-          fatal.outcome.quota
+          fatal.outcome.redis
+            ? "Bring Redis back"
+            : fatal.outcome.quota
             ? "Raise the spend limit or add credit"
             : `Check the key in ${ep.keyVar}`
         }, then run the same command again: only lines without a result are sent.\n`,
@@ -1749,6 +1938,41 @@ export async function main(argv: string[], io: {
         case "--dry-run":
           o.dryRun = true;
           break;
+        case "--redis":
+          o.redis = next();
+          if (!o.redis || !/^rediss?:\/\//.test(o.redis)) {
+            throw new UsageError(
+              `--redis needs a redis:// or rediss:// URL: received ${
+                JSON.stringify(o.redis && redactURL(o.redis))
+              }`,
+            );
+          }
+          break;
+        case "--limiter-name":
+          o.limiterName = next();
+          if (!o.limiterName || /[{}]/.test(o.limiterName)) {
+            throw new UsageError(
+              `--limiter-name needs a name without braces: received ${
+                JSON.stringify(o.limiterName)
+              }`,
+            );
+          }
+          break;
+        case "--shard": {
+          const v = next();
+          const m = /^(\d+)\/(\d+)$/.exec(v ?? "");
+          const k = Number(m?.[1]);
+          const n = Number(m?.[2]);
+          if (!m || !(n >= 1) || !(k >= 1) || k > n) {
+            throw new UsageError(
+              `--shard needs K/N with 1 <= K <= N (e.g. 2/4): received ${
+                JSON.stringify(v)
+              }`,
+            );
+          }
+          o.shard = { k, n };
+          break;
+        }
         case "--per-model":
         case "--per-key":
           if (o.perModel !== undefined) {
@@ -1774,9 +1998,21 @@ export async function main(argv: string[], io: {
       }
     }
     if (!input) throw new UsageError("run needs an input file; see --help");
+    if (o.redis && o.perModel === "all") {
+      throw new UsageError(
+        "--per-model with --redis is not supported yet: give the limits for the key (learned limits are per model and shared anyway)",
+      );
+    }
+    if (!o.redis && o.limiterName) {
+      throw new UsageError(
+        "--limiter-name names the limits shared through --redis: give --redis URL too",
+      );
+    }
+    const shardSuffix = o.shard ? `.shard-${o.shard.k}-of-${o.shard.n}` : "";
     return await run({
       input,
-      output: o.output ?? input.replace(/(\.jsonl)?$/, ".results.jsonl"),
+      output: o.output ??
+        input.replace(/(\.jsonl)?$/, `${shardSuffix}.results.jsonl`),
       provider: o.provider,
       baseURL: o.baseURL,
       limits: o.limits,
@@ -1789,6 +2025,9 @@ export async function main(argv: string[], io: {
       retryErrored: o.retryErrored ?? false,
       dryRun: o.dryRun ?? false,
       perModel: o.perModel,
+      redis: o.redis,
+      limiterName: o.limiterName,
+      shard: o.shard,
       progressMs: o.progressMs,
       ...io,
     });

@@ -1470,6 +1470,967 @@ function checkAmount(value: unknown, key: string, where: string): number {
 }
 
 // =============================================================================
+// Shared limits: RedisRateLimiter
+// =============================================================================
+
+/**
+ * Runs a Lua script on Redis with `EVAL`: your own client's call, so
+ * paceline needs no Redis package. Resolve with the script's reply (an array
+ * of strings here).
+ *
+ * @example
+ * ```ts
+ * import type { RedisEval } from "./mod.ts";
+ *
+ * // node-redis 5/6:  (script, keys, args) => client.eval(script, { keys, arguments: args })
+ * // ioredis:         (script, keys, args) => client.eval(script, keys.length, ...keys, ...args)
+ * // Bun RedisClient: (script, keys, args) => client.send("EVAL", [script, String(keys.length), ...keys, ...args])
+ * const inMemoryStub: RedisEval = () => Promise.resolve(["ok"]);
+ * if (!Array.isArray(await inMemoryStub("return 1", [], []))) throw new Error();
+ * ```
+ */
+export type RedisEval = (
+  script: string,
+  keys: string[],
+  args: string[],
+) => Promise<unknown>;
+
+/**
+ * Options for {@linkcode RedisRateLimiter}: the limits of
+ * {@linkcode RateLimiterOptions}, and where the shared state lives.
+ *
+ * @example
+ * ```ts
+ * import type { RedisRateLimiterOptions } from "./mod.ts";
+ *
+ * const options: RedisRateLimiterOptions = {
+ *   redis: () => Promise.resolve([]), // your client's EVAL
+ *   name: "anthropic-team-key",
+ *   rpm: 50,
+ *   itpm: 30_000,
+ * };
+ * if (options.name !== "anthropic-team-key") throw new Error();
+ * ```
+ */
+export interface RedisRateLimiterOptions extends RateLimiterOptions {
+  /** Runs `EVAL` on your Redis client; see {@linkcode RedisEval}. */
+  redis: RedisEval;
+  /** Instances with the same name share every window, the pause and learned limits. */
+  name: string;
+  /**
+   * How long one Redis call may take before the limiter gives up on it and
+   * fails the acquire with a {@linkcode RedisLimiterError}, ms. Default 5,000.
+   */
+  timeoutMs?: number;
+  /** The Redis key's prefix; default `"paceline"` (key `paceline:{name}`). */
+  prefix?: string;
+}
+
+/**
+ * Redis failed or did not answer in time, so a {@linkcode RedisRateLimiter}
+ * admitted nothing (it fails closed). `cause` holds the client's error.
+ *
+ * @example
+ * ```ts
+ * import { RedisLimiterError, RedisRateLimiter } from "./mod.ts";
+ *
+ * const limiter = new RedisRateLimiter({
+ *   redis: () => Promise.reject(new Error("ECONNREFUSED")),
+ *   name: "demo",
+ *   rpm: 10,
+ * });
+ * const error = await limiter.acquire().catch((e) => e);
+ * if (!(error instanceof RedisLimiterError) || !/Redis/.test(error.message)) throw error;
+ * ```
+ */
+export class RedisLimiterError extends Error {
+  /**
+   * Creates the error; {@linkcode RedisRateLimiter} does this for you.
+   *
+   * @param message What failed, naming Redis and the limiter.
+   * @param cause The client's error, if any.
+   */
+  constructor(message: string, cause?: unknown) {
+    super(message, { cause });
+    this.name = "RedisLimiterError";
+  }
+}
+
+/**
+ * The one script every {@linkcode RedisRateLimiter} call runs. All state of
+ * a name lives in one hash (`KEYS[1]`), so Redis Cluster sees one key:
+ *
+ * - `cfg`: the windows, `key|ms|limit|margin;…` (given, learned, set);
+ * - `last`: the latest reserved time; `paused`: the pause's end;
+ * - per window `W` (`key|ms`): `W|h` oldest stored entry, `W|n` next
+ *   entry, `W|hs` sum of stored entries, `W|p` first entry inside the
+ *   window that ends at `last`, `W|ts` the sum from there; entries `W|i` =
+ *   `time,amount`.
+ *
+ * An acquire reserves the earliest time, not before `last` (FIFO across
+ * processes) nor the pause, at which the cost fits every window; the
+ * pointers only move forward, so a call costs O(windows) amortized however
+ * many entries a window holds. Times are Redis `TIME` in ms.
+ */
+const REDIS_SCRIPT = `
+local K = KEYS[1]
+local op = ARGV[1]
+local tm = redis.call('TIME')
+local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+local function s(x) return string.format('%.17g', x) end
+local function windows()
+  local out = {}
+  local cfg = redis.call('HGET', K, 'cfg')
+  if cfg then
+    for spec in string.gmatch(cfg, '[^;]+') do
+      local key, ms, limit, margin = string.match(spec, '^(.*)|([^|]+)|([^|]+)|([^|]+)$')
+      ms = tonumber(ms)
+      local w = { key = key, ms = ms, limit = tonumber(limit), margin = tonumber(margin) }
+      w.life = ms + w.margin
+      w.id = key .. '|' .. s(ms)
+      if ms > 3600000 then w.bucket = ms / 1024 else w.bucket = 0 end
+      out[#out + 1] = w
+    end
+  end
+  return out
+end
+local function save(ws)
+  local parts = {}
+  for i, w in ipairs(ws) do
+    parts[i] = w.key .. '|' .. s(w.ms) .. '|' .. s(w.limit) .. '|' .. s(w.margin)
+  end
+  redis.call('HSET', K, 'cfg', table.concat(parts, ';'))
+end
+local function load(w)
+  local v = redis.call('HMGET', K, w.id .. '|h', w.id .. '|p', w.id .. '|n', w.id .. '|hs', w.id .. '|ts')
+  w.h = tonumber(v[1]) or 0
+  w.p = tonumber(v[2]) or 0
+  w.n = tonumber(v[3]) or 0
+  w.hs = tonumber(v[4]) or 0
+  w.ts = tonumber(v[5]) or 0
+end
+local function store(w)
+  redis.call('HSET', K, w.id .. '|h', s(w.h), w.id .. '|p', s(w.p), w.id .. '|n', s(w.n),
+    w.id .. '|hs', s(w.hs), w.id .. '|ts', s(w.ts))
+end
+local function entry(w, i)
+  local v = redis.call('HGET', K, w.id .. '|' .. s(i))
+  if not v then return nil, 0 end
+  local t, a = string.match(v, '^([^,]+),([^,]+)$')
+  return tonumber(t), tonumber(a)
+end
+local function expire(w)
+  while w.h < w.n do
+    local t, a = entry(w, w.h)
+    if t and t + w.life > now then break end
+    w.hs = w.hs - a
+    if w.h >= w.p then
+      w.ts = w.ts - a
+      w.p = w.h + 1
+    end
+    redis.call('HDEL', K, w.id .. '|' .. s(w.h))
+    w.h = w.h + 1
+  end
+  if w.h >= w.n then
+    w.hs = 0
+    w.ts = 0
+    w.p = w.n
+  end
+end
+local function amountOf(w, cost)
+  local a = cost[w.key]
+  if a == nil and w.key == 'tokens' and (cost.inputTokens or cost.outputTokens) then
+    a = (cost.inputTokens or 0) + (cost.outputTokens or 0)
+  end
+  return a
+end
+-- Adds amount a to window w at time t (merging into a bucket); returns the entry index.
+local function push(w, t, a)
+  if w.bucket > 0 then t = math.ceil(t / w.bucket) * w.bucket end
+  w.hs = w.hs + a
+  w.ts = w.ts + a
+  if w.n > w.h then
+    local lt, la = entry(w, w.n - 1)
+    if lt == t then
+      redis.call('HSET', K, w.id .. '|' .. s(w.n - 1), s(t) .. ',' .. s(la + a))
+      return w.n - 1
+    end
+  end
+  redis.call('HSET', K, w.id .. '|' .. s(w.n), s(t) .. ',' .. s(a))
+  w.n = w.n + 1
+  return w.n - 1
+end
+local function meta()
+  local m = redis.call('HMGET', K, 'last', 'paused')
+  return tonumber(m[1]) or 0, tonumber(m[2]) or 0
+end
+-- cost pairs "key=amount" from ARGV[from..]
+local function costFrom(from, to)
+  local cost = {}
+  for i = from, to do
+    local k, v = string.match(ARGV[i], '^(.*)=([^=]+)$')
+    cost[k] = tonumber(v)
+  end
+  return cost
+end
+-- "id=idx=delta;..." applied: the settle of a permit. Returns the new "id=idx;...".
+local function settle(ws, spec)
+  local last = meta()
+  local out = {}
+  for id, idx, d in string.gmatch(spec, '([^;]*)=([^=;]+)=([^=;]+)') do
+    idx = tonumber(idx)
+    d = tonumber(d)
+    for _, w in ipairs(ws) do
+      if w.id == id then
+        load(w)
+        expire(w)
+        if idx >= w.h and idx < w.n then
+          local t, a = entry(w, idx)
+          redis.call('HSET', K, w.id .. '|' .. s(idx), s(t) .. ',' .. s(math.max(0, a + d)))
+          w.hs = w.hs + d
+          if idx >= w.p then w.ts = w.ts + d end
+        elseif d > 0 then
+          idx = push(w, math.max(now, last), d)
+        else
+          idx = -1
+        end
+        store(w)
+        out[#out + 1] = id .. '=' .. s(idx)
+      end
+    end
+  end
+  return table.concat(out, ';')
+end
+local function reserve(ws, cost)
+  local last, paused = meta()
+  local T = math.max(now, last, paused)
+  local amounts = {}
+  for i, w in ipairs(ws) do
+    load(w)
+    expire(w)
+    local a = amountOf(w, cost)
+    amounts[i] = a
+    if a and a > w.limit then
+      return nil, w.key .. '|' .. s(a) .. '|' .. s(w.limit) .. '|' .. s(w.ms)
+    end
+  end
+  local moved = true
+  while moved do
+    moved = false
+    for i, w in ipairs(ws) do
+      local a = amounts[i]
+      if a and a > 0 then
+        while w.p < w.n do
+          local t, b = entry(w, w.p)
+          if t and t + w.life > T then break end
+          w.ts = w.ts - b
+          w.p = w.p + 1
+        end
+        while w.ts + a > w.limit and w.p < w.n do
+          local t, b = entry(w, w.p)
+          if t and t + w.life > T then
+            T = t + w.life
+            moved = true
+          end
+          w.ts = w.ts - b
+          w.p = w.p + 1
+        end
+        if w.p >= w.n then w.ts = 0 end
+      end
+    end
+  end
+  local out = {}
+  for i, w in ipairs(ws) do
+    local a = amounts[i]
+    if a then out[#out + 1] = w.id .. '=' .. s(push(w, T, a)) end
+    store(w)
+  end
+  redis.call('HSET', K, 'last', s(T))
+  return T, table.concat(out, ';')
+end
+local function keep(ws)
+  local last, paused = meta()
+  local life = 60000
+  for _, w in ipairs(ws) do life = math.max(life, w.life) end
+  local ttl = math.max(last, paused, now) - now + life + 60000
+  redis.call('PEXPIRE', K, math.ceil(ttl))
+end
+local function reply(tag, wait, extra)
+  local ws = windows()
+  local used = {}
+  for i, w in ipairs(ws) do
+    load(w)
+    expire(w)
+    store(w)
+    used[i] = s(math.max(0, w.hs))
+  end
+  keep(ws)
+  local _, paused = meta()
+  return { tag, s(wait), s(paused - now), redis.call('HGET', K, 'cfg') or '', table.concat(used, ','), extra or '' }
+end
+
+local ws = windows()
+if op == 'init' then
+  -- given windows: ARGV[2..] as key|ms|limit|margin; they replace same-key, same-ms ones
+  for i = 2, #ARGV do
+    local key, ms, limit, margin = string.match(ARGV[i], '^(.*)|([^|]+)|([^|]+)|([^|]+)$')
+    local found = false
+    for _, w in ipairs(ws) do
+      if w.key == key and w.ms == tonumber(ms) then
+        w.limit = tonumber(limit)
+        w.margin = tonumber(margin)
+        found = true
+      end
+    end
+    if not found then
+      ws[#ws + 1] = { key = key, ms = tonumber(ms), limit = tonumber(limit), margin = tonumber(margin) }
+    end
+  end
+  save(ws)
+  return reply('ok', 0)
+elseif op == 'acquire' or op == 'confirm' then
+  -- ARGV[2]: held entries to give back first ("" for a new acquire); ARGV[3..]: cost
+  if op == 'confirm' then
+    local _, paused = meta()
+    if now >= paused then
+      -- Sending now: the entries count from now, not from their reserved time
+      -- (later times only make the log more cautious).
+      for id, idx in string.gmatch(ARGV[2], '([^;]*)=([^=;]+)=[^=;]+') do
+        for _, w in ipairs(ws) do
+          if w.id == id and w.bucket == 0 then
+            local t, a = entry(w, tonumber(idx))
+            if t and t < now then
+              redis.call('HSET', K, w.id .. '|' .. idx, s(now) .. ',' .. s(a))
+            end
+          end
+        end
+      end
+      return reply('go', 0)
+    end
+    settle(ws, ARGV[2])
+  end
+  local T, extra = reserve(ws, costFrom(3, #ARGV))
+  if not T then return reply('never', 0, extra) end
+  return reply('ok', T - now, extra)
+elseif op == 'settle' then
+  return reply('ok', 0, settle(ws, ARGV[2]))
+elseif op == 'record' then
+  local last = meta()
+  local cost = costFrom(2, #ARGV)
+  for _, w in ipairs(ws) do
+    local a = amountOf(w, cost)
+    if a and a > 0 then
+      load(w)
+      expire(w)
+      push(w, math.max(now, last), a)
+      store(w)
+    end
+  end
+  return reply('ok', 0)
+elseif op == 'pause' then
+  local _, paused = meta()
+  redis.call('HSET', K, 'paused', s(math.max(paused, now + tonumber(ARGV[2]))))
+  return reply('ok', 0)
+elseif op == 'limit' or op == 'margin' then
+  -- ARGV: key, ms ('' = the only window of that key), value, default margin
+  local key, ms, value = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+  local found = false
+  for _, w in ipairs(ws) do
+    if w.key == key and (ms == nil or w.ms == ms) then
+      if op == 'limit' then w.limit = value else w.margin = value end
+      found = true
+    end
+  end
+  if not found and op == 'limit' and ms then
+    ws[#ws + 1] = { key = key, ms = ms, limit = value, margin = tonumber(ARGV[5]) }
+  end
+  save(ws)
+  return reply('ok', 0)
+end
+return reply('ok', 0)
+`;
+
+/** A reply of {@linkcode REDIS_SCRIPT}, parsed. */
+interface RedisReply {
+  tag: string;
+  wait: number;
+  pausedIn: number;
+  windows: WindowUsage[];
+  /** Entries held, `id=idx;…`, or why a cost can never fit. */
+  extra: string;
+}
+
+/** Window specs as the script stores them: `key|ms|limit|margin`. */
+function specOf(
+  w: { key: string; ms: number; limit: number; marginMs: number },
+): string {
+  return `${w.key}|${w.ms}|${w.limit}|${w.marginMs}`;
+}
+
+/** A limiter for one model of a shared key: the same Redis, a name of its own. Internal. */
+let deriveRedis: (
+  limiter: RedisRateLimiter,
+  model: string,
+  options: RateLimiterOptions,
+) => RedisRateLimiter;
+
+const REDIS_OPTIONS = new Set([
+  ...LIMITER_OPTIONS,
+  "redis",
+  "name",
+  "timeoutMs",
+  "prefix",
+]);
+
+/**
+ * A {@linkcode RateLimiter} whose windows live in Redis, so several
+ * processes or machines share one key's limits: every instance with the
+ * same `name` shares every window, the pause and learned limits. Bring your
+ * own client (see {@linkcode RedisEval}); paceline stays dependency-free.
+ *
+ * Same meaning as {@linkcode RateLimiter} for windows, weighted costs,
+ * `marginMs`, `acquire(cost, { signal })`, {@linkcode Permit.settle},
+ * `pause`/`pauseUntil` and `setLimit`. How it works: one script call per
+ * acquire reserves, atomically over every window, the earliest time at
+ * which the cost fits — never before the last reservation (so admission is
+ * **FIFO across processes**: a large cost is not starved by others' small
+ * ones) nor before a pause — and the caller sleeps until then. Entries are
+ * stamped with Redis `TIME`; the local clock only sleeps. A caller that
+ * wakes inside a pause set meanwhile (another process got a 429) takes a
+ * new place after it. The cost of a call does not grow with the entries in
+ * a window. All state of a name is one hash, `paceline:{name}` (one key,
+ * so Redis Cluster works), which expires when no longer used.
+ *
+ * Differences from the in-memory limiter: a reservation made earlier is not
+ * moved earlier when capacity is freed (settling helps later reservations);
+ * `usage()` and `pausedUntil` are what this instance last saw from Redis
+ * (`refresh()` reads them now); `setLimit`, `setMargin`, `record` and
+ * `pause` are sent in the background, in order, before this instance's next
+ * acquire; `tryAcquire` cannot answer synchronously and throws.
+ *
+ * Fails closed: if Redis errors or does not answer within `timeoutMs`, the
+ * acquire rejects with a {@linkcode RedisLimiterError} and nothing is
+ * admitted. An aborted waiter gives its reservation back. A reply lost to a
+ * timeout may leave its reservation behind: it expires with its window and
+ * can only slow others, never admit more.
+ *
+ * @example Four workers sharing one key's "50 per minute" (here, an in-memory stand-in for Redis)
+ * ```ts
+ * import { RedisRateLimiter } from "./mod.ts";
+ *
+ * // With node-redis: const client = await createClient({ url }).connect();
+ * //   const redis = (s, k, a) => client.eval(s, { keys: k, arguments: a });
+ * const redis = () => Promise.reject(new Error("no Redis in this example"));
+ * const limiter = new RedisRateLimiter({ redis, name: "team-key", rpm: 50, timeoutMs: 100 });
+ * if (limiter.usage()[0]!.limit !== 50) throw new Error();
+ * ```
+ */
+export class RedisRateLimiter extends RateLimiter {
+  readonly #redis: RedisEval;
+  readonly #key: string;
+  readonly #name: string;
+  readonly #clock: Clock;
+  readonly #timeoutMs: number;
+  readonly #given: string[];
+  readonly #defaultMargin: number | undefined;
+  readonly #options: RedisRateLimiterOptions;
+  #ready: Promise<void> | undefined;
+  #background: Promise<unknown> = Promise.resolve();
+  #windows: WindowUsage[];
+  #pausedUntil = -Infinity;
+  #waiting = 0;
+
+  /**
+   * Creates a limiter on the shared state of `name` (nothing is sent to
+   * Redis until the first call).
+   *
+   * @param options The client's `EVAL`, the shared name, and the limits;
+   *   see {@linkcode RedisRateLimiterOptions}.
+   * @throws {TypeError | RangeError} For invalid options, naming them.
+   */
+  constructor(options: RedisRateLimiterOptions) {
+    if (typeof options !== "object" || options === null) {
+      throw new TypeError(
+        `RedisRateLimiter options must be an object: received ${
+          String(options)
+        }`,
+      );
+    }
+    checkOptions(options, REDIS_OPTIONS, "RedisRateLimiter");
+    const { redis, name, timeoutMs = 5000, prefix = "paceline", ...limits } =
+      options;
+    super(limits);
+    if (typeof redis !== "function") {
+      throw new TypeError(
+        `RedisRateLimiter 'redis' must be a function (script, keys, args) => Promise: received ${typeof redis}`,
+      );
+    }
+    if (typeof name !== "string" || name === "" || /[{}]/.test(name)) {
+      throw new TypeError(
+        `RedisRateLimiter 'name' must be a non-empty string without braces: received ${
+          JSON.stringify(name)
+        }`,
+      );
+    }
+    if (typeof prefix !== "string") {
+      throw new TypeError(
+        `RedisRateLimiter 'prefix' must be a string: received ${typeof prefix}`,
+      );
+    }
+    checkPositive(timeoutMs, "timeoutMs", "RedisRateLimiter");
+    this.#redis = redis;
+    this.#name = name;
+    this.#key = `${prefix}:{${name}}`;
+    this.#clock = limits.clock ?? systemClock;
+    this.#timeoutMs = timeoutMs;
+    this.#defaultMargin = limits.marginMs;
+    this.#options = options;
+    this.#windows = super.usage();
+    this.#given = this.#windows.map(specOf);
+  }
+
+  /** The shared name. */
+  get name(): string {
+    return this.#name;
+  }
+
+  /** Callers of this instance waiting in {@linkcode RedisRateLimiter.acquire}. */
+  override get pending(): number {
+    return this.#waiting;
+  }
+
+  /** The pause's end as this instance last saw it (local clock ms); `-Infinity` if none. */
+  override get pausedUntil(): number {
+    return this.#pausedUntil > this.#clock.now()
+      ? this.#pausedUntil
+      : -Infinity;
+  }
+
+  /**
+   * Waits for a place for `cost` in every shared window, then charges it.
+   *
+   * @param cost Amounts per key; default `{ requests: 1 }`.
+   * @param options `signal` to give up waiting (the reservation is given back).
+   * @returns A permit; settle it with the real cost when known.
+   * @throws {RangeError} If the cost can never fit a window.
+   * @throws {RedisLimiterError} If Redis fails or does not answer in time.
+   */
+  override async acquire(
+    cost: Cost = { requests: 1 },
+    options?: AcquireOptions,
+  ): Promise<Permit> {
+    const signal = options?.signal;
+    const pairs = costPairs(cost);
+    if (signal?.aborted) throw signal.reason;
+    this.#waiting++;
+    /** The entries this caller holds (`id=idx;…`). */
+    let entries = "";
+    // A reply that arrives after an abort: give back what it reserved.
+    const late = (r: RedisReply): void => {
+      if (r.tag === "ok") this.#giveBack(r.extra, cost);
+      else if (r.tag === "go") this.#giveBack(entries, cost);
+    };
+    try {
+      let reply = await this.#call(["acquire", "", ...pairs], signal, late);
+      for (;;) {
+        if (reply.tag === "never") {
+          const [key, amount, limit, ms] = reply.extra.split("|");
+          throw new RangeError(
+            `Cost can never fit: ${key} ${amount} exceeds the window limit ${limit} per ${ms} ms`,
+          );
+        }
+        if (reply.tag === "go") break;
+        entries = reply.extra;
+        if (reply.wait <= 0) break;
+        try {
+          await this.#clock.sleep(reply.wait, signal);
+        } catch (error) {
+          this.#giveBack(entries, cost);
+          throw signal?.aborted ? signal.reason : error;
+        }
+        // Woken: go, unless a pause began meanwhile (then a new place after it).
+        reply = await this.#call(
+          ["confirm", settleSpec(entries, cost, true), ...pairs],
+          signal,
+          late,
+        );
+      }
+      return new RedisPermit(this, this.#clock.now(), cost, entries, (spec) => {
+        this.#queue(["settle", spec]);
+      });
+    } finally {
+      this.#waiting--;
+    }
+  }
+
+  /**
+   * Not available: admission needs a Redis round trip.
+   *
+   * @throws {TypeError} Always; use {@linkcode RedisRateLimiter.acquire}.
+   */
+  override tryAcquire(_cost?: Cost): Permit | undefined {
+    throw new TypeError(
+      "RedisRateLimiter.tryAcquire cannot answer without a Redis round trip: use acquire()",
+    );
+  }
+
+  /**
+   * Checks that `cost` can ever fit, from the windows last seen; returns the
+   * time until the pause last seen ends (a lower bound on the wait).
+   *
+   * @param cost Amounts per key.
+   * @returns ms, ≥ 0.
+   * @throws {RangeError} If the cost can never fit a window.
+   */
+  override timeUntil(cost: Cost = { requests: 1 }): number {
+    costPairs(cost);
+    for (const w of this.#windows) {
+      const a = cost[w.key] ??
+        (w.key === "tokens" &&
+            (cost.inputTokens !== undefined || cost.outputTokens !== undefined)
+          ? (cost.inputTokens ?? 0) + (cost.outputTokens ?? 0)
+          : 0);
+      if (a > w.limit) {
+        throw new RangeError(
+          `Cost can never fit: ${w.key} ${a} exceeds the window limit ${w.limit} per ${w.ms} ms`,
+        );
+      }
+    }
+    return Math.max(0, this.#pausedUntil - this.#clock.now());
+  }
+
+  /**
+   * Pauses every instance of this name until `time` (local clock ms).
+   *
+   * @param time When admission may resume.
+   */
+  override pauseUntil(time: number): void {
+    if (typeof time !== "number" || Number.isNaN(time)) {
+      throw new RangeError(
+        `RedisRateLimiter.pauseUntil 'time' must be a number: received ${
+          String(time)
+        }`,
+      );
+    }
+    const ms = time - this.#clock.now();
+    if (!(ms > 0)) return;
+    if (time > this.#pausedUntil) this.#pausedUntil = time;
+    this.#queue(["pause", String(Math.ceil(ms))]);
+  }
+
+  /**
+   * Sets (or adds) a shared window's limit: every instance of this name
+   * uses it from its next acquire.
+   *
+   * @param key The cost key.
+   * @param limit The new limit.
+   * @param ms The window length; required to add a window.
+   */
+  override setLimit(key: string, limit: number, ms?: number): void {
+    if (typeof key !== "string" || key === "") {
+      throw new TypeError(
+        `RedisRateLimiter.setLimit 'key' must be a non-empty string: received ${
+          String(key)
+        }`,
+      );
+    }
+    checkLimit(limit, "limit");
+    const matches = this.#windows.filter((w) =>
+      w.key === key && (ms === undefined || w.ms === ms)
+    );
+    if (ms === undefined && matches.length !== 1) {
+      throw new RangeError(
+        `RedisRateLimiter.setLimit: key '${key}' names ${matches.length} windows; pass 'ms' to pick or add one`,
+      );
+    }
+    if (ms !== undefined) checkMs(ms, "ms");
+    const margin = this.#defaultMargin ?? Math.min((ms ?? 0) / 200, 1000);
+    if (matches.length) { for (const w of matches) w.limit = limit; }
+    else {
+      this.#windows.push({
+        key,
+        limit,
+        ms: ms!,
+        marginMs: margin,
+        used: 0,
+        remaining: limit,
+        entries: 0,
+      });
+    }
+    this.#queue([
+      "limit",
+      key,
+      ms === undefined ? "" : String(ms),
+      String(limit),
+      String(margin),
+    ]);
+  }
+
+  /**
+   * Sets a shared window's margin (every window of `key`, or the one of `ms`).
+   *
+   * @param key The cost key.
+   * @param marginMs The new margin.
+   * @param ms The window length, to pick one window.
+   */
+  override setMargin(key: string, marginMs: number, ms?: number): void {
+    checkMargin(marginMs, "marginMs");
+    const matches = this.#windows.filter((w) =>
+      w.key === key && (ms === undefined || w.ms === ms)
+    );
+    if (matches.length === 0) {
+      throw new RangeError(
+        `RedisRateLimiter.setMargin: no window with key '${key}'${
+          ms === undefined ? "" : ` and ms ${ms}`
+        }`,
+      );
+    }
+    for (const w of matches) w.marginMs = marginMs;
+    this.#queue([
+      "margin",
+      key,
+      ms === undefined ? "" : String(ms),
+      String(marginMs),
+    ]);
+  }
+
+  /**
+   * Charges usage that did not go through `acquire` (e.g. seen in a
+   * server's `remaining` header), now, in every shared window.
+   *
+   * @param cost Amounts per key.
+   */
+  override record(cost: Cost): void {
+    this.#queue(["record", ...costPairs(cost)]);
+  }
+
+  /**
+   * The windows as this instance last saw them in Redis (after its latest
+   * call); see {@linkcode RedisRateLimiter.refresh} for a fresh view.
+   *
+   * @returns One snapshot per window.
+   */
+  override usage(): WindowUsage[] {
+    return this.#windows.map((w) => ({ ...w }));
+  }
+
+  /**
+   * Reads every shared window from Redis now.
+   *
+   * @returns One snapshot per window, with every instance's usage.
+   * @throws {RedisLimiterError} If Redis fails or does not answer in time.
+   */
+  async refresh(): Promise<WindowUsage[]> {
+    await this.#call(["usage"], undefined);
+    return this.usage();
+  }
+
+  static {
+    deriveRedis = (limiter, model, options) =>
+      new RedisRateLimiter({
+        redis: limiter.#redis,
+        timeoutMs: limiter.#timeoutMs,
+        prefix: limiter.#options.prefix,
+        ...(limiter.#defaultMargin === undefined
+          ? {}
+          : { marginMs: limiter.#defaultMargin }),
+        ...options,
+        name: `${limiter.#name}:model:${model.replace(/[{}]/g, "_")}`,
+      });
+  }
+
+  // --- private ---------------------------------------------------------------
+
+  /** Runs a write in the background, after those before it. */
+  #queue(args: string[]): void {
+    this.#background = this.#background
+      .then(() => this.#call(args, undefined, undefined, false))
+      .catch(() => {
+        // Redis is failing: the next acquire fails closed and says so.
+      });
+  }
+
+  #giveBack(entries: string, cost: Cost): void {
+    if (entries) this.#queue(["settle", settleSpec(entries, cost, true)]);
+  }
+
+  /**
+   * One script call: this instance's windows first (once), queued writes
+   * before it, a timeout, and the caller's signal. `late` gets a reply that
+   * arrives after an abort (to give back what it reserved).
+   */
+  async #call(
+    args: string[],
+    signal: AbortSignal | undefined,
+    late?: (reply: RedisReply) => void,
+    afterWrites = true,
+  ): Promise<RedisReply> {
+    this.#ready ??= this.#run(["init", ...this.#given]).then(() => undefined);
+    const ready = this.#ready;
+    // Queued writes go first, except for a queued write itself.
+    const before = afterWrites ? this.#background : undefined;
+    const work = (async () => {
+      await ready.catch((error) => {
+        this.#ready = undefined; // try again next time
+        throw error;
+      });
+      await before;
+      return this.#run(args);
+    })();
+    if (late) {
+      work.then((r) => {
+        if (signal?.aborted) late(r);
+      }, () => {});
+    }
+    const ctl = new AbortController();
+    const onAbort = (): void => ctl.abort(signal!.reason);
+    signal?.addEventListener("abort", onAbort, { once: true });
+    const timer = this.#clock.sleep(this.#timeoutMs, ctl.signal).then(() => {
+      throw new RedisLimiterError(
+        `RedisRateLimiter "${this.#name}": Redis did not answer within ${this.#timeoutMs} ms; nothing was admitted`,
+      );
+    });
+    try {
+      return await Promise.race([work, timer]);
+    } catch (error) {
+      if (signal?.aborted) throw signal.reason;
+      throw error;
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+      ctl.abort();
+      timer.catch(() => {});
+    }
+  }
+
+  async #run(args: string[]): Promise<RedisReply> {
+    let raw: unknown;
+    try {
+      raw = await this.#redis(REDIS_SCRIPT, [this.#key], args);
+    } catch (error) {
+      throw new RedisLimiterError(
+        `RedisRateLimiter "${this.#name}": Redis failed (${
+          error instanceof Error ? error.message : String(error)
+        }); nothing was admitted`,
+        error,
+      );
+    }
+    if (!Array.isArray(raw) || raw.length < 6) {
+      throw new RedisLimiterError(
+        `RedisRateLimiter "${this.#name}": unexpected reply from Redis's EVAL (${
+          JSON.stringify(raw)?.slice(0, 80)
+        }); is 'redis' calling EVAL with (script, keys, args)?`,
+      );
+    }
+    const [tag, wait, pausedIn, cfg, used, extra] = raw.map(String);
+    const now = this.#clock.now();
+    const p = Number(pausedIn);
+    this.#pausedUntil = p > 0 ? now + p : -Infinity;
+    const useds = used!.split(",");
+    this.#windows = cfg!.split(";").filter(Boolean).map((spec, i) => {
+      const m = /^(.*)\|([^|]+)\|([^|]+)\|([^|]+)$/.exec(spec)!;
+      const limit = Number(m[3]);
+      const u = Number(useds[i] ?? 0);
+      return {
+        key: m[1]!,
+        ms: Number(m[2]),
+        limit,
+        marginMs: Number(m[4]),
+        used: u,
+        remaining: Math.max(0, limit - u),
+        entries: 0,
+      };
+    });
+    return {
+      tag: tag!,
+      wait: Number(wait),
+      pausedIn: p,
+      windows: this.#windows,
+      extra: extra!,
+    };
+  }
+}
+
+/** A permit of a {@linkcode RedisRateLimiter}: settling sends the difference to Redis. */
+class RedisPermit extends Permit {
+  /** Per window id (`key|ms`): the entry held and what this permit put in it. */
+  #held = new Map<string, { idx: string; own: number }>();
+  #send: (spec: string) => void;
+
+  constructor(
+    limiter: RateLimiter,
+    at: number,
+    cost: Cost,
+    extra: string,
+    send: (spec: string) => void,
+  ) {
+    super(limiter, at, cost, [], []);
+    this.#send = send;
+    for (const part of extra.split(";").filter(Boolean)) {
+      const eq = part.lastIndexOf("=");
+      const id = part.slice(0, eq);
+      const key = id.slice(0, id.lastIndexOf("|"));
+      this.#held.set(id, {
+        idx: part.slice(eq + 1),
+        own: amountFor(cost, key),
+      });
+    }
+  }
+
+  override settle(actual: Cost): void {
+    const merged: Cost = { ...this.cost };
+    for (const k of Object.keys(actual)) {
+      merged[k] = checkAmount(actual[k], k, "settle");
+    }
+    const parts: string[] = [];
+    for (const [id, h] of this.#held) {
+      const key = id.slice(0, id.lastIndexOf("|"));
+      const a = amountFor(merged, key);
+      const d = a - h.own;
+      if (d === 0) continue;
+      h.own = a;
+      parts.push(`${id}=${h.idx}=${d}`);
+    }
+    if (parts.length) this.#send(parts.join(";"));
+  }
+}
+
+/** A cost's amount for a window key (`tokens` derived from input + output). */
+function amountFor(cost: Cost, key: string): number {
+  const a = cost[key];
+  if (a !== undefined) return a;
+  if (key === "tokens") {
+    return (cost.inputTokens ?? 0) + (cost.outputTokens ?? 0);
+  }
+  return 0;
+}
+
+/** A cost as the script's `key=amount` arguments, checked. */
+function costPairs(cost: Cost): string[] {
+  if (typeof cost !== "object" || cost === null) {
+    throw new TypeError(
+      `RateLimiter cost must be an object like { requests: 1 }: received ${
+        String(cost)
+      }`,
+    );
+  }
+  return Object.keys(cost).map((k) =>
+    `${k}=${checkAmount(cost[k], k, "cost")}`
+  );
+}
+
+/**
+ * Held entries (`id=idx;…`) as a settle spec that gives back all of
+ * `cost` (`id=idx=-amount;…`).
+ */
+function settleSpec(entries: string, cost: Cost, release: boolean): string {
+  return entries.split(";").filter(Boolean).map((p) => {
+    const id = p.slice(0, p.lastIndexOf("="));
+    const a = release ? -amountFor(cost, id.slice(0, id.lastIndexOf("|"))) : 0;
+    return `${p}=${a}`;
+  }).join(";");
+}
+
+// =============================================================================
 // Retry
 // =============================================================================
 
@@ -4333,15 +5294,20 @@ export function rateLimitedFetch(
       : limiter.usage().map((w) => w.key),
   );
   /** A model's limiter: the given windows with "all", and the given default margin. */
-  const modelLimiter = (): RateLimiter =>
-    new RateLimiter({
+  const modelLimiter = (model: string): RateLimiter => {
+    const o: RateLimiterOptions = {
       clock,
       windows: template,
       ...(options.limiter instanceof RateLimiter ||
           options.limiter?.marginMs === undefined
         ? {}
         : { marginMs: options.limiter.marginMs }),
-    });
+    };
+    // A shared key's models are shared too: same Redis, one name per model.
+    return limiter instanceof RedisRateLimiter
+      ? deriveRedis(limiter, model, o)
+      : new RateLimiter(o);
+  };
   const newLane = (l: RateLimiter): Lane => ({
     limiter: l,
     margins: new MarginTuner(l, clock),
@@ -4372,12 +5338,12 @@ export function rateLimitedFetch(
         }
       }
       if (idle === undefined) {
-        return overflow ??= newLane(modelLimiter());
+        return overflow ??= newLane(modelLimiter("(other models)"));
       }
       lanes.delete(idle);
       models.delete(idle);
     }
-    lane = newLane(modelLimiter());
+    lane = newLane(modelLimiter(model));
     lanes.set(model, lane);
     models.delete(model);
     models.set(model, lane.limiter);

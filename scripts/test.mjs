@@ -7,6 +7,7 @@ import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
+import { createServer } from "node:net";
 
 const root = resolve(import.meta.dirname, "..");
 const verbose = process.argv.includes("--verbose");
@@ -38,10 +39,44 @@ function run(cmd, args, opts = {}) {
 
 const deno = (...args) => run(bin("deno"), args);
 
+/**
+ * Debian packages the tests need: installed when missing (as root, saying
+ * so), never skipped.
+ */
+function ensureDebian(binary, pkg) {
+  if (spawnSync("sh", ["-c", `command -v ${binary}`]).status === 0) {
+    return `${binary} present`;
+  }
+  if (process.getuid?.() !== 0) {
+    throw new Error(
+      `${binary} is missing and this is not root: run apt-get install -y ${pkg}`,
+    );
+  }
+  console.log(`installing ${pkg}: apt-get install -y ${pkg}`);
+  const install = () =>
+    spawnSync("apt-get", ["install", "-y", pkg], {
+      encoding: "utf8",
+      env: { ...process.env, DEBIAN_FRONTEND: "noninteractive" },
+    });
+  let r = install();
+  if (r.status !== 0) {
+    spawnSync("apt-get", ["update"], { encoding: "utf8" });
+    r = install();
+  }
+  if (r.status !== 0) {
+    throw new Error(`apt-get install -y ${pkg} failed\n${r.stdout}${r.stderr}`);
+  }
+  return `${pkg} installed`;
+}
+
+step(
+  "system packages (redis-server)",
+  () => ensureDebian("redis-server", "redis-server"),
+);
 step("build", () => run("npm", ["run", "--silent", "build"]));
 step("typecheck (tsc)", () => run(bin("tsc"), ["-p", "tsconfig.json"]));
 step(
-  "vitest (Node: mod_test.ts, sim_test.ts, fetch_test.ts, cli_test.ts, frameworks_test.ts)",
+  "vitest (Node: mod_test.ts, sim_test.ts, fetch_test.ts, cli_test.ts, frameworks_test.ts, redis_test.ts, cli_redis_test.ts)",
   () => run(bin("vitest"), ["run"]),
 );
 step(
@@ -127,6 +162,47 @@ step(
 step(
   "CLI journal: fatal stop, then resume (Bun)",
   () => smoke(bin("bun"), ["test/cli_smoke.ts"]),
+);
+step(
+  "shared limits on redis-server (Deno npm:redis, Bun RedisClient)",
+  async () => {
+    const port = await new Promise((resolve, reject) => {
+      const srv = createServer();
+      srv.once("error", reject);
+      srv.listen(0, "127.0.0.1", () => {
+        const p = /** @type {{ port: number }} */ (srv.address()).port;
+        srv.close(() => resolve(p));
+      });
+    });
+    const redis = spawn("redis-server", [
+      "--port",
+      String(port),
+      "--bind",
+      "127.0.0.1",
+      "--save",
+      "",
+      "--appendonly",
+      "no",
+    ], { stdio: "ignore" });
+    try {
+      await new Promise((r) => setTimeout(r, 300));
+      const env = { REDIS_URL: `redis://127.0.0.1:${port}` };
+      const out = [];
+      for (
+        const [cmd, args] of [
+          [bin("deno"), ["run", "-A", "test/redis_smoke.ts"]],
+          [bin("bun"), ["test/redis_smoke.ts"]],
+        ]
+      ) {
+        const o = run(cmd, args, { env });
+        if (!/^ok$/m.test(o)) throw new Error(`no "ok" from ${cmd}\n${o}`);
+        out.push(o);
+      }
+      return out.join("");
+    } finally {
+      redis.kill("SIGKILL");
+    }
+  },
 );
 const demoSmoke = (cmd, args) => {
   const out = run(cmd, args);

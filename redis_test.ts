@@ -1,0 +1,319 @@
+// RedisRateLimiter against a real Debian redis-server, through the two
+// Node clients people use (node-redis and ioredis).
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { createClient } from "redis";
+import { Redis } from "ioredis";
+import {
+  mapConcurrent,
+  rateLimitedFetch,
+  RedisLimiterError,
+  RedisRateLimiter,
+  type RedisRateLimiterOptions,
+} from "./mod.ts";
+import { type RedisServer, startRedis } from "./test/redis.ts";
+import { sim } from "./test/sims.ts";
+
+let server: RedisServer;
+let nodeRedis: ReturnType<typeof createClient>;
+let ioredis: Redis;
+/** The two adapters from the README, one per client. */
+let viaNodeRedis: RedisRateLimiterOptions["redis"];
+let viaIoredis: RedisRateLimiterOptions["redis"];
+
+beforeAll(async () => {
+  server = await startRedis();
+  nodeRedis = createClient({ url: server.url });
+  await nodeRedis.connect();
+  ioredis = new Redis(server.port, "127.0.0.1");
+  viaNodeRedis = (s, k, a) => nodeRedis.eval(s, { keys: k, arguments: a });
+  viaIoredis = (s, k, a) => ioredis.eval(s, k.length, ...k, ...a);
+});
+afterAll(async () => {
+  await nodeRedis?.quit();
+  ioredis?.disconnect();
+  await server?.kill();
+});
+
+let names = 0;
+/** A fresh shared name per test. */
+const fresh = () => `test-${process.pid}-${++names}`;
+
+describe("RedisRateLimiter", () => {
+  it("instances with one name (node-redis and ioredis) share a window: 10 per 400 ms between the four of them", async () => {
+    const name = fresh();
+    const make = (i: number) =>
+      new RedisRateLimiter({
+        redis: i % 2 ? viaIoredis : viaNodeRedis,
+        name,
+        windows: [{ key: "requests", limit: 10, ms: 400 }],
+        marginMs: 0,
+      });
+    const limiters = [0, 1, 2, 3].map(make);
+    const order: number[] = [];
+    const t0 = performance.now();
+    const at: number[] = [];
+    await Promise.all(
+      Array.from({ length: 40 }, async (_, i) => {
+        await limiters[i % 4]!.acquire();
+        order.push(i);
+        at.push(performance.now() - t0);
+      }),
+    );
+    // 40 at 10 per 400 ms: four waves, each a window after the one before
+    // (less the timers' and round trips' jitter).
+    at.sort((x, y) => x - y);
+    for (let i = 0; i + 10 < at.length; i++) {
+      expect(at[i + 10]! - at[i]!).toBeGreaterThanOrEqual(300);
+    }
+    expect(at[39]!).toBeGreaterThanOrEqual(3 * 400 - 50);
+    const usage = await limiters[2]!.refresh();
+    expect(usage.map((w) => [w.key, w.limit, w.ms])).toEqual([[
+      "requests",
+      10,
+      400,
+    ]]);
+  });
+
+  it("a large cost is not starved by another process's stream of small ones", async () => {
+    const name = fresh();
+    const windows = [{ key: "tokens", limit: 10_000, ms: 500 }];
+    const small = new RedisRateLimiter({
+      redis: viaNodeRedis,
+      name,
+      windows,
+      marginMs: 0,
+    });
+    const big = new RedisRateLimiter({
+      redis: viaIoredis,
+      name,
+      windows,
+      marginMs: 0,
+    });
+    const done: string[] = [];
+    const smalls = Array.from({ length: 40 }, async (_, i) => {
+      // one small request every 10 ms, forever faster than the window drains
+      await new Promise((r) => setTimeout(r, i * 10));
+      await small.acquire({ tokens: 1000 });
+      done.push(`s${i}`);
+    });
+    await new Promise((r) => setTimeout(r, 25));
+    const large = big.acquire({ tokens: 8000 }).then(() => done.push("BIG"));
+    await Promise.all([...smalls, large]);
+    // It came right after the small ones that were already queued before it:
+    // the FIFO holds back those asked for later.
+    const pos = done.indexOf("BIG");
+    expect(pos).toBeGreaterThanOrEqual(0);
+    expect(pos).toBeLessThan(15);
+  });
+
+  it("a pause from one instance holds every instance, including a waiter already given a later place", async () => {
+    const name = fresh();
+    const windows = [{ key: "requests", limit: 1, ms: 300 }];
+    const a = new RedisRateLimiter({
+      redis: viaNodeRedis,
+      name,
+      windows,
+      marginMs: 0,
+    });
+    const b = new RedisRateLimiter({
+      redis: viaIoredis,
+      name,
+      windows,
+      marginMs: 0,
+    });
+    await a.acquire(); // the window is full for 300 ms
+    const t0 = performance.now();
+    const waiting = b.acquire().then(() => performance.now() - t0); // placed at ~300 ms
+    await new Promise((r) => setTimeout(r, 50));
+    a.pause(800); // a 429 told A to wait 800 ms
+    expect(await waiting).toBeGreaterThanOrEqual(800);
+    const fresh2 = await b.acquire().then(() => performance.now() - t0);
+    expect(fresh2).toBeGreaterThanOrEqual(800);
+    expect(b.pausedUntil).toBe(-Infinity); // over by now
+  });
+
+  it("setLimit (e.g. learned from headers) is seen by every instance", async () => {
+    const name = fresh();
+    const a = new RedisRateLimiter({ redis: viaNodeRedis, name });
+    const b = new RedisRateLimiter({ redis: viaIoredis, name });
+    a.setLimit("requests", 2, 60_000);
+    await a.acquire(); // the write goes before this
+    const [w] = await b.refresh();
+    expect([w!.key, w!.limit, w!.ms]).toEqual(["requests", 2, 60_000]);
+    await b.acquire();
+    const ctl = new AbortController();
+    const third = b.acquire(undefined, { signal: ctl.signal });
+    await new Promise((r) => setTimeout(r, 100));
+    expect(b.pending).toBe(1);
+    ctl.abort(new Error("gave up"));
+    await expect(third).rejects.toThrow("gave up");
+    // The aborted waiter's reservation was given back: still 2 of 2, not 3.
+    await new Promise((r) => setTimeout(r, 50));
+    expect((await a.refresh())[0]!.used).toBe(2);
+  });
+
+  it("settle corrects the shared log; freed capacity goes to the next caller", async () => {
+    const name = fresh();
+    const windows = [{ key: "outputTokens", limit: 1000, ms: 60_000 }];
+    const a = new RedisRateLimiter({ redis: viaNodeRedis, name, windows });
+    const b = new RedisRateLimiter({ redis: viaIoredis, name, windows });
+    const p = await a.acquire({ outputTokens: 900 }); // max_tokens
+    p.settle({ outputTokens: 100 }); // what the response used
+    const t0 = performance.now();
+    await b.acquire({ outputTokens: 800 }); // fits only because of the settle
+    expect(performance.now() - t0).toBeLessThan(5_000);
+    expect((await b.refresh())[0]!.used).toBe(900);
+  });
+
+  it("a cost that can never fit is a RangeError, at once", async () => {
+    const l = new RedisRateLimiter({
+      redis: viaNodeRedis,
+      name: fresh(),
+      rpm: 5,
+    });
+    await expect(l.acquire({ requests: 6 })).rejects.toThrow(
+      /Cost can never fit: requests 6 exceeds the window limit 5 per 60000 ms/,
+    );
+    expect(() => l.timeUntil({ requests: 6 })).toThrow(RangeError);
+    expect(() => l.tryAcquire()).toThrow(/use acquire/);
+  });
+
+  it("state stays bounded and expires: 3,000 admissions keep a few hundred fields; the key has a TTL", async () => {
+    const name = fresh();
+    const l = new RedisRateLimiter({
+      redis: viaIoredis,
+      name,
+      windows: [{ key: "requests", limit: 100, ms: 100 }],
+      marginMs: 0,
+    });
+    await mapConcurrent(Array.from({ length: 3000 }), () => l.acquire(), {
+      concurrency: 32,
+    });
+    const fields = await ioredis.hlen(`paceline:{${name}}`);
+    expect(fields).toBeLessThan(300);
+    const ttl = await ioredis.pttl(`paceline:{${name}}`);
+    expect(ttl).toBeGreaterThan(0);
+    expect(ttl).toBeLessThanOrEqual(60_000 + 60_000 + 1000);
+  });
+
+  it("fails closed: a Redis that never answers or refuses rejects with an error naming Redis; abort works meanwhile", async () => {
+    const silent = new RedisRateLimiter({
+      redis: () => new Promise(() => {}),
+      name: fresh(),
+      rpm: 10,
+      timeoutMs: 150,
+    });
+    const e = await silent.acquire().catch((x) => x);
+    expect(e).toBeInstanceOf(RedisLimiterError);
+    expect(e.message).toMatch(
+      /Redis did not answer within 150 ms; nothing was admitted/,
+    );
+    const ctl = new AbortController();
+    const p = silent.acquire(undefined, { signal: ctl.signal });
+    ctl.abort(new Error("stop"));
+    await expect(p).rejects.toThrow("stop");
+    // A real outage: the server goes away.
+    const doomed = await startRedis();
+    const client = new Redis(doomed.port, "127.0.0.1", {
+      maxRetriesPerRequest: 0,
+      retryStrategy: () => null,
+    });
+    const l = new RedisRateLimiter({
+      redis: (s, k, a) => client.eval(s, k.length, ...k, ...a),
+      name: fresh(),
+      rpm: 10,
+      timeoutMs: 1000,
+    });
+    await l.acquire();
+    await doomed.kill();
+    const down = await l.acquire().catch((x) => x);
+    expect(down).toBeInstanceOf(RedisLimiterError);
+    expect(down.message).toMatch(/Redis/);
+    client.disconnect();
+    // Options are checked by name.
+    expect(() => new RedisRateLimiter({ redis: viaIoredis, name: "" })).toThrow(
+      /'name' must be a non-empty string/,
+    );
+    expect(() => new RedisRateLimiter({ redis: "x" as never, name: "n" }))
+      .toThrow(/'redis' must be a function/);
+    expect(() =>
+      new RedisRateLimiter({ redis: viaIoredis, name: "n", rpm: -1 })
+    ).toThrow(/'rpm'/);
+  });
+
+  it("rateLimitedFetch on a shared limiter: two 'processes' share the key's limits against a strict server, 0 × 429", async () => {
+    const s = await sim({ limits: { requests: 10, windowMs: 500 } });
+    const name = fresh();
+    const make = (redis: RedisRateLimiterOptions["redis"]) =>
+      rateLimitedFetch({
+        limiter: new RedisRateLimiter({
+          redis,
+          name,
+          windows: [{ key: "requests", limit: 10, ms: 500 }],
+          // A compressed window: the request reaches the in-process
+          // simulator some ms after Redis stamped it (a real minute's
+          // default margin is 300 ms).
+          marginMs: 100,
+        }),
+        learn: false,
+      });
+    const fetches = [make(viaNodeRedis), make(viaIoredis)];
+    const body = (i: number) =>
+      JSON.stringify({
+        model: "claude-sim",
+        max_tokens: 16,
+        messages: [{ role: "user", content: `q${i}` }],
+      });
+    await mapConcurrent(Array.from({ length: 40 }, (_, i) => i), async (i) => {
+      const r = await fetches[i % 2]!(`${s.url}/v1/messages`, {
+        method: "POST",
+        body: body(i),
+      });
+      await r.text();
+      expect(r.status).toBe(200);
+    }, { concurrency: 16 });
+    const st = s.stats();
+    expect(st.accepted).toBe(40);
+    expect(st.rateLimited.requests).toBe(0);
+    expect(st.maxInWindow.requests).toBeLessThanOrEqual(10);
+  });
+
+  it("rateLimitedFetch on a shared limiter: limits learned per model and a 429's pause are shared", async () => {
+    const s = await sim({
+      limits: { requests: 6, windowMs: 1000 },
+      retryAfterMs: true,
+    });
+    const name = fresh();
+    const make = (redis: RedisRateLimiterOptions["redis"]) =>
+      rateLimitedFetch({
+        limiter: new RedisRateLimiter({ redis, name, marginMs: 100 }),
+        learn: { windowMs: 1000 },
+      });
+    const [f1, f2] = [make(viaNodeRedis), make(viaIoredis)];
+    const send = (f: typeof f1, i: number) =>
+      f(`${s.url}/v1/messages`, {
+        method: "POST",
+        body: JSON.stringify({
+          model: "claude-sim",
+          max_tokens: 16,
+          messages: [{ role: "user", content: `x${i}` }],
+        }),
+      }).then((r) => r.text());
+    await send(f1, 0); // f1 learns the model's 6 per second
+    const m2 = f2.models; // f2 never saw a header yet
+    expect(m2.size).toBe(0);
+    await send(f2, 1);
+    const learned = await (f2.models.get("claude-sim") as RedisRateLimiter)
+      .refresh();
+    expect(learned.map((w) => [w.key, w.limit])).toEqual([["requests", 6]]);
+    // 30 more between them: the shared windows keep both under the limit.
+    await Promise.all(
+      Array.from({ length: 30 }, (_, i) => send(i % 2 ? f1 : f2, i + 2)),
+    );
+    const st = s.stats();
+    expect(st.accepted).toBe(32);
+    expect(st.maxInWindow.requests).toBeLessThanOrEqual(6);
+    expect(Object.values(st.rateLimited).reduce((a, b) => a + b))
+      .toBeLessThanOrEqual(1);
+  });
+});
