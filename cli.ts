@@ -1407,7 +1407,13 @@ function redactURL(url: string): string {
  * `redis` package (node-redis), loaded only now. Not installed: exit 2.
  */
 async function openRedis(url: string, name: string): Promise<SharedRedis> {
-  const shown = redactURL(url);
+  const cannotConnect = (e: Error): never => {
+    throw new UsageError(
+      `--redis ${
+        redactURL(url)
+      }: cannot connect (${e.message}). Nothing was sent.`,
+    );
+  };
   let evalFn: RedisEval;
   let close: () => Promise<void>;
   const bun = (globalThis as {
@@ -1421,15 +1427,7 @@ async function openRedis(url: string, name: string): Promise<SharedRedis> {
   }).Bun;
   if (bun) {
     const client = new bun.RedisClient(url);
-    try {
-      await client.connect();
-    } catch (e) {
-      throw new UsageError(
-        `--redis ${shown}: cannot connect (${
-          (e as Error).message
-        }). Nothing was sent.`,
-      );
-    }
+    await client.connect().catch(cannotConnect);
     evalFn = (s, k, a) =>
       client.send("EVAL", [s, String(k.length), ...k, ...a]);
     close = () => Promise.resolve(client.close());
@@ -1453,18 +1451,20 @@ async function openRedis(url: string, name: string): Promise<SharedRedis> {
     client.on("error", () => {
       // Failures reach the limiter, which fails closed and stops the run.
     });
-    try {
-      await client.connect();
-    } catch (e) {
-      throw new UsageError(
-        `--redis ${shown}: cannot connect (${
-          (e as Error).message
-        }). Nothing was sent.`,
-      );
-    }
+    await client.connect().catch(cannotConnect);
     evalFn = (s, k, a) => client.eval(s, { keys: k, arguments: a });
     close = async () => {
-      await client.quit().catch(() => client.destroy());
+      // A QUIT sent while reconnecting to a Redis that is gone would wait
+      // forever: quit only a ready client, briefly, then drop the socket.
+      if (client.isReady) {
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        await Promise.race([
+          client.quit().catch(() => {}),
+          new Promise((r) => timer = setTimeout(r, 1000)),
+        ]);
+        clearTimeout(timer);
+      }
+      if (client.isOpen) client.destroy();
     };
   }
   return {
@@ -2059,7 +2059,18 @@ function isMainModule(): boolean {
 }
 const isMain = isMainModule();
 if (isMain) {
+  let settled = false;
   main(process.argv.slice(2)).then((code) => {
+    settled = true;
     process.exitCode = code;
+  });
+  // A run that stops making progress with nothing left to wait for must
+  // never look like success.
+  process.on("beforeExit", () => {
+    if (settled) return;
+    process.stderr.write(
+      "\npaceline: internal error: the run stopped with work unfinished and nothing left to wait for. Results kept so far are in the output and journal; run the same command again to resume.\n",
+    );
+    process.exit(70);
   });
 }

@@ -1577,49 +1577,49 @@ local K = KEYS[1]
 local op = ARGV[1]
 local tm = redis.call('TIME')
 local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-local function s(x) return string.format('%.17g', x) end
-local function windows()
-  local out = {}
-  local cfg = redis.call('HGET', K, 'cfg')
-  if cfg then
-    for spec in string.gmatch(cfg, '[^;]+') do
-      local key, ms, limit, margin = string.match(spec, '^(.*)|([^|]+)|([^|]+)|([^|]+)$')
-      ms = tonumber(ms)
-      local w = { key = key, ms = ms, limit = tonumber(limit), margin = tonumber(margin) }
-      w.life = ms + w.margin
-      w.id = key .. '|' .. s(ms)
-      if ms > 3600000 then w.bucket = ms / 1024 else w.bucket = 0 end
-      out[#out + 1] = w
-    end
-  end
-  return out
+local m = redis.call('HMGET', K, 'cfg', 'last', 'paused')
+local cfg = m[1] or ''
+local last = tonumber(m[2]) or 0
+local paused = tonumber(m[3]) or 0
+local dirtyMeta = false
+local function s(x)
+  if x == math.floor(x) and math.abs(x) < 1e15 then return string.format('%d', x) end
+  return string.format('%.17g', x)
 end
-local function save(ws)
+local ws = {}
+for spec in string.gmatch(cfg, '[^;]+') do
+  local key, ms, limit, margin = string.match(spec, '^(.*)|([^|]+)|([^|]+)|([^|]+)$')
+  ws[#ws + 1] = { key = key, ms = tonumber(ms), limit = tonumber(limit), margin = tonumber(margin) }
+end
+local function prep(w)
+  w.life = w.ms + w.margin
+  w.id = w.key .. '|' .. s(w.ms)
+  if w.ms > 3600000 then w.bucket = w.ms / 1024 else w.bucket = 0 end
+end
+for _, w in ipairs(ws) do prep(w) end
+local function save()
   local parts = {}
   for i, w in ipairs(ws) do
     parts[i] = w.key .. '|' .. s(w.ms) .. '|' .. s(w.limit) .. '|' .. s(w.margin)
   end
-  redis.call('HSET', K, 'cfg', table.concat(parts, ';'))
+  cfg = table.concat(parts, ';')
+  redis.call('HSET', K, 'cfg', cfg)
 end
+local function entry(w, i)
+  local v = redis.call('HGET', K, w.id .. '|' .. s(i))
+  if not v then return nil, 0 end
+  local c = string.find(v, ',', 1, true)
+  return tonumber(string.sub(v, 1, c - 1)), tonumber(string.sub(v, c + 1))
+end
+-- Loads a window's pointers once per call and drops its expired entries.
 local function load(w)
+  if w.h then return end
   local v = redis.call('HMGET', K, w.id .. '|h', w.id .. '|p', w.id .. '|n', w.id .. '|hs', w.id .. '|ts')
   w.h = tonumber(v[1]) or 0
   w.p = tonumber(v[2]) or 0
   w.n = tonumber(v[3]) or 0
   w.hs = tonumber(v[4]) or 0
   w.ts = tonumber(v[5]) or 0
-end
-local function store(w)
-  redis.call('HSET', K, w.id .. '|h', s(w.h), w.id .. '|p', s(w.p), w.id .. '|n', s(w.n),
-    w.id .. '|hs', s(w.hs), w.id .. '|ts', s(w.ts))
-end
-local function entry(w, i)
-  local v = redis.call('HGET', K, w.id .. '|' .. s(i))
-  if not v then return nil, 0 end
-  local t, a = string.match(v, '^([^,]+),([^,]+)$')
-  return tonumber(t), tonumber(a)
-end
-local function expire(w)
   while w.h < w.n do
     local t, a = entry(w, w.h)
     if t and t + w.life > now then break end
@@ -1630,11 +1630,13 @@ local function expire(w)
     end
     redis.call('HDEL', K, w.id .. '|' .. s(w.h))
     w.h = w.h + 1
+    w.dirty = true
   end
-  if w.h >= w.n then
+  if w.h >= w.n and (w.hs ~= 0 or w.ts ~= 0 or w.p ~= w.n) then
     w.hs = 0
     w.ts = 0
     w.p = w.n
+    w.dirty = true
   end
 end
 local function amountOf(w, cost)
@@ -1649,6 +1651,7 @@ local function push(w, t, a)
   if w.bucket > 0 then t = math.ceil(t / w.bucket) * w.bucket end
   w.hs = w.hs + a
   w.ts = w.ts + a
+  w.dirty = true
   if w.n > w.h then
     local lt, la = entry(w, w.n - 1)
     if lt == t then
@@ -1660,54 +1663,55 @@ local function push(w, t, a)
   w.n = w.n + 1
   return w.n - 1
 end
-local function meta()
-  local m = redis.call('HMGET', K, 'last', 'paused')
-  return tonumber(m[1]) or 0, tonumber(m[2]) or 0
-end
 -- cost pairs "key=amount" from ARGV[from..]
-local function costFrom(from, to)
+local function costFrom(from)
   local cost = {}
-  for i = from, to do
+  for i = from, #ARGV do
     local k, v = string.match(ARGV[i], '^(.*)=([^=]+)$')
     cost[k] = tonumber(v)
   end
   return cost
 end
+-- a cost as one argument: "key=amount,key=amount"
+local function costOf(str)
+  local cost = {}
+  for k, v in string.gmatch(str, '([^,=]+)=([^,=]+)') do cost[k] = tonumber(v) end
+  return cost
+end
+local function byId(id)
+  for _, w in ipairs(ws) do
+    if w.id == id then return w end
+  end
+end
 -- "id=idx=delta;..." applied: the settle of a permit. Returns the new "id=idx;...".
-local function settle(ws, spec)
-  local last = meta()
+local function settle(spec)
   local out = {}
   for id, idx, d in string.gmatch(spec, '([^;]*)=([^=;]+)=([^=;]+)') do
-    idx = tonumber(idx)
-    d = tonumber(d)
-    for _, w in ipairs(ws) do
-      if w.id == id then
-        load(w)
-        expire(w)
-        if idx >= w.h and idx < w.n then
-          local t, a = entry(w, idx)
-          redis.call('HSET', K, w.id .. '|' .. s(idx), s(t) .. ',' .. s(math.max(0, a + d)))
-          w.hs = w.hs + d
-          if idx >= w.p then w.ts = w.ts + d end
-        elseif d > 0 then
-          idx = push(w, math.max(now, last), d)
-        else
-          idx = -1
-        end
-        store(w)
-        out[#out + 1] = id .. '=' .. s(idx)
+    local w = byId(id)
+    if w then
+      idx = tonumber(idx)
+      d = tonumber(d)
+      load(w)
+      if idx >= w.h and idx < w.n then
+        local t, a = entry(w, idx)
+        redis.call('HSET', K, w.id .. '|' .. s(idx), s(t) .. ',' .. s(math.max(0, a + d)))
+        w.hs = w.hs + d
+        if idx >= w.p then w.ts = w.ts + d end
+        w.dirty = true
+      elseif d > 0 then
+        idx = push(w, math.max(now, last), d)
+      else
+        idx = -1
       end
+      out[#out + 1] = id .. '=' .. s(idx)
     end
   end
   return table.concat(out, ';')
 end
-local function reserve(ws, cost)
-  local last, paused = meta()
+local function reserve(cost)
   local T = math.max(now, last, paused)
   local amounts = {}
   for i, w in ipairs(ws) do
-    load(w)
-    expire(w)
     local a = amountOf(w, cost)
     amounts[i] = a
     if a and a > w.limit then
@@ -1720,11 +1724,13 @@ local function reserve(ws, cost)
     for i, w in ipairs(ws) do
       local a = amounts[i]
       if a and a > 0 then
+        load(w)
         while w.p < w.n do
           local t, b = entry(w, w.p)
           if t and t + w.life > T then break end
           w.ts = w.ts - b
           w.p = w.p + 1
+          w.dirty = true
         end
         while w.ts + a > w.limit and w.p < w.n do
           local t, b = entry(w, w.p)
@@ -1734,6 +1740,7 @@ local function reserve(ws, cost)
           end
           w.ts = w.ts - b
           w.p = w.p + 1
+          w.dirty = true
         end
         if w.p >= w.n then w.ts = 0 end
       end
@@ -1742,34 +1749,34 @@ local function reserve(ws, cost)
   local out = {}
   for i, w in ipairs(ws) do
     local a = amounts[i]
-    if a then out[#out + 1] = w.id .. '=' .. s(push(w, T, a)) end
-    store(w)
+    if a then
+      load(w)
+      out[#out + 1] = w.id .. '=' .. s(push(w, T, a))
+    end
   end
-  redis.call('HSET', K, 'last', s(T))
+  last = T
+  dirtyMeta = true
   return T, table.concat(out, ';')
 end
-local function keep(ws)
-  local last, paused = meta()
-  local life = 60000
-  for _, w in ipairs(ws) do life = math.max(life, w.life) end
-  local ttl = math.max(last, paused, now) - now + life + 60000
-  redis.call('PEXPIRE', K, math.ceil(ttl))
-end
+-- Writes what changed, keeps the key alive while it matters, and answers:
+-- { tag, wait, pause left, cfg, used per window, extra }.
 local function reply(tag, wait, extra)
-  local ws = windows()
   local used = {}
+  local life = 60000
   for i, w in ipairs(ws) do
     load(w)
-    expire(w)
-    store(w)
+    if w.dirty then
+      redis.call('HSET', K, w.id .. '|h', s(w.h), w.id .. '|p', s(w.p), w.id .. '|n', s(w.n),
+        w.id .. '|hs', s(w.hs), w.id .. '|ts', s(w.ts))
+    end
     used[i] = s(math.max(0, w.hs))
+    if w.life > life then life = w.life end
   end
-  keep(ws)
-  local _, paused = meta()
-  return { tag, s(wait), s(paused - now), redis.call('HGET', K, 'cfg') or '', table.concat(used, ','), extra or '' }
+  if dirtyMeta then redis.call('HSET', K, 'last', s(last), 'paused', s(paused)) end
+  redis.call('PEXPIRE', K, math.ceil(math.max(last, paused, now) - now + life + 60000))
+  return { tag, s(wait), s(paused - now), cfg, table.concat(used, ','), extra or '' }
 end
 
-local ws = windows()
 if op == 'init' then
   -- given windows: ARGV[2..] as key|ms|limit|margin; they replace same-key, same-ms ones
   for i = 2, #ARGV do
@@ -1779,72 +1786,86 @@ if op == 'init' then
       if w.key == key and w.ms == tonumber(ms) then
         w.limit = tonumber(limit)
         w.margin = tonumber(margin)
+        prep(w)
         found = true
       end
     end
     if not found then
-      ws[#ws + 1] = { key = key, ms = tonumber(ms), limit = tonumber(limit), margin = tonumber(margin) }
+      local w = { key = key, ms = tonumber(ms), limit = tonumber(limit), margin = tonumber(margin) }
+      prep(w)
+      ws[#ws + 1] = w
     end
   end
-  save(ws)
+  save()
   return reply('ok', 0)
-elseif op == 'acquire' or op == 'confirm' then
-  -- ARGV[2]: held entries to give back first ("" for a new acquire); ARGV[3..]: cost
-  if op == 'confirm' then
-    local _, paused = meta()
+elseif op == 'acquire' then
+  -- ARGV[2..]: one cost each, reserved in order (a batch of this process's
+  -- callers): per cost "ok <wait> <entries>" or "never <why>", one a line.
+  local out = {}
+  for i = 2, #ARGV do
+    local T, extra = reserve(costOf(ARGV[i]))
+    if T then
+      out[#out + 1] = 'ok ' .. s(T - now) .. ' ' .. extra
+    else
+      out[#out + 1] = 'never ' .. extra
+    end
+  end
+  return reply('ok', 0, table.concat(out, '\\n'))
+elseif op == 'confirm' then
+  -- ARGV[2]: the entries held (given back if a pause moved us); ARGV[3]: the cost
+  do
     if now >= paused then
       -- Sending now: the entries count from now, not from their reserved time
       -- (later times only make the log more cautious).
       for id, idx in string.gmatch(ARGV[2], '([^;]*)=([^=;]+)=[^=;]+') do
-        for _, w in ipairs(ws) do
-          if w.id == id and w.bucket == 0 then
-            local t, a = entry(w, tonumber(idx))
-            if t and t < now then
-              redis.call('HSET', K, w.id .. '|' .. idx, s(now) .. ',' .. s(a))
-            end
+        local w = byId(id)
+        if w and w.bucket == 0 then
+          local t, a = entry(w, tonumber(idx))
+          if t and t < now then
+            redis.call('HSET', K, w.id .. '|' .. idx, s(now) .. ',' .. s(a))
           end
         end
       end
       return reply('go', 0)
     end
-    settle(ws, ARGV[2])
+    settle(ARGV[2])
   end
-  local T, extra = reserve(ws, costFrom(3, #ARGV))
+  local T, extra = reserve(costOf(ARGV[3]))
   if not T then return reply('never', 0, extra) end
   return reply('ok', T - now, extra)
 elseif op == 'settle' then
-  return reply('ok', 0, settle(ws, ARGV[2]))
+  return reply('ok', 0, settle(ARGV[2]))
 elseif op == 'record' then
-  local last = meta()
-  local cost = costFrom(2, #ARGV)
+  local cost = costFrom(2)
   for _, w in ipairs(ws) do
     local a = amountOf(w, cost)
     if a and a > 0 then
       load(w)
-      expire(w)
       push(w, math.max(now, last), a)
-      store(w)
     end
   end
   return reply('ok', 0)
 elseif op == 'pause' then
-  local _, paused = meta()
-  redis.call('HSET', K, 'paused', s(math.max(paused, now + tonumber(ARGV[2]))))
+  paused = math.max(paused, now + tonumber(ARGV[2]))
+  dirtyMeta = true
   return reply('ok', 0)
 elseif op == 'limit' or op == 'margin' then
-  -- ARGV: key, ms ('' = the only window of that key), value, default margin
+  -- ARGV: key, ms ('' = every window of that key), value, default margin
   local key, ms, value = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
   local found = false
   for _, w in ipairs(ws) do
     if w.key == key and (ms == nil or w.ms == ms) then
       if op == 'limit' then w.limit = value else w.margin = value end
+      prep(w)
       found = true
     end
   end
   if not found and op == 'limit' and ms then
-    ws[#ws + 1] = { key = key, ms = ms, limit = value, margin = tonumber(ARGV[5]) }
+    local w = { key = key, ms = ms, limit = value, margin = tonumber(ARGV[5]) }
+    prep(w)
+    ws[#ws + 1] = w
   end
-  save(ws)
+  save()
   return reply('ok', 0)
 end
 return reply('ok', 0)
@@ -1890,8 +1911,9 @@ const REDIS_OPTIONS = new Set([
  *
  * Same meaning as {@linkcode RateLimiter} for windows, weighted costs,
  * `marginMs`, `acquire(cost, { signal })`, {@linkcode Permit.settle},
- * `pause`/`pauseUntil` and `setLimit`. How it works: one script call per
- * acquire reserves, atomically over every window, the earliest time at
+ * `pause`/`pauseUntil` and `setLimit`. How it works: one script call (for
+ * all of this instance's callers waiting at that moment, in their order)
+ * reserves, atomically over every window, the earliest time at
  * which the cost fits — never before the last reservation (so admission is
  * **FIFO across processes**: a large cost is not starved by others' small
  * ones) nor before a pause — and the caller sleeps until then. Entries are
@@ -1939,6 +1961,8 @@ export class RedisRateLimiter extends RateLimiter {
   #windows: WindowUsage[];
   #pausedUntil = -Infinity;
   #waiting = 0;
+  #batch: BatchJob[] = [];
+  #batching = false;
 
   /**
    * Creates a limiter on the shared state of `name` (nothing is sent to
@@ -2020,7 +2044,7 @@ export class RedisRateLimiter extends RateLimiter {
     options?: AcquireOptions,
   ): Promise<Permit> {
     const signal = options?.signal;
-    const pairs = costPairs(cost);
+    const pairs = costPairs(cost).join(",");
     if (signal?.aborted) throw signal.reason;
     this.#waiting++;
     /** The entries this caller holds (`id=idx;…`). */
@@ -2031,7 +2055,7 @@ export class RedisRateLimiter extends RateLimiter {
       else if (r.tag === "go") this.#giveBack(entries, cost);
     };
     try {
-      let reply = await this.#call(["acquire", "", ...pairs], signal, late);
+      let reply = await this.#reserve(pairs, cost, signal);
       for (;;) {
         if (reply.tag === "never") {
           const [key, amount, limit, ms] = reply.extra.split("|");
@@ -2050,7 +2074,7 @@ export class RedisRateLimiter extends RateLimiter {
         }
         // Woken: go, unless a pause began meanwhile (then a new place after it).
         reply = await this.#call(
-          ["confirm", settleSpec(entries, cost, true), ...pairs],
+          ["confirm", settleSpec(entries, cost, true), pairs],
           signal,
           late,
         );
@@ -2241,6 +2265,71 @@ export class RedisRateLimiter extends RateLimiter {
 
   // --- private ---------------------------------------------------------------
 
+  /**
+   * A first reservation. Callers of this instance that arrive while a
+   * batch is in flight go together in the next one (one script call for
+   * many, in their order), so one process makes few round trips however
+   * many callers it has.
+   */
+  #reserve(
+    pairs: string,
+    cost: Cost,
+    signal: AbortSignal | undefined,
+  ): Promise<RedisReply> {
+    return new Promise((resolve, reject) => {
+      const job: BatchJob = { pairs, cost, signal, resolve, reject };
+      if (signal) {
+        job.onAbort = () => {
+          const i = this.#batch.indexOf(job);
+          if (i >= 0) this.#batch.splice(i, 1); // not sent yet: nothing to give back
+          reject(signal.reason);
+        };
+        signal.addEventListener("abort", job.onAbort, { once: true });
+      }
+      this.#batch.push(job);
+      if (!this.#batching) {
+        this.#batching = true;
+        queueMicrotask(() => this.#flush());
+      }
+    });
+  }
+
+  async #flush(): Promise<void> {
+    const jobs = this.#batch.splice(0, 256);
+    if (jobs.length === 0) {
+      this.#batching = false;
+      return;
+    }
+    try {
+      const reply = await this.#call(
+        ["acquire", ...jobs.map((j) => j.pairs)],
+        undefined,
+      );
+      const lines = reply.extra.split("\n");
+      jobs.forEach((job, i) => {
+        const [tag = "", a = "", b = ""] = (lines[i] ?? "").split(" ");
+        const mine: RedisReply = tag === "ok"
+          ? { ...reply, tag, wait: Number(a), extra: b }
+          : { ...reply, tag, wait: 0, extra: a };
+        if (job.signal) {
+          job.signal.removeEventListener("abort", job.onAbort!);
+          if (job.signal.aborted) {
+            // Aborted while its batch was in flight: give its place back.
+            if (tag === "ok") this.#giveBack(b, job.cost);
+            return;
+          }
+        }
+        job.resolve(mine);
+      });
+    } catch (error) {
+      for (const job of jobs) {
+        if (job.signal) job.signal.removeEventListener("abort", job.onAbort!);
+        job.reject(error);
+      }
+    }
+    void this.#flush();
+  }
+
   /** Runs a write in the background, after those before it. */
   #queue(args: string[]): void {
     this.#background = this.#background
@@ -2348,6 +2437,16 @@ export class RedisRateLimiter extends RateLimiter {
       extra: extra!,
     };
   }
+}
+
+/** A caller waiting for its first reservation, in a batch. */
+interface BatchJob {
+  pairs: string;
+  cost: Cost;
+  signal: AbortSignal | undefined;
+  onAbort?: () => void;
+  resolve: (reply: RedisReply) => void;
+  reject: (error: unknown) => void;
 }
 
 /** A permit of a {@linkcode RedisRateLimiter}: settling sends the difference to Redis. */
@@ -5104,7 +5203,8 @@ export interface RateLimitedFetchOptions {
    * Keep windows per model (the JSON body's `model`), as providers limit
    * per model. `"learned"` (default): limits learned from headers are kept
    * per model (the headers describe the model that answered) and a 429's
-   * wait pauses that model only; limits you give in `limiter` apply to all
+   * wait pauses that model only (with a {@linkcode RedisRateLimiter}: every
+   * process on the key); limits you give in `limiter` apply to all
    * requests together. `"all"`: the limits you give apply to each model
    * separately too (`limiter` must then be options, not an instance).
    * `false`: one set of windows for everything, learned ones included —
@@ -5488,6 +5588,18 @@ export function rateLimitedFetch(
           modelPermit = await lane.limiter.acquire(cost, { signal });
         }
         permit = await limiter.acquire(cost, { signal });
+        // A 429 paused this model while we waited for the key's windows:
+        // wait out the pause too, then count from the send.
+        const paused = lane.limiter.pausedUntil - clock.now();
+        if (lane !== keyLane && paused > 0) {
+          try {
+            await clock.sleep(paused, signal);
+          } catch (error) {
+            permit.settle(zeroOf(cost));
+            throw signal?.aborted ? signal.reason : error;
+          }
+          restampPermit(permit);
+        }
         // Held while the key's windows made us wait: it counts from now.
         if (modelPermit && clock.now() > modelPermit.at) {
           restampPermit(modelPermit);
@@ -5563,6 +5675,11 @@ export function rateLimitedFetch(
           const told = parseRetryAfter(response.headers);
           if (told !== undefined) {
             lane.limiter.pauseUntil(clock.now() + told);
+            // Limits shared through Redis: the server's wait holds every
+            // process on the key, whatever the model.
+            if (limiter instanceof RedisRateLimiter && lane !== keyLane) {
+              limiter.pauseUntil(clock.now() + told);
+            }
           }
           let widened = false;
           if (adaptiveMargin) {

@@ -169,6 +169,8 @@ export interface SimStats {
   completed: string[];
   /** The outcome of every request in arrival order: status, or a fault name. */
   log: string[];
+  /** When each `log` entry happened (simulator clock, `performance.now()`). */
+  logAt: number[];
 }
 
 /** A running simulator. */
@@ -532,6 +534,7 @@ export async function startSimulator(
       perClient: {},
       completed: [],
       log: [],
+      logAt: [],
     };
   };
   init();
@@ -621,6 +624,7 @@ export async function startSimulator(
         ...headers,
       });
       res.end(JSON.stringify(body));
+      stats.logAt.push(clock());
       stats.log.push(String(status));
     };
     const error = (
@@ -753,6 +757,7 @@ export async function startSimulator(
     };
     if (draw.reset < (faults.reset ?? 0)) {
       stats.faults.reset++;
+      stats.logAt.push(clock());
       stats.log.push("reset");
       req.socket.destroy();
       return;
@@ -897,6 +902,7 @@ export async function startSimulator(
         ...rateHeaders(clock(), meters),
       });
       res.flushHeaders();
+      stats.logAt.push(clock());
       stats.log.push(
         mid ? "midStreamError" : trunc ? "truncatedStream" : "200",
       );

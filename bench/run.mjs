@@ -7,6 +7,7 @@ import { accuracy } from "./accuracy.mjs";
 import { pool } from "./pool.mjs";
 import { memory } from "./memory.mjs";
 import { e2e } from "./e2e.mjs";
+import { shared } from "./shared.mjs";
 
 const quick = process.argv.includes("--quick");
 const json = process.argv.includes("--json");
@@ -16,6 +17,7 @@ const topics = [
   ["accuracy", accuracy],
   ["memory", memory],
   ["e2e", e2e],
+  ["shared", shared],
 ];
 const only = process.argv.slice(2).filter((a) => !a.startsWith("--"));
 
@@ -34,6 +36,8 @@ console.log(
     "bottleneck",
     "p-retry",
     "@anthropic-ai/sdk",
+    "redis",
+    "ioredis",
   ]) + "\n",
 );
 const all = {};

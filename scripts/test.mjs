@@ -7,7 +7,7 @@ import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
-import { createServer } from "node:net";
+import { startRedis } from "../test/redis_server.mjs";
 
 const root = resolve(import.meta.dirname, "..");
 const verbose = process.argv.includes("--verbose");
@@ -166,27 +166,9 @@ step(
 step(
   "shared limits on redis-server (Deno npm:redis, Bun RedisClient)",
   async () => {
-    const port = await new Promise((resolve, reject) => {
-      const srv = createServer();
-      srv.once("error", reject);
-      srv.listen(0, "127.0.0.1", () => {
-        const p = /** @type {{ port: number }} */ (srv.address()).port;
-        srv.close(() => resolve(p));
-      });
-    });
-    const redis = spawn("redis-server", [
-      "--port",
-      String(port),
-      "--bind",
-      "127.0.0.1",
-      "--save",
-      "",
-      "--appendonly",
-      "no",
-    ], { stdio: "ignore" });
+    const redis = await startRedis();
     try {
-      await new Promise((r) => setTimeout(r, 300));
-      const env = { REDIS_URL: `redis://127.0.0.1:${port}` };
+      const env = { REDIS_URL: redis.url };
       const out = [];
       for (
         const [cmd, args] of [
@@ -200,7 +182,7 @@ step(
       }
       return out.join("");
     } finally {
-      redis.kill("SIGKILL");
+      await redis.kill();
     }
   },
 );
