@@ -61,6 +61,7 @@ import {
   type WindowUsage,
 } from "./mod.ts";
 import { startSimulator } from "./sim.ts";
+import { type Lang, renderReport } from "./report.ts";
 
 const VERSION = "0.1.0";
 /** The library's default `maxRetryAfterMs`: longer server-told waits fail the line at once. */
@@ -109,6 +110,9 @@ Options for run:
   --window-ms N          length of a "minute" (default 60000; for simulators)
   --retry-errored        also redo lines whose recorded result is errored (e.g. 5xx
                          after all retries); the output is rewritten in input order
+  --report FILE.html     write a self-contained page: each limit's use over
+                         time, 429s and retries, latency, totals, and which
+                         limit bound the run (--lang zh|en; default from LANG)
   --dry-run              validate and plan only: request and token totals (input
                          estimated, output at max_tokens) and the least time the
                          limits given allow, naming the binding limit (per model
@@ -184,6 +188,10 @@ interface RunOptions {
   limiterName?: string;
   /** `--shard K/N`: only this share of the lines. */
   shard?: Shard;
+  /** `--report FILE.html`: the run's report page. */
+  report?: string;
+  /** The report's language. */
+  lang?: Lang;
   marginMs?: number;
   /** Progress line interval when stderr is not a TTY, ms. */
   progressMs?: number;
@@ -1652,7 +1660,25 @@ async function runBatch(
     if (o.isTTY) o.err(`\r\x1b[2K${line}${final ? "\n" : ""}`);
     else o.err(`${line}\n`);
   };
-  const ticker = setInterval(() => progress(), Math.min(interval, 1000));
+  const ticker = setInterval(() => {
+    progress();
+    // The report's charts: each window's use, also while nothing is sent.
+    if (o.report) {
+      const windows: Record<string, { used: number; limit: number }> = {};
+      for (const w of f.limiter.usage()) {
+        windows[`${w.key}/${w.ms}`] = { used: w.used, limit: w.limit };
+      }
+      for (const [model, l] of f.models) {
+        for (const w of l.usage()) {
+          windows[`${model}: ${w.key}/${w.ms}`] = {
+            used: w.used,
+            limit: w.limit,
+          };
+        }
+      }
+      f.stats.sample({ windows });
+    }
+  }, Math.min(interval, 1000));
   try {
     // Unordered: a line sleeping in backoff holds nothing back; order is
     // restored by the output stage, from the journal. The pool is larger
@@ -1706,6 +1732,20 @@ async function runBatch(
   const complete = output.next === count;
   progress(true);
   if (!o.quiet) o.err(`\n${f.stats.report()}\n`);
+  if (o.report) {
+    writeFileSync(
+      o.report,
+      renderReport(f.stats, {
+        title: o.input.split(/[\\/]/).pop() ?? o.input,
+        concurrency: o.concurrency,
+        lang: o.lang,
+        stopped: fatal
+          ? `stopped at line ${fatal.line}: ${fatal.why}`
+          : undefined,
+      }),
+    );
+    if (!o.quiet) o.err(`paceline: report in ${o.report}\n`);
+  }
   const kept = `${output.next} of ${count} in order in ${o.output}${
     output.waiting ? `, ${output.waiting} more in ${journal.path}` : ""
   }`;
@@ -1763,7 +1803,7 @@ const TOPICS_ZH = [
 /** The demo: the simulator in-process, a generated batch, the same run path. */
 export async function demo(
   requests: number,
-  o: Pick<RunOptions, "out" | "err" | "isTTY" | "quiet">,
+  o: Pick<RunOptions, "out" | "err" | "isTTY" | "quiet" | "lang">,
 ): Promise<number> {
   const windowMs = 2000; // a compressed "minute"
   const limits = { requests: 50, inputTokens: 3000, outputTokens: 2400 };
@@ -1817,6 +1857,8 @@ export async function demo(
       retries: 5,
       stream: false,
       quiet: o.quiet,
+      report: join(dir, "report.html"),
+      lang: o.lang,
       out: o.out,
       err: o.err,
       isTTY: o.isTTY,
@@ -1826,12 +1868,20 @@ export async function demo(
     o.out(
       `\nsimulator: ${st.accepted} accepted, ${refused} refused by rate limits, ${
         st.faults.overloaded529 + st.faults.error500
-      } faults injected\nresults: ${output}\n`,
+      } faults injected\nresults: ${output}\nreport:  ${
+        join(dir, "report.html")
+      }\n`,
     );
     return code;
   } finally {
     await sim.close();
   }
+}
+
+/** The report's language from `LANG`/`LC_ALL` (zh_* → Chinese). */
+function langFromEnv(): Lang {
+  const l = process.env.LC_ALL || process.env.LANG || "";
+  return /^zh/i.test(l) ? "zh" : "en";
 }
 
 /** Parses argv and runs; returns the exit code. */
@@ -1864,7 +1914,7 @@ export async function main(argv: string[], io: {
         else if (rest[i] === "--quiet") quiet = true;
         else throw new UsageError(`unknown option for demo: ${rest[i]}`);
       }
-      return await demo(requests, { ...io, quiet });
+      return await demo(requests, { ...io, quiet, lang: langFromEnv() });
     }
     if (command !== "run") {
       throw new UsageError(
@@ -1973,6 +2023,26 @@ export async function main(argv: string[], io: {
           o.shard = { k, n };
           break;
         }
+        case "--report":
+          o.report = next();
+          if (!o.report || o.report.startsWith("-")) {
+            throw new UsageError(
+              `--report needs a file name (e.g. run.html): received ${
+                JSON.stringify(o.report)
+              }`,
+            );
+          }
+          break;
+        case "--lang": {
+          const v = next();
+          if (v !== "en" && v !== "zh") {
+            throw new UsageError(
+              `--lang must be en or zh: received ${JSON.stringify(v)}`,
+            );
+          }
+          o.lang = v;
+          break;
+        }
         case "--per-model":
         case "--per-key":
           if (o.perModel !== undefined) {
@@ -2025,6 +2095,8 @@ export async function main(argv: string[], io: {
       retryErrored: o.retryErrored ?? false,
       dryRun: o.dryRun ?? false,
       perModel: o.perModel,
+      report: o.report,
+      lang: o.lang ?? langFromEnv(),
       redis: o.redis,
       limiterName: o.limiterName,
       shard: o.shard,

@@ -4551,6 +4551,80 @@ export interface StatsSnapshot {
   latencyMs: Percentiles;
   /** Time waiting for a slot and a rate permit before each attempt, ms. */
   queueWaitMs: Percentiles;
+  /** What happened over time; see {@linkcode Stats.timeline}. */
+  timeline: TimelinePoint[];
+}
+
+/**
+ * One stretch of a run in {@linkcode Stats.timeline}: counts of what
+ * happened in it, and the most seen at once.
+ *
+ * @example
+ * ```ts
+ * import { ManualClock, Stats, type TimelinePoint } from "./mod.ts";
+ *
+ * const clock = new ManualClock();
+ * const stats = new Stats(clock);
+ * stats.call();
+ * stats.attempt(0, 50, 200);
+ * const [p]: TimelinePoint[] = stats.timeline();
+ * if (p!.sent !== 1 || p!.ms !== 1000) throw new Error();
+ * ```
+ */
+export interface TimelinePoint {
+  /** Start, ms after the first call. */
+  t: number;
+  /** Length, ms (buckets double as a long run is merged). */
+  ms: number;
+  /** Attempts sent (retries included). */
+  sent: number;
+  /** Real input tokens settled. */
+  inputTokens: number;
+  /** Real output tokens settled. */
+  outputTokens: number;
+  /** Attempts answered 429. */
+  rateLimited: number;
+  /** Retries. */
+  retries: number;
+  /** Failed attempts (429s included). */
+  errors: number;
+  /** Most requests in flight at once. */
+  inFlight: number;
+  /** Most requests waiting for a slot or a rate permit at once. */
+  queued: number;
+  /** Mean wait for a slot and a permit of the attempts sent, ms. */
+  queueWaitMs: number;
+  /**
+   * Each window's highest use seen, by label (`"requests/60000"`, or with
+   * a model: `"gpt-4o: requests/60000"`), with its limit.
+   */
+  windows: Record<string, { used: number; limit: number }>;
+}
+
+/** A timeline bucket as kept (wait as sum and count, to merge exactly). */
+interface Bucket extends Omit<TimelinePoint, "queueWaitMs"> {
+  waitSum: number;
+}
+
+/**
+ * Options for {@linkcode Stats}.
+ *
+ * @example
+ * ```ts
+ * import { Stats, type StatsOptions } from "./mod.ts";
+ *
+ * const options: StatsOptions = { bucketMs: 500, maxPoints: 600 };
+ * if (new Stats(undefined, options).timeline().length !== 0) throw new Error();
+ * ```
+ */
+export interface StatsOptions {
+  /** The timeline's first bucket length, ms; default 1,000. */
+  bucketMs?: number;
+  /**
+   * Most timeline points kept; past it, neighbours merge and buckets double
+   * (a week at one-second buckets ends as ~1,200 points). Default 2,000.
+   */
+  maxPoints?: number;
 }
 
 /**
@@ -4594,6 +4668,10 @@ class Sample {
       const j = Math.floor(Math.random() * this.#seen);
       if (j < RESERVOIR) this.#values[j] = v;
     }
+  }
+  /** The kept sample (up to 4,096 values). */
+  values(): number[] {
+    return this.#values.slice();
   }
   percentiles(): Percentiles {
     const s = [...this.#values].sort((a, b) => a - b);
@@ -4645,20 +4723,157 @@ export class Stats {
   #latency = new Sample();
   #queue = new Sample();
   #now: () => number;
+  #points: Bucket[] = [];
+  #width: number;
+  #maxPoints: number;
+  /** Start of the timeline (the first call or event). */
+  #origin = -1;
 
   /**
    * Creates empty stats.
    *
    * @param clock Time source for rates; default {@linkcode systemClock}.
+   * @param options The timeline's bucket length and size; see {@linkcode StatsOptions}.
    */
-  constructor(clock: Clock = systemClock) {
+  constructor(clock: Clock = systemClock, options: StatsOptions = {}) {
     this.#now = () => clock.now();
+    const { bucketMs = 1000, maxPoints = 2000 } = options;
+    checkPositive(bucketMs, "bucketMs", "Stats");
+    checkCount(maxPoints, "maxPoints", "Stats");
+    if (maxPoints < 2 || maxPoints === Infinity) {
+      throw new RangeError(
+        `Stats 'maxPoints' must be a finite integer >= 2: received ${maxPoints}`,
+      );
+    }
+    this.#width = bucketMs;
+    this.#maxPoints = maxPoints;
+  }
+
+  /** The bucket for now, adding empty ones for a quiet stretch and merging past the cap. */
+  #bucket(): Bucket {
+    const now = this.#now();
+    if (this.#origin < 0) this.#origin = now;
+    for (;;) {
+      const pts = this.#points;
+      const idx = Math.max(0, Math.floor((now - this.#origin) / this.#width));
+      const last = pts[pts.length - 1];
+      const lastIdx = last ? Math.round(last.t / this.#width) : -1;
+      if (lastIdx >= idx) return last!;
+      if (idx - lastIdx > 2 * this.#maxPoints) {
+        // A long quiet stretch: widen first rather than fill it.
+        this.#merge();
+        continue;
+      }
+      pts.push({
+        t: (lastIdx + 1) * this.#width,
+        ms: this.#width,
+        sent: 0,
+        inputTokens: 0,
+        outputTokens: 0,
+        rateLimited: 0,
+        retries: 0,
+        errors: 0,
+        inFlight: 0,
+        queued: 0,
+        waitSum: 0,
+        windows: {},
+      });
+      if (pts.length > this.#maxPoints) this.#merge();
+    }
+  }
+
+  /** Merges neighbours: half the points, buckets twice as long. */
+  #merge(): void {
+    const pts = this.#points;
+    const out: Bucket[] = [];
+    this.#width *= 2;
+    for (const p of pts) {
+      const at = Math.floor(p.t / this.#width) * this.#width;
+      const q = out[out.length - 1];
+      if (!q || q.t !== at) {
+        out.push({ ...p, t: at, ms: this.#width, windows: { ...p.windows } });
+        continue;
+      }
+      q.sent += p.sent;
+      q.inputTokens += p.inputTokens;
+      q.outputTokens += p.outputTokens;
+      q.rateLimited += p.rateLimited;
+      q.retries += p.retries;
+      q.errors += p.errors;
+      q.waitSum += p.waitSum;
+      q.inFlight = Math.max(q.inFlight, p.inFlight);
+      q.queued = Math.max(q.queued, p.queued);
+      for (const [k, w] of Object.entries(p.windows)) {
+        const o = q.windows[k];
+        if (!o || w.used > o.used) q.windows[k] = { ...w };
+      }
+    }
+    this.#points = out;
+  }
+
+  /**
+   * Records what is true now, for the timeline: requests in flight and
+   * waiting, and each window's use against its limit (labels as in
+   * {@linkcode TimelinePoint.windows}). {@linkcode rateLimitedFetch} calls
+   * it; call it yourself to chart your own limiter.
+   *
+   * @param state Any of `inFlight`, `queued`, and `windows` (label → use).
+   */
+  sample(state: {
+    inFlight?: number;
+    queued?: number;
+    windows?: Record<string, { used: number; limit: number }>;
+  }): void {
+    const b = this.#bucket();
+    if (state.inFlight !== undefined && state.inFlight > b.inFlight) {
+      b.inFlight = state.inFlight;
+    }
+    if (state.queued !== undefined && state.queued > b.queued) {
+      b.queued = state.queued;
+    }
+    if (state.windows) {
+      for (const [k, w] of Object.entries(state.windows)) {
+        const o = b.windows[k];
+        if (!o || w.used > o.used || w.limit !== o.limit) {
+          b.windows[k] = {
+            used: Math.max(w.used, o?.used ?? 0),
+            limit: w.limit,
+          };
+        }
+      }
+    }
+  }
+
+  /**
+   * What happened over time, oldest first: fixed buckets (one second at
+   * first) that merge as the run grows, so memory stays bounded (at most
+   * `maxPoints`) however long it runs. Quiet stretches are empty points.
+   *
+   * @returns A copy of the points.
+   */
+  timeline(): TimelinePoint[] {
+    return this.#points.map(({ waitSum, windows, ...p }) => ({
+      ...p,
+      queueWaitMs: p.sent ? waitSum / p.sent : 0,
+      windows: { ...windows },
+    }));
+  }
+
+  /**
+   * The latencies kept for percentiles (a uniform sample of at most 4,096),
+   * for a histogram.
+   *
+   * @returns Attempt latencies, ms.
+   */
+  latencies(): number[] {
+    return this.#latency.values();
   }
 
   /** Records the start of a logical call. */
   call(): void {
     this.#calls++;
     if (this.#first < 0) this.#first = this.#now();
+    this.#bucket();
   }
 
   /**
@@ -4679,16 +4894,24 @@ export class Stats {
     this.#queue.add(queueMs);
     this.#latency.add(latencyMs);
     this.#last = this.#now();
-    if (status === 429) this.#rateLimited++;
+    const b = this.#bucket();
+    b.sent++;
+    b.waitSum += queueMs;
+    if (status === 429) {
+      this.#rateLimited++;
+      b.rateLimited++;
+    }
     if (status < 200 || status >= 300) {
       const k = kind ?? (status ? `http_${status}` : "network");
       this.#errors[k] = (this.#errors[k] ?? 0) + 1;
+      b.errors++;
     }
   }
 
   /** Records a retry. */
   retry(): void {
     this.#retries++;
+    this.#bucket().retries++;
   }
 
   /** Records a 429 for a request our limiter had admitted, and whether the margin was widened. */
@@ -4714,6 +4937,9 @@ export class Stats {
   tokens(input: number, output: number): void {
     this.#input += input;
     this.#output += output;
+    const b = this.#bucket();
+    b.inputTokens += input;
+    b.outputTokens += output;
   }
 
   /** A plain snapshot; see {@linkcode StatsSnapshot}. */
@@ -4740,6 +4966,7 @@ export class Stats {
       tokensPerMinute: perMin(this.#input + this.#output),
       latencyMs: this.#latency.percentiles(),
       queueWaitMs: this.#queue.percentiles(),
+      timeline: this.timeline(),
     };
   }
 
@@ -5449,6 +5676,30 @@ export function rateLimitedFetch(
     models.set(model, lane.limiter);
     return lane;
   };
+  /** Requests waiting for a slot or a permit, and in flight: for the timeline. */
+  let waiting = 0;
+  let active = 0;
+  let windowsSampled = -Infinity;
+  const observe = (now: number): void => {
+    if (now - windowsSampled < 250) {
+      stats.sample({ inFlight: active, queued: waiting });
+      return;
+    }
+    windowsSampled = now;
+    const windows: Record<string, { used: number; limit: number }> = {};
+    for (const w of limiter.usage()) {
+      windows[`${w.key}/${w.ms}`] = { used: w.used, limit: w.limit };
+    }
+    for (const [model, l] of models) {
+      for (const w of l.usage()) {
+        windows[`${model}: ${w.key}/${w.ms}`] = {
+          used: w.used,
+          limit: w.limit,
+        };
+      }
+    }
+    stats.sample({ inFlight: active, queued: waiting, windows });
+  };
   const track = (lane: Lane, cost: Cost, sign: 1 | -1): void => {
     const inflight = lane.inflight;
     for (const k of Object.keys(cost)) {
@@ -5573,14 +5824,28 @@ export function rateLimitedFetch(
       : keyLane;
     const attempt = async (): Promise<Response> => {
       const t0 = clock.now();
-      await slots.acquire(signal);
+      waiting++;
+      observe(t0);
+      try {
+        await slots.acquire(signal);
+      } catch (error) {
+        waiting--;
+        throw error;
+      }
       let held = true;
+      let waited = true;
       const release = (): void => {
+        if (waited) {
+          waited = false;
+          waiting--;
+        }
         if (held) {
           held = false;
           slots.release();
+          active--;
         }
       };
+      active++;
       let permit: Permit;
       let modelPermit: Permit | undefined;
       try {
@@ -5619,6 +5884,9 @@ export function rateLimitedFetch(
         if (lane !== keyLane) keyLane.margins.ok();
       };
       const sent = clock.now();
+      waited = false;
+      waiting--;
+      observe(sent);
       let response: Response;
       track(lane, cost, 1);
       try {

@@ -70,13 +70,17 @@ function ensureDebian(binary, pkg) {
 }
 
 step(
-  "system packages (redis-server)",
-  () => ensureDebian("redis-server", "redis-server"),
+  "system packages (redis-server, chromium)",
+  () =>
+    [
+      ensureDebian("redis-server", "redis-server"),
+      ensureDebian("chromium", "chromium"),
+    ].join("; "),
 );
 step("build", () => run("npm", ["run", "--silent", "build"]));
 step("typecheck (tsc)", () => run(bin("tsc"), ["-p", "tsconfig.json"]));
 step(
-  "vitest (Node: mod_test.ts, sim_test.ts, fetch_test.ts, cli_test.ts, frameworks_test.ts, redis_test.ts, cli_redis_test.ts)",
+  "vitest (Node: mod_test.ts, sim_test.ts, fetch_test.ts, cli_test.ts, frameworks_test.ts, redis_test.ts, cli_redis_test.ts, report_test.ts)",
   () => run(bin("vitest"), ["run"]),
 );
 step(

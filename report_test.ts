@@ -1,0 +1,243 @@
+// The run report: the binding-limit verdict on synthetic timelines, the
+// timeline's bounded memory, and the page itself in Debian's chromium.
+import { describe, expect, it } from "vitest";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { pathToFileURL } from "node:url";
+import { chromium } from "playwright-core";
+import { ManualClock, Stats, type TimelinePoint } from "./mod.ts";
+import { renderReport, verdict } from "./report.ts";
+import { main } from "./cli.ts";
+import { sim } from "./test/sims.ts";
+
+/** A synthetic timeline: `n` one-second points made by `f(i)`. */
+function timeline(
+  n: number,
+  f: (i: number) => Partial<TimelinePoint>,
+): TimelinePoint[] {
+  return Array.from({ length: n }, (_, i) => ({
+    t: i * 1000,
+    ms: 1000,
+    sent: 1,
+    inputTokens: 0,
+    outputTokens: 0,
+    rateLimited: 0,
+    retries: 0,
+    errors: 0,
+    inFlight: 1,
+    queued: 0,
+    queueWaitMs: 0,
+    windows: {},
+    ...f(i),
+  }));
+}
+
+describe("verdict", () => {
+  it("tokens bound: names the window pinned while work waited, and how high the others went", () => {
+    const pts = timeline(100, (i) => ({
+      queued: 5,
+      windows: {
+        "requests/60000": { used: 20, limit: 50 },
+        "inputTokens/60000": { used: i < 92 ? 29_500 : 10_000, limit: 30_000 },
+        "outputTokens/60000": { used: 3280, limit: 8000 },
+      },
+    }));
+    const v = verdict(pts, { concurrency: 8 });
+    expect(v.kind).toBe("limit");
+    expect(v.window).toBe("inputTokens/60000");
+    expect(v.text).toBe(
+      "input tokens per minute bound this run: at ≥ 95 % of 30,000 for 92 % of the time work was waiting; output tokens per minute peaked at 41 %; requests per minute peaked at 40 % — a higher OTPM or RPM would not make it faster.",
+    );
+    expect(verdict(pts, { lang: "zh" }).text).toMatch(
+      /^本次运行的瓶颈是输入 token 每分钟：有任务排队时，92 %的时间用量在上限 30,000 的 95 % 以上/,
+    );
+  });
+
+  it("requests bound (per model): the model's requests window", () => {
+    const pts = timeline(60, () => ({
+      queued: 3,
+      windows: {
+        "gpt-4o: requests/60000": { used: 500, limit: 500 },
+        "gpt-4o: tokens/60000": { used: 9000, limit: 30_000 },
+      },
+    }));
+    const v = verdict(pts);
+    expect(v.window).toBe("gpt-4o: requests/60000");
+    expect(v.text).toMatch(
+      /^requests per minute \(gpt-4o\) bound this run: at ≥ 95 % of 500 for 100 %/,
+    );
+    expect(v.text).toMatch(/a higher TPM would not make it faster\.$/);
+  });
+
+  it("nothing bound because concurrency was the limit: says so", () => {
+    const pts = timeline(50, () => ({
+      inFlight: 8,
+      queued: 12,
+      windows: { "requests/60000": { used: 100, limit: 1000 } },
+    }));
+    const v = verdict(pts, { concurrency: 8 });
+    expect(v.kind).toBe("concurrency");
+    expect(v.text).toBe(
+      "Concurrency bound this run: 8 requests in flight for 100 % of the busy time; no rate limit held it back (requests per minute peaked at 10 %) — more concurrency, not higher limits, would make it faster.",
+    );
+  });
+
+  it("nothing bound at all: latency and the input set the pace", () => {
+    const pts = timeline(10, () => ({
+      inFlight: 2,
+      windows: { "outputTokens/60000": { used: 50, limit: 8000 } },
+    }));
+    const v = verdict(pts, { concurrency: 8 });
+    expect(v.kind).toBe("none");
+    expect(v.text).toMatch(
+      /^No limit bound this run for long \(output tokens per minute peaked at 1 %\)/,
+    );
+  });
+});
+
+describe("Stats.timeline", () => {
+  it("a simulated 7-day run keeps at most a few thousand points, every attempt counted", async () => {
+    const clock = new ManualClock();
+    const stats = new Stats(clock);
+    stats.call();
+    let sent = 0;
+    for (let s = 0; s < 7 * 86_400; s += 7) {
+      stats.attempt(5, 100, s % 700 === 0 ? 429 : 200);
+      stats.tokens(10, 2);
+      stats.sample({
+        inFlight: 3,
+        queued: 1,
+        windows: { "requests/60000": { used: 40, limit: 50 } },
+      });
+      sent++;
+      await clock.advance(7000);
+    }
+    const t = stats.timeline();
+    expect(t.length).toBeLessThanOrEqual(2000);
+    expect(t.length).toBeGreaterThan(500);
+    expect(t.reduce((a, p) => a + p.sent, 0)).toBe(sent);
+    expect(t.reduce((a, p) => a + p.inputTokens, 0)).toBe(sent * 10);
+    expect(t.reduce((a, p) => a + p.rateLimited, 0)).toBe(
+      stats.toJSON().rateLimited,
+    );
+    // Contiguous buckets of one width, covering the week.
+    const w = t[0]!.ms;
+    t.forEach((p, i) => expect(p.t).toBe(i * w));
+    expect(t.at(-1)!.t + w).toBeGreaterThanOrEqual(7 * 86_400_000 - 7000);
+    expect(t[10]!.windows["requests/60000"]).toEqual({ used: 40, limit: 50 });
+    expect(() => new Stats(clock, { maxPoints: 1 })).toThrow(/'maxPoints'/);
+  });
+});
+
+describe("paceline run --report, in a real browser", () => {
+  it("chromium: no console errors, no network requests, one chart per window with its points, the verdict names the binding limit", async () => {
+    // The simulator binds on output tokens: 600 per window, ~27 per answer.
+    const s = await sim({
+      limits: {
+        requests: 100,
+        inputTokens: 20_000,
+        outputTokens: 600,
+        windowMs: 1000,
+      },
+      latency: { baseMs: 5 },
+    });
+    const d = mkdtempSync(join(tmpdir(), "paceline-report-"));
+    const input = join(d, "in.jsonl");
+    writeFileSync(
+      input,
+      Array.from({ length: 120 }, (_, i) =>
+        JSON.stringify({
+          custom_id: `q${i}`,
+          params: {
+            model: "claude-sim",
+            max_tokens: 48,
+            messages: [{ role: "user", content: `Question number ${i}` }],
+          },
+        })).join("\n") + "\n",
+    );
+    const page = join(d, "run.html");
+    let err = "";
+    const code = await main([
+      "run",
+      input,
+      "--base-url",
+      s.url,
+      "--rpm",
+      "100",
+      "--itpm",
+      "20000",
+      "--otpm",
+      "600",
+      "--window-ms",
+      "1000",
+      "--margin-ms",
+      "100",
+      "--report",
+      page,
+      "--lang",
+      "en",
+      "--progress-ms",
+      "100000",
+    ], { out: () => {}, err: (x) => void (err += x), isTTY: false });
+    expect(code).toBe(0);
+    expect(err).toContain(`report in ${page}`);
+    const html = readFileSync(page, "utf8");
+    expect(html).not.toMatch(/<script|https?:\/\//);
+
+    const browser = await chromium.launch({
+      executablePath: "/usr/bin/chromium",
+      args: ["--no-sandbox"],
+    });
+    try {
+      const tab = await browser.newPage({
+        viewport: { width: 840, height: 1200 },
+      });
+      const errors: string[] = [];
+      const requests: string[] = [];
+      tab.on("console", (m) => {
+        if (m.type() === "error") errors.push(m.text());
+      });
+      tab.on("pageerror", (e) => errors.push(String(e)));
+      tab.on("request", (r) => requests.push(r.url()));
+      const url = pathToFileURL(page).href;
+      await tab.goto(url);
+      expect(errors).toEqual([]);
+      expect(requests).toEqual([url]); // the page itself, nothing else
+      const charts = await tab.$$eval("svg.window", (els) =>
+        els.map((e) => ({
+          window: e.getAttribute("data-window"),
+          points: Number(e.getAttribute("data-points")),
+          drawn: (e.querySelector("polyline")?.getAttribute("points") ?? "")
+            .trim().split(/\s+/).filter(Boolean).length,
+        })));
+      expect(charts.map((c) => c.window).sort()).toEqual([
+        "inputTokens/1000",
+        "outputTokens/1000",
+        "requests/1000",
+      ]);
+      for (const c of charts) {
+        expect(c.drawn).toBe(c.points);
+        expect(c.points).toBeGreaterThanOrEqual(3); // a run of several seconds
+      }
+      const text = await tab.textContent("#verdict");
+      expect(text).toMatch(
+        /^output tokens per 1 s bound this run: at ≥ 95 % of 600/,
+      );
+      expect(await tab.$$eval("svg.histogram rect", (r) => r.length)).toBe(24);
+      await tab.screenshot({ path: join(d, "report.png"), fullPage: true });
+      console.log(`report screenshot: ${join(d, "report.png")}`);
+    } finally {
+      await browser.close();
+    }
+  });
+});
+
+describe("renderReport", () => {
+  it("escapes what it shows and says when nothing was limited", () => {
+    const stats = new Stats();
+    const html = renderReport(stats, { title: "<b>x</b>.jsonl" });
+    expect(html).toContain("&lt;b&gt;x&lt;/b&gt;.jsonl");
+    expect(html).toContain("No limits were given or learned.");
+  });
+});
