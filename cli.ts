@@ -1706,6 +1706,7 @@ async function runBatch(
       const why = fatalOf(outcome);
       if (why) {
         // Not a result: fix the cause and run again.
+        if (!fatal) f.stats.note(`stopped at line ${item.line}: ${why}`);
         fatal ??= { why, outcome, line: item.line };
         stop("fatal");
         continue;

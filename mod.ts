@@ -4599,6 +4599,8 @@ export interface TimelinePoint {
    * a model: `"gpt-4o: requests/60000"`), with its limit.
    */
   windows: Record<string, { used: number; limit: number }>;
+  /** Events noted in this stretch (see {@linkcode Stats.note}), e.g. a fatal stop. */
+  notes?: string[];
 }
 
 /** A timeline bucket as kept (wait as sum and count, to merge exactly). */
@@ -4728,6 +4730,7 @@ export class Stats {
   #maxPoints: number;
   /** Start of the timeline (the first call or event). */
   #origin = -1;
+  #notes = 0;
 
   /**
    * Creates empty stats.
@@ -4807,8 +4810,22 @@ export class Stats {
         const o = q.windows[k];
         if (!o || w.used > o.used) q.windows[k] = { ...w };
       }
+      if (p.notes) q.notes = [...(q.notes ?? []), ...p.notes];
     }
     this.#points = out;
+  }
+
+  /**
+   * Notes an event at the current point of the timeline (at most 100 are
+   * kept), e.g. `"stopped: quota exhausted"`; the run report marks it.
+   *
+   * @param text What happened. Keep secrets out of it.
+   */
+  note(text: string): void {
+    if (this.#notes >= 100) return;
+    this.#notes++;
+    const b = this.#bucket();
+    (b.notes ??= []).push(String(text));
   }
 
   /**
@@ -4852,10 +4869,11 @@ export class Stats {
    * @returns A copy of the points.
    */
   timeline(): TimelinePoint[] {
-    return this.#points.map(({ waitSum, windows, ...p }) => ({
+    return this.#points.map(({ waitSum, windows, notes, ...p }) => ({
       ...p,
       queueWaitMs: p.sent ? waitSum / p.sent : 0,
       windows: { ...windows },
+      ...(notes ? { notes: [...notes] } : {}),
     }));
   }
 

@@ -228,6 +228,13 @@ function windowChart(
         }"><title>${p.rateLimited} × 429</title></line>`,
       );
     }
+    for (const note of p.notes ?? []) {
+      out.push(
+        `<line class="note" x1="${cx}" x2="${cx}" y1="${PAD.t}" y2="${
+          H - PAD.b
+        }"><title>${esc(note)}</title></line>`,
+      );
+    }
     if (p.retries) {
       out.push(
         `<line class="retry" x1="${cx}" x2="${cx}" y1="${PAD.t}" y2="${
@@ -339,7 +346,7 @@ figure{margin:10px 0}figcaption{font-weight:600;margin-bottom:2px}
 svg{max-width:100%;height:auto;background:#fff}
 .axis{stroke:#8a93a3;stroke-width:1}.limit{stroke:#c0392b;stroke-dasharray:6 4;stroke-width:1.5}
 .use{fill:none;stroke:#2f6fd6;stroke-width:1.8}.m429{stroke:#c0392b;stroke-width:2}
-.retry{stroke:#e08e0b;stroke-width:2}.lbl{font-size:11px;fill:#5b6473}
+.retry{stroke:#e08e0b;stroke-width:2}.note{stroke:#111;stroke-width:1.5;stroke-dasharray:2 3}.lbl{font-size:11px;fill:#5b6473}
 rect{fill:#7fa6e6}pre{background:#f6f7f9;padding:10px;overflow:auto;font-size:12px}
 .legend span{margin-right:14px}.sw{display:inline-block;width:14px;height:3px;vertical-align:middle;margin-right:4px}
 </style></head><body>
@@ -356,6 +363,8 @@ ${options.stopped ? `<p class="stopped">${esc(options.stopped)}</p>` : ""}
     en ? "limit; red ticks below: 429s" : "上限；底部红线：429"
   }</span><span><i class="sw" style="background:#e08e0b"></i>${
     en ? "retries (ticks on top)" : "重试（顶部）"
+  }</span><span><i class="sw" style="background:#111"></i>${
+    en ? "events (e.g. a fatal stop)" : "事件（如致命错误停止）"
   }</span></div>
 ${
     labels.length

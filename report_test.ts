@@ -234,6 +234,64 @@ describe("paceline run --report, in a real browser", () => {
 });
 
 describe("renderReport", () => {
+  it("a fatal stop is marked on the charts and named at the top", async () => {
+    const s = await sim({
+      limits: { requests: 100, windowMs: 1000 },
+      quotaAfter: 10,
+    });
+    const d = mkdtempSync(join(tmpdir(), "paceline-report-"));
+    const input = join(d, "in.jsonl");
+    writeFileSync(
+      input,
+      Array.from({ length: 30 }, (_, i) =>
+        JSON.stringify({
+          custom_id: `q${i}`,
+          params: {
+            model: "claude-sim",
+            max_tokens: 16,
+            messages: [{ role: "user", content: `Q ${i}` }],
+          },
+        })).join("\n") + "\n",
+    );
+    const page = join(d, "run.html");
+    const code = await main([
+      "run",
+      input,
+      "--base-url",
+      s.url,
+      "--rpm",
+      "100",
+      "--window-ms",
+      "1000",
+      "--report",
+      page,
+      "--quiet",
+      "--concurrency",
+      "2",
+    ], { out: () => {}, err: () => {}, isTTY: false });
+    expect(code).toBe(3);
+    const html = readFileSync(page, "utf8");
+    expect(html).toMatch(
+      /<p class="stopped">stopped at line \d+: the account's quota/,
+    );
+    expect(html).toMatch(
+      /<line class="note"[^>]*><title>stopped at line \d+: the account/,
+    );
+  });
+
+  it("Stats.note: kept in the timeline, merged with its bucket, at most 100", async () => {
+    const clock = new ManualClock();
+    const stats = new Stats(clock, { bucketMs: 1000, maxPoints: 4 });
+    stats.call();
+    stats.note("first");
+    for (let i = 0; i < 10; i++) await clock.advance(1000);
+    stats.note("second");
+    const notes = stats.timeline().flatMap((p) => p.notes ?? []);
+    expect(notes).toEqual(["first", "second"]);
+    for (let i = 0; i < 200; i++) stats.note(`n${i}`);
+    expect(stats.timeline().flatMap((p) => p.notes ?? []).length).toBe(100);
+  });
+
   it("escapes what it shows and says when nothing was limited", () => {
     const stats = new Stats();
     const html = renderReport(stats, { title: "<b>x</b>.jsonl" });
