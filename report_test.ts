@@ -33,6 +33,25 @@ function timeline(
   }));
 }
 
+/** A fresh folder with an Anthropic batch of `n` lines, and where the report goes. */
+function batch(n: number, maxTokens: number): { input: string; page: string } {
+  const d = mkdtempSync(join(tmpdir(), "paceline-report-"));
+  const input = join(d, "in.jsonl");
+  writeFileSync(
+    input,
+    Array.from({ length: n }, (_, i) =>
+      JSON.stringify({
+        custom_id: `q${i}`,
+        params: {
+          model: "claude-sim",
+          max_tokens: maxTokens,
+          messages: [{ role: "user", content: `Question number ${i}` }],
+        },
+      })).join("\n") + "\n",
+  );
+  return { input, page: join(d, "run.html") };
+}
+
 describe("verdict", () => {
   it("tokens bound: names the window pinned while work waited, and how high the others went", () => {
     const pts = timeline(100, (i) => ({
@@ -142,21 +161,7 @@ describe("paceline run --report, in a real browser", () => {
       },
       latency: { baseMs: 5 },
     });
-    const d = mkdtempSync(join(tmpdir(), "paceline-report-"));
-    const input = join(d, "in.jsonl");
-    writeFileSync(
-      input,
-      Array.from({ length: 120 }, (_, i) =>
-        JSON.stringify({
-          custom_id: `q${i}`,
-          params: {
-            model: "claude-sim",
-            max_tokens: 48,
-            messages: [{ role: "user", content: `Question number ${i}` }],
-          },
-        })).join("\n") + "\n",
-    );
-    const page = join(d, "run.html");
+    const { input, page } = batch(120, 48);
     let err = "";
     const code = await main([
       "run",
@@ -225,8 +230,13 @@ describe("paceline run --report, in a real browser", () => {
         /^output tokens per 1 s bound this run: at ≥ 95 % of 600/,
       );
       expect(await tab.$$eval("svg.histogram rect", (r) => r.length)).toBe(24);
-      await tab.screenshot({ path: join(d, "report.png"), fullPage: true });
-      console.log(`report screenshot: ${join(d, "report.png")}`);
+      await tab.screenshot({
+        path: page.replace(/run\.html$/, "report.png"),
+        fullPage: true,
+      });
+      console.log(
+        `report screenshot: ${page.replace(/run\.html$/, "report.png")}`,
+      );
     } finally {
       await browser.close();
     }
@@ -239,21 +249,7 @@ describe("renderReport", () => {
       limits: { requests: 100, windowMs: 1000 },
       quotaAfter: 10,
     });
-    const d = mkdtempSync(join(tmpdir(), "paceline-report-"));
-    const input = join(d, "in.jsonl");
-    writeFileSync(
-      input,
-      Array.from({ length: 30 }, (_, i) =>
-        JSON.stringify({
-          custom_id: `q${i}`,
-          params: {
-            model: "claude-sim",
-            max_tokens: 16,
-            messages: [{ role: "user", content: `Q ${i}` }],
-          },
-        })).join("\n") + "\n",
-    );
-    const page = join(d, "run.html");
+    const { input, page } = batch(30, 16);
     const code = await main([
       "run",
       input,
