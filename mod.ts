@@ -5694,7 +5694,7 @@ export function rateLimitedFetch(
     models.set(model, lane.limiter);
     return lane;
   };
-  /** Requests waiting for a slot or a permit, and in flight: for the timeline. */
+  /** Requests waiting for a slot or a permit, and sent (in flight): for the timeline. */
   let waiting = 0;
   let active = 0;
   let windowsSampled = -Infinity;
@@ -5850,20 +5850,15 @@ export function rateLimitedFetch(
         waiting--;
         throw error;
       }
-      let held = true;
-      let waited = true;
+      // Holding a slot: waiting for permits, then sent (in flight), then done.
+      let state: "waiting" | "sent" | "done" = "waiting";
       const release = (): void => {
-        if (waited) {
-          waited = false;
-          waiting--;
-        }
-        if (held) {
-          held = false;
-          slots.release();
-          active--;
-        }
+        if (state === "done") return;
+        if (state === "waiting") waiting--;
+        else active--;
+        state = "done";
+        slots.release();
       };
-      active++;
       let permit: Permit;
       let modelPermit: Permit | undefined;
       try {
@@ -5902,8 +5897,9 @@ export function rateLimitedFetch(
         if (lane !== keyLane) keyLane.margins.ok();
       };
       const sent = clock.now();
-      waited = false;
+      state = "sent";
       waiting--;
+      active++;
       observe(sent);
       let response: Response;
       track(lane, cost, 1);

@@ -6,7 +6,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { chromium } from "playwright-core";
-import { ManualClock, Stats, type TimelinePoint } from "./mod.ts";
+import {
+  ManualClock,
+  rateLimitedFetch,
+  Stats,
+  type TimelinePoint,
+} from "./mod.ts";
 import { renderReport, verdict } from "./report.ts";
 import { main } from "./cli.ts";
 import { sim } from "./test/sims.ts";
@@ -146,6 +151,36 @@ describe("Stats.timeline", () => {
     expect(t.at(-1)!.t + w).toBeGreaterThanOrEqual(7 * 86_400_000 - 7000);
     expect(t[10]!.windows["requests/60000"]).toEqual({ used: 40, limit: 50 });
     expect(() => new Stats(clock, { maxPoints: 1 })).toThrow(/'maxPoints'/);
+  });
+});
+
+describe("rateLimitedFetch's timeline", () => {
+  it("in flight counts requests sent, not those holding a slot while they wait for a permit", async () => {
+    const clock = new ManualClock();
+    const f = rateLimitedFetch({
+      clock,
+      learn: false,
+      limiter: {
+        windows: [{ key: "requests", limit: 1, ms: 1000 }],
+        marginMs: 0,
+      },
+      fetch: () => Promise.resolve(new Response("ok")),
+    });
+    let done = false;
+    const calls = Promise.all(
+      [0, 1, 2].map(() => f("http://x/v1/models").then((r) => r.text())),
+    ).then(() => (done = true));
+    for (let i = 0; i < 100 && !done; i++) {
+      await clock.flush();
+      if (!done && clock.nextAt !== undefined) {
+        await clock.advance(clock.nextAt - clock.now());
+      }
+    }
+    await calls;
+    const t = f.stats.timeline();
+    expect(Math.max(...t.map((p) => p.inFlight))).toBe(1);
+    expect(Math.max(...t.map((p) => p.queued))).toBe(3);
+    expect(t.reduce((a, p) => a + p.sent, 0)).toBe(3);
   });
 });
 
