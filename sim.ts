@@ -359,12 +359,13 @@ class Meter {
   tokens: number; // bucket mode
   last = 0;
   maxSeen = 0;
-  constructor(
-    readonly limit: number,
-    readonly windowMs: number,
-    readonly bucket: boolean,
-    now: number,
-  ) {
+  readonly limit: number;
+  readonly windowMs: number;
+  readonly bucket: boolean;
+  constructor(limit: number, windowMs: number, bucket: boolean, now: number) {
+    this.limit = limit;
+    this.windowMs = windowMs;
+    this.bucket = bucket;
     this.tokens = limit;
     this.last = now;
   }

@@ -94,6 +94,7 @@ step(
       "cli.ts",
       "test/fetch_smoke.ts",
       "test/cli_smoke.ts",
+      "test/cli_kill_smoke.ts",
     ),
 );
 step("deno lint", () => deno("lint"));
@@ -108,7 +109,11 @@ step(
   "deno test --doc (JSDoc examples run)",
   () => deno("test", "--doc", "-A", "mod.ts"),
 );
-step("README examples run (Deno)", () => {
+/**
+ * Runs every `ts` block of both READMEs as a file beside the sources
+ * (`from "paceline"` → `../mod.ts`); returns how many ran.
+ */
+function readmeBlocks(runFile) {
   const readme = ["README.md", "README.zh-CN.md"]
     .map((f) => readFileSync(join(root, f), "utf8")).join("\n");
   const blocks = [...readme.matchAll(/```ts\n([\s\S]*?)```/g)].map((m) => m[1]);
@@ -124,14 +129,104 @@ step("README examples run (Deno)", () => {
           'from "../',
         ),
       );
-      deno("run", "-A", file);
+      runFile(file);
     });
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
   return `${blocks.length} blocks`;
-});
+}
+step(
+  "README examples run (Deno)",
+  () => readmeBlocks((file) => deno("run", "-A", file)),
+);
 step("bun test", () => run(bin("bun"), ["test", "mod_test.ts"]));
+
+// Node 24 (the current LTS) beside the machine's Node: the binary comes from
+// the npm registry (test/node24: the platform package for this machine), or
+// from PACELINE_NODE24. Missing is a failure with what to do, never a skip.
+const NODE24_VERSION = "24.22.3";
+let node24Path;
+function node24() {
+  if (node24Path) return node24Path;
+  const candidates = process.env.PACELINE_NODE24
+    ? [process.env.PACELINE_NODE24]
+    : [
+      join(
+        root,
+        "node_modules",
+        `node-${process.platform}-${process.arch}`,
+        "bin",
+        "node",
+      ),
+    ];
+  for (const path of candidates) {
+    const r = spawnSync(path, ["--version"], { encoding: "utf8" });
+    if (r.status === 0 && /^v24\./.test(r.stdout)) return node24Path = path;
+  }
+  throw new Error(
+    `no Node 24 at ${
+      candidates[0]
+    }: npm ci installs node-${process.platform}-${process.arch}@${NODE24_VERSION} ` +
+      `on linux x64/arm64; elsewhere add your platform's package to test/node24/package.json, ` +
+      `or set PACELINE_NODE24 to a Node 24 binary`,
+  );
+}
+const onNode24 = (args, opts) => run(node24(), args, opts);
+step(
+  "Node 24: vitest mod_test.ts",
+  () =>
+    `${run(node24(), ["--version"]).trim()}\n` +
+    onNode24([
+      join(root, "node_modules", "vitest", "vitest.mjs"),
+      "run",
+      "mod_test.ts",
+    ]),
+);
+step(
+  "Node 24: CLI run, kill -9, resume (cli.ts as it is, no build)",
+  () => smoke(node24(), ["test/cli_kill_smoke.ts"]),
+);
+step(
+  "Node 24: CLI journal: fatal stop, then resume",
+  () => smoke(node24(), ["test/cli_smoke.ts"]),
+);
+step(
+  "Node 24: README examples run",
+  () => readmeBlocks((file) => onNode24([file])),
+);
+step("Node 24: a copy of mod.ts imported from a .ts script, no flags", () => {
+  // Outside the repository: no package.json, no tsconfig, no node_modules.
+  const dir = mkdtempSync(join(tmpdir(), "paceline-copy-"));
+  try {
+    writeFileSync(join(dir, "mod.ts"), readFileSync(join(root, "mod.ts")));
+    writeFileSync(
+      join(dir, "script.ts"),
+      `import { ManualClock, mapConcurrent, type Permit, RateLimiter } from "./mod.ts";
+const clock = new ManualClock();
+const limiter = new RateLimiter({ rpm: 2, marginMs: 0, clock });
+const first: Permit = await limiter.acquire();
+await limiter.acquire();
+if (limiter.tryAcquire()) throw new Error("third request admitted");
+first.settle({ requests: 1 });
+const doubled: number[] = await mapConcurrent([3, 1, 2], async (x: number) => x * 2, { concurrency: 2 });
+if (doubled.join() !== "6,2,4") throw new Error(\`mapConcurrent gave \${doubled}\`);
+console.log("ok");
+`,
+    );
+    const r = spawnSync(node24(), ["script.ts"], {
+      cwd: dir,
+      encoding: "utf8",
+    });
+    const out = `${r.stdout}${r.stderr}`;
+    if (r.status !== 0 || r.stdout.trim() !== "ok") {
+      throw new Error(`node script.ts exited ${r.status}\n${out}`);
+    }
+    return out;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
 const smoke = (cmd, args) => {
   const out = run(cmd, args);
   if (!/^ok$/m.test(out)) {

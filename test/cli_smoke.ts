@@ -2,29 +2,18 @@
 // `deno run -A test/cli_smoke.ts` / `bun test/cli_smoke.ts`; prints "ok".
 // A spend limit stops the run (exit 3, the journal kept); a rerun against a
 // healthy server sends only what is left and removes the journal.
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { main } from "../cli.ts";
 import { startSimulator } from "../sim.ts";
+import { writeBatch } from "./batch_file.ts";
 
 const n = 40;
 const dir = mkdtempSync(join(tmpdir(), "paceline-smoke-"));
 const input = join(dir, "in.jsonl");
 const output = join(dir, "out.jsonl");
-writeFileSync(
-  input,
-  Array.from({ length: n }, (_, i) =>
-    JSON.stringify({
-      custom_id: `r${i}`,
-      params: {
-        model: "m",
-        max_tokens: 20,
-        messages: [{ role: "user", content: `问题 ${i}` }],
-        metadata: { user_id: `r${i}` },
-      },
-    })).join("\n"),
-);
+writeBatch(input, n, "问题");
 const io = { out: () => {}, err: () => {}, isTTY: false };
 const args = (url: string) => [
   "run",
