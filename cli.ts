@@ -22,12 +22,16 @@
 import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
 import {
+  accessSync,
   closeSync,
+  constants as fsConstants,
   createReadStream,
   existsSync,
   fsyncSync,
+  linkSync,
   mkdtempSync,
   openSync,
+  readFileSync,
   readSync,
   realpathSync,
   renameSync,
@@ -37,12 +41,11 @@ import {
   writeFileSync,
   writeSync,
 } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { hostname, tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
 import process from "node:process";
 import { createInterface } from "node:readline";
 import { pathToFileURL } from "node:url";
-import { resolve } from "node:path";
 import {
   type Cost,
   estimateCost,
@@ -50,7 +53,7 @@ import {
   mapConcurrentUnordered,
   parseRetryAfter,
   rateLimitedFetch,
-  RateLimiter,
+  type RateLimiter,
   type RateLimiterOptions,
   type RedisEval,
   RedisLimiterError,
@@ -108,6 +111,10 @@ Options for run:
                          other endpoints are sent whole)
   --quiet                no progress output
   --window-ms N          length of a "minute" (default 60000; for simulators)
+  --margin-ms N          extra time each request is counted in its windows
+                         (default 0.5 % of the window, at most 1000; 0 = exact)
+  --progress-ms N        progress line interval when stderr is not a terminal
+                         (default 3000)
   --retry-errored        also redo lines whose recorded result is errored (e.g. 5xx
                          after all retries); the output is rewritten in input order
   --report FILE.html     write a self-contained page: each limit's use over
@@ -117,6 +124,11 @@ Options for run:
                          estimated, output at max_tokens) and the least time the
                          limits given allow, naming the binding limit (per model
                          with --per-model); sends nothing
+
+Every flag takes --flag value or --flag=value. One run per output: a second run
+on the same output exits 2 while the first is running (<output>.lock); the
+output is never the input, and an existing file that is not a results file of
+this input is left as it is (exit 2).
 
 Every result is recorded the moment it finishes in <output>.journal; the output
 is written in input order and is always a prefix of the input. Running the same
@@ -137,6 +149,12 @@ class UsageError extends Error {
 }
 
 type Provider = "anthropic" | "openai";
+
+/** The batch formats' names, for messages. */
+const FORMAT_NAMES: Record<Provider, string> = {
+  anthropic: 'Anthropic batch ("params")',
+  openai: 'OpenAI batch ("body")',
+};
 
 interface Item {
   line: number;
@@ -214,6 +232,228 @@ function num(flag: string, v: string | undefined, min = 1): number {
 }
 
 // =============================================================================
+// Stage 0: the user's files — every path checked before anything is read or
+// sent, and one run per output
+// =============================================================================
+
+/** The files a run writes beside its output. */
+function sidecars(output: string): string[] {
+  return [`${output}.journal`, `${output}.lock`, `${output}.tmp`];
+}
+
+/** Whether two paths name one file (the same inode, through links too). */
+function sameFile(a: string, b: string): boolean {
+  if (resolve(a) === resolve(b)) return true;
+  try {
+    const x = statSync(a);
+    const y = statSync(b);
+    return x.ino === y.ino && x.dev === y.dev;
+  } catch {
+    return false; // one of them does not exist yet
+  }
+}
+
+/** A file this run will write: not a folder, in a folder that exists and is writable. */
+function checkWritable(flag: string, path: string): void {
+  if (existsSync(path) && statSync(path).isDirectory()) {
+    throw new UsageError(`${flag} ${path} is a folder: give a file name`);
+  }
+  const folder = dirname(resolve(path));
+  if (!existsSync(folder) || !statSync(folder).isDirectory()) {
+    throw new UsageError(
+      `${flag} ${path}: the folder ${folder} does not exist. Nothing was sent.`,
+    );
+  }
+  try {
+    accessSync(folder, fsConstants.W_OK);
+  } catch {
+    throw new UsageError(
+      `${flag} ${path}: the folder ${folder} is not writable. Nothing was sent.`,
+    );
+  }
+}
+
+/** The input: a readable file, not a folder. */
+function checkInput(input: string): void {
+  if (!existsSync(input)) {
+    throw new UsageError(`input file not found: ${input}`);
+  }
+  if (statSync(input).isDirectory()) {
+    throw new UsageError(
+      `${input} is a folder: give a JSONL file, one request per line`,
+    );
+  }
+  try {
+    accessSync(input, fsConstants.R_OK);
+  } catch {
+    throw new UsageError(`cannot read the input file ${input}`);
+  }
+}
+
+/**
+ * Every path of the run, before anything is read or sent: the input is
+ * readable; the output, its journal and the report can be written; and no
+ * file this run writes is the input, another shard's output, or another of
+ * its own files.
+ */
+function checkPaths(o: RunOptions): void {
+  checkInput(o.input);
+  const ours = /\.(journal|lock|tmp)$/.exec(o.output);
+  if (ours) {
+    throw new UsageError(
+      `-o ${o.output}: names ending in .${
+        ours[1]
+      } are paceline's own files beside an output; give the results file's name`,
+    );
+  }
+  for (const path of [o.output, ...sidecars(o.output)]) {
+    if (sameFile(path, o.input)) {
+      throw new UsageError(
+        `-o ${o.output} would write over the input ${o.input}${
+          path === o.output ? "" : ` (as ${path})`
+        }: results go to a file of their own (leave -o out for ${
+          defaultOutput(o.input, o.shard)
+        }). Nothing was changed.`,
+      );
+    }
+  }
+  const shard = /\.shard-(\d+)-of-(\d+)\.results\.jsonl$/.exec(o.output);
+  if (
+    shard && (!o.shard || Number(shard[1]) !== o.shard.k ||
+      Number(shard[2]) !== o.shard.n)
+  ) {
+    throw new UsageError(
+      `-o ${o.output} is the output of shard ${shard[1]}/${shard[2]}${
+        o.shard ? `, not of this run's --shard ${o.shard.k}/${o.shard.n}` : ""
+      }: each shard keeps its own output`,
+    );
+  }
+  checkWritable("-o", o.output);
+  if (o.report) {
+    for (const path of [o.input, o.output, ...sidecars(o.output)]) {
+      if (sameFile(o.report, path)) {
+        throw new UsageError(
+          `--report ${o.report} is ${
+            path === o.input
+              ? "the input"
+              : path === o.output
+              ? "the output"
+              : path
+          }: give the page a name of its own (e.g. run.html)`,
+        );
+      }
+    }
+    checkWritable("--report", o.report);
+  }
+}
+
+/** `<input>.results.jsonl`, or `<input>.shard-K-of-N.results.jsonl`. */
+function defaultOutput(input: string, shard: Shard | undefined): string {
+  const suffix = shard ? `.shard-${shard.k}-of-${shard.n}` : "";
+  return input.replace(/(\.jsonl)?$/, `${suffix}.results.jsonl`);
+}
+
+/** What a lock file says: who holds the output. */
+interface LockOwner {
+  pid: number;
+  host: string;
+  since: string;
+}
+
+/** Whether process `pid` of this host is running. */
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as { code?: string }).code === "EPERM"; // someone else's
+  }
+}
+
+/**
+ * One run per output: `<output>.lock`, created atomically (a hard link of
+ * a complete file, so nobody ever reads half a lock), holding the process
+ * id and host. A lock left by a process of this host that is no longer
+ * running is taken over, with a notice; one held by a running process, or
+ * by another host (whose processes we cannot see), stops this run: exit 2.
+ */
+class OutputLock {
+  readonly path: string;
+  readonly #owner: string;
+
+  private constructor(path: string, owner: string) {
+    this.path = path;
+    this.#owner = owner;
+  }
+
+  static take(output: string, notice: (s: string) => void): OutputLock {
+    const path = `${output}.lock`;
+    const me: LockOwner = {
+      pid: process.pid,
+      host: hostname(),
+      since: new Date().toISOString(),
+    };
+    const text = JSON.stringify(me) + "\n";
+    const draft = `${path}.${process.pid}.draft`;
+    writeFileSync(draft, text);
+    try {
+      for (let tries = 0; tries < 3; tries++) {
+        try {
+          linkSync(draft, path);
+          return new OutputLock(path, text);
+        } catch (e) {
+          if ((e as { code?: string }).code !== "EEXIST") throw e;
+        }
+        const held = OutputLock.#read(path);
+        if (held === undefined) continue; // just released: try again
+        if (
+          held.owner && held.owner.host === me.host && !isAlive(held.owner.pid)
+        ) {
+          notice(
+            `paceline: ${path} was left by process ${held.owner.pid} (since ${held.owner.since}), which is no longer running: taking it over\n`,
+          );
+          rmSync(path, { force: true });
+          continue;
+        }
+        throw new UsageError(
+          `${output} is in use by another paceline run (${
+            held.owner
+              ? `process ${held.owner.pid} on ${held.owner.host}, since ${held.owner.since}`
+              : "its lock cannot be read"
+          }): one run per output. Wait for it, or give this run another -o; if no such run is going, delete ${path}.`,
+        );
+      }
+      throw new UsageError(`${path}: could not take the lock; try again`);
+    } finally {
+      rmSync(draft, { force: true });
+    }
+  }
+
+  static #read(path: string): { owner?: LockOwner } | undefined {
+    let text: string;
+    try {
+      text = readFileSync(path, "utf8");
+    } catch {
+      return undefined;
+    }
+    try {
+      const v = JSON.parse(text) as LockOwner;
+      if (Number.isInteger(v.pid) && typeof v.host === "string") {
+        return { owner: v };
+      }
+    } catch { /* below */ }
+    return {};
+  }
+
+  /** Removes the lock, if it is still this run's. */
+  release(): void {
+    try {
+      if (readFileSync(this.path, "utf8") === this.#owner) rmSync(this.path);
+    } catch { /* already gone */ }
+  }
+}
+
+// =============================================================================
 // Stage 1: read & validate — the whole input, before anything is sent
 // =============================================================================
 
@@ -242,8 +482,10 @@ async function* lines(
   });
   let n = 0;
   let g = 0;
-  for await (const line of rl) {
-    ++n;
+  for await (let line of rl) {
+    // A UTF-8 byte order mark (Excel and Windows tools write one) is not
+    // part of the first request.
+    if (++n === 1 && line.charCodeAt(0) === 0xfeff) line = line.slice(1);
     if (line.trim() !== "" && !inShard(shard, g++)) continue;
     yield [n, line];
   }
@@ -255,18 +497,34 @@ function parseLine(
   line: string,
   format: { provider?: Provider },
 ): Item {
+  const jsonl =
+    "paceline reads JSONL: one request per line, each a JSON object";
   let v: unknown;
   try {
     v = JSON.parse(line);
   } catch (e) {
-    throw new UsageError(`line ${n}: invalid JSON (${(e as Error).message})`);
+    throw new UsageError(
+      `line ${n}: invalid JSON (${(e as Error).message})${
+        /^\s*[[{]\s*$|^\s*\[/.test(line) ? `; ${jsonl}` : ""
+      }`,
+    );
   }
   if (typeof v !== "object" || v === null || Array.isArray(v)) {
-    throw new UsageError(`line ${n}: expected a JSON object`);
+    throw new UsageError(
+      `line ${n}: ${
+        Array.isArray(v) ? "a JSON array" : "not a JSON object"
+      }; ${jsonl}`,
+    );
   }
   const o = v as Record<string, unknown>;
   if (typeof o.custom_id !== "string" || o.custom_id === "") {
-    throw new UsageError(`line ${n}: missing "custom_id" (a non-empty string)`);
+    throw new UsageError(
+      `line ${n}: "custom_id" must be a non-empty string: ${
+        o.custom_id === undefined
+          ? "it is missing"
+          : `received ${JSON.stringify(o.custom_id)}`
+      }`,
+    );
   }
   const kind: Provider | undefined = "params" in o
     ? "anthropic"
@@ -280,7 +538,9 @@ function parseLine(
   }
   if (format.provider && format.provider !== kind) {
     throw new UsageError(
-      `line ${n}: a ${kind} line in a ${format.provider} file (mixed formats)`,
+      `line ${n}: an ${FORMAT_NAMES[kind]} line in a file of ${
+        FORMAT_NAMES[format.provider]
+      } lines: one format per file`,
     );
   }
   format.provider = kind;
@@ -310,6 +570,22 @@ function parseLine(
       );
     }
   }
+  checkBody(n, kind, path, body);
+  return { line: n, customId: o.custom_id, path, body };
+}
+
+/**
+ * What a request body cannot do without: the endpoint's own field
+ * (`messages`, `input`, `prompt`), and output caps that are positive
+ * integers. Throws a UsageError naming the line and the field.
+ */
+function checkBody(
+  n: number,
+  kind: Provider,
+  path: string,
+  body: Record<string, unknown>,
+): void {
+  const where = kind === "anthropic" ? "params" : "body";
   const field = kind === "anthropic" ? "messages" : OPENAI_ENDPOINTS[path]!;
   const given = body[field];
   if (field === "messages" ? !Array.isArray(given) : !isInput(given)) {
@@ -321,10 +597,31 @@ function parseLine(
       }${kind === "openai" ? ` for ${path}` : ""}`,
     );
   }
-  if (kind === "anthropic" && typeof body.max_tokens !== "number") {
+  if (field === "messages" && (given as unknown[]).length === 0) {
+    throw new UsageError(
+      `line ${n}: "${where}.messages" is empty: it needs at least one message`,
+    );
+  }
+  if (kind === "anthropic" && body.max_tokens === undefined) {
     throw new UsageError(`line ${n}: "params.max_tokens" is required`);
   }
-  return { line: n, customId: o.custom_id, path, body };
+  for (
+    const cap of ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+  ) {
+    const x = body[cap];
+    if (
+      x !== undefined && x !== null &&
+      !(Number.isSafeInteger(x) && (x as number) > 0)
+    ) {
+      throw new UsageError(
+        `line ${n}: "${where}.${cap}" must be a positive integer: received ${
+          typeof x === "number" && !Number.isFinite(x)
+            ? String(x)
+            : JSON.stringify(x)
+        }`,
+      );
+    }
+  }
 }
 
 /** An `input` or `prompt`: a non-empty string or a non-empty array. */
@@ -340,7 +637,6 @@ async function validate(
 ): Promise<
   { provider: Provider; count: number; ids: string[]; paths: Set<string> }
 > {
-  if (!existsSync(path)) throw new UsageError(`input file not found: ${path}`);
   const format: { provider?: Provider } = {};
   const seen = new Map<string, number>();
   const ids: string[] = [];
@@ -426,12 +722,17 @@ function endpoint(o: RunOptions, p: Provider): Endpoint {
   return { url, headers, apiKey, keyVar };
 }
 
+/** A window given on the command line, with the flag that gave it. */
+interface FlagWindow extends WindowSpec {
+  flag: string;
+}
+
 /** The limiter's windows for the limits given on the command line. */
 function windowsFor(
   limits: Record<string, number>,
   minute: number,
-): WindowSpec[] {
-  const windows: WindowSpec[] = [];
+): FlagWindow[] {
+  const windows: FlagWindow[] = [];
   const spec: [string, string, number][] = [
     ["rpm", "requests", minute],
     ["rpd", "requests", minute * 1440],
@@ -442,9 +743,16 @@ function windowsFor(
   ];
   for (const [flag, key, ms] of spec) {
     const limit = limits[flag];
-    if (limit !== undefined) windows.push({ key, limit, ms });
+    if (limit !== undefined) {
+      windows.push({ key, limit, ms, flag: `--${flag}` });
+    }
   }
   return windows;
+}
+
+/** A window's length in words: "minute", "day", or "2s" under `--window-ms`. */
+function perWindow(ms: number): string {
+  return ms === 60_000 ? "minute" : ms === 86_400_000 ? "day" : unitOf(ms);
 }
 
 /**
@@ -498,9 +806,12 @@ const KEY_NAMES: Record<string, [short: string, long: string]> = {
  * `--dry-run`: every line's estimated cost, the totals, and the least time
  * the given limits allow — for each window, `(ceil(total / limit) - 1) ×
  * window` (the first window's worth goes at once) — naming the binding
- * window. With limits per model (`--per-model`), each model's own totals
- * against its own windows; the slowest model sets the run's length. Sends
- * nothing.
+ * window. That bound counts output tokens as 0, since an answer's length is
+ * known only after it, so it is a real lower bound (with the input as
+ * estimated); the time with every answer at its `max_tokens` is shown
+ * beside it when output limits would make it longer. With limits per model
+ * (`--per-model`), each model's own totals against its own windows; the
+ * slowest model sets the run's length. Sends nothing.
  */
 async function dryRun(
   input: string,
@@ -516,7 +827,6 @@ async function dryRun(
       t.requests! += 1;
       t.inputTokens! += cost.inputTokens ?? 0;
       t.outputTokens! += cost.outputTokens ?? 0;
-      t.tokens! += (cost.inputTokens ?? 0) + (cost.outputTokens ?? 0);
     }
   }
   const n = (x: number): string => x.toLocaleString("en-US");
@@ -530,54 +840,77 @@ async function dryRun(
   if (!windows.length) {
     return `${
       head(all)
-    }\nno limits given: the run's length depends on the limits learned from the server's headers.\n`;
+    }\nno limits given: paceline finds them as it goes, from the server's response headers (and its 429s), so the run's length depends on them.\n`;
   }
-  const least = (t: Record<string, number>) => {
-    let binding: { name: string; least: number } | undefined;
-    for (const w of windows) {
-      const ms = Math.max(0, Math.ceil(t[w.key]! / w.limit) - 1) * w.ms;
-      const name = `${KEY_NAMES[w.key]?.[1] ?? w.key} per ${
-        w.ms === minute ? "minute" : "day"
-      }`;
-      if (!binding || ms > binding.least) binding = { name, least: ms };
-    }
-    return binding!;
-  };
-  const atOnce = "→ everything fits in the first window of every limit given";
-  if (!perModel) {
-    const b = least(all);
-    if (b.least === 0) return `${head(all)} ${atOnce}.\n`;
-    return `${head(all)} → at least ${
-      fmtDuration(b.least)
-    }; ${b.name} is the binding limit.\n`;
-  }
+  const plan = (t: Record<string, number>) => ({
+    least: leastTime(t, windows, false),
+    atMax: leastTime(t, windows, true),
+  });
+  const say = (p: ReturnType<typeof plan>): string =>
+    `${
+      p.least.ms
+        ? `at least ${fmtDuration(p.least.ms)}: ${p.least.name} binds`
+        : "everything fits in the first window of every limit given"
+    }${
+      p.atMax.ms > p.least.ms
+        ? `; with every answer at its max_tokens, up to ${
+          fmtDuration(p.atMax.ms)
+        }, set by ${p.atMax.name}`
+        : ""
+    }`;
+  const note =
+    "(The bound counts output tokens as 0: an answer's length is known only after it.)";
+  if (!perModel) return `${head(all)}\n→ ${say(plan(all))}.\n${note}\n`;
   const out = [`${head(all)}; the limits apply to each model:`];
-  let slowest: { model: string; name: string; least: number } | undefined;
+  let slowest: { model: string; p: ReturnType<typeof plan> } | undefined;
   for (const [model, t] of totals) {
-    const b = least(t);
-    out.push(
-      `  ${model || "(no model)"}: ${head(t)} → ${
-        b.least
-          ? `at least ${fmtDuration(b.least)} (${b.name} binds)`
-          : "fits in the first window"
-      }`,
-    );
-    if (!slowest || b.least > slowest.least) slowest = { model, ...b };
-  }
-  if (slowest!.least === 0) {
-    out.push(`${atOnce}, for each model.`);
-    return out.join("\n") + "\n";
+    const p = plan(t);
+    out.push(`  ${model || "(no model)"}: ${head(t)} → ${say(p)}`);
+    if (!slowest || p.least.ms > slowest.p.least.ms) slowest = { model, p };
   }
   out.push(
-    `→ at least ${fmtDuration(slowest!.least)}; ${slowest!.name} of ${
-      slowest!.model || "(no model)"
-    } is the binding limit.`,
+    `→ ${say(slowest!.p)}${
+      slowest!.p.least.ms ? ` (model ${slowest!.model || "(no model)"})` : ""
+    }.`,
+    note,
   );
   return out.join("\n") + "\n";
 }
 
+/**
+ * The least time `t` (totals) takes under `windows`, and the window that
+ * sets it; output tokens counted at `max_tokens` or as 0.
+ */
+function leastTime(
+  t: Record<string, number>,
+  windows: FlagWindow[],
+  countOutput: boolean,
+): { ms: number; name: string } {
+  const output = countOutput ? t.outputTokens! : 0;
+  const amount: Record<string, number> = {
+    requests: t.requests!,
+    inputTokens: t.inputTokens!,
+    outputTokens: output,
+    tokens: t.inputTokens! + output,
+  };
+  let binding = { ms: -1, name: "" };
+  for (const w of windows) {
+    const ms = Math.max(0, Math.ceil((amount[w.key] ?? 0) / w.limit) - 1) *
+      w.ms;
+    if (ms > binding.ms) {
+      binding = {
+        ms,
+        name: `${w.flag} ${w.limit} (${KEY_NAMES[w.key]?.[1] ?? w.key} per ${
+          perWindow(w.ms)
+        })`,
+      };
+    }
+  }
+  return binding;
+}
+
 function newTotal(): Record<string, number> {
-  return { requests: 0, inputTokens: 0, outputTokens: 0, tokens: 0 };
+  return { requests: 0, inputTokens: 0, outputTokens: 0 };
 }
 
 function totalOf(
@@ -589,30 +922,68 @@ function totalOf(
   return t;
 }
 
-/** Every line that will be sent must fit the limits: found before sending. */
+/** The body field that caps an answer's length on this request. */
+function outputCap(body: Record<string, unknown>): string {
+  for (const f of ["max_completion_tokens", "max_output_tokens"]) {
+    if (f in body) return f;
+  }
+  return "max_tokens";
+}
+
+/**
+ * Every line that will be sent must fit the limits given: found before
+ * anything is sent, and told in the flags and fields the user typed.
+ */
 async function checkFits(
   input: string,
-  work: Work,
-  windows: WindowSpec[],
+  wanted: (i: number) => boolean,
+  windows: FlagWindow[],
   shard: Shard | undefined,
 ): Promise<void> {
-  const limiter = new RateLimiter({ windows });
-  const timeUntil = (cost: Cost): number => limiter.timeUntil(cost);
-  for await (const { line, cost } of estimates(input, work.needs, shard)) {
-    try {
-      timeUntil(cost);
-    } catch (e) {
-      throw new UsageError(`line ${line}: ${(e as Error).message}`);
+  if (!windows.length) return;
+  for await (const { line, cost, body } of estimates(input, wanted, shard)) {
+    const inTok = cost.inputTokens ?? 0;
+    const outTok = cost.outputTokens ?? 0;
+    const cap = outputCap(body);
+    for (const w of windows) {
+      const amount: Record<string, [number, string, string]> = {
+        requests: [1, "one request", "raise it"],
+        inputTokens: [
+          inTok,
+          `its input (~${inTok} tokens, estimated)`,
+          `shorten it or raise ${w.flag}`,
+        ],
+        outputTokens: [
+          outTok,
+          `"${cap}": ${outTok}`,
+          `lower "${cap}" on that line or raise ${w.flag}`,
+        ],
+        tokens: [
+          inTok + outTok,
+          `its input (~${inTok} tokens, estimated) plus "${cap}": ${outTok}`,
+          `lower "${cap}", shorten the input, or raise ${w.flag}`,
+        ],
+      };
+      const [n, what, fix] = amount[w.key] ?? [0, "", ""];
+      if (n > w.limit) {
+        throw new UsageError(
+          `line ${line}: ${what} can never fit ${w.flag} ${w.limit} (${
+            KEY_NAMES[w.key]?.[1] ?? w.key
+          } per ${perWindow(w.ms)}): ${fix}. Nothing was sent.`,
+        );
+      }
     }
   }
 }
 
-/** The estimated cost of each input line (those `wanted`, by index), with its line number and model. */
+/** The estimated cost of each input line (those `wanted`, by index), with its line number, model and body. */
 async function* estimates(
   input: string,
   wanted: (i: number) => boolean = () => true,
   shard?: Shard,
-): AsyncGenerator<{ line: number; cost: Cost; model: string }> {
+): AsyncGenerator<
+  { line: number; cost: Cost; model: string; body: Record<string, unknown> }
+> {
   let i = -1;
   for await (const [line, text] of lines(input, shard)) {
     if (text.trim() === "" || !wanted(++i)) continue;
@@ -622,6 +993,7 @@ async function* estimates(
       line,
       cost: estimateCost(`https://api${item.path}`, item.body),
       model: typeof model === "string" ? model : "",
+      body: item.body,
     };
   }
 }
@@ -661,6 +1033,101 @@ function isStop(e: unknown): boolean {
     x = (x as { cause?: unknown }).cause;
   }
   return false;
+}
+
+/**
+ * What goes out while the run stops. Once stopping, nothing new is sent:
+ * every request that has no HTTP exchange outstanding — waiting for a slot
+ * or a permit, or sleeping before a retry — is aborted at once (the
+ * library counts it cancelled, not sent), and those in flight finish and
+ * are not retried. The gate follows each exchange until its body has been
+ * read to the end.
+ */
+class SendGate {
+  stopping = false;
+  readonly #running = new Map<AbortSignal, AbortController>();
+  readonly #exchanging = new Set<AbortSignal>();
+
+  /** The signal for one line's request: aborted by `stop()` unless mid-exchange. */
+  open(outer: AbortSignal): AbortSignal {
+    const ctl = new AbortController();
+    const s = AbortSignal.any([outer, ctl.signal]);
+    this.#running.set(s, ctl);
+    return s;
+  }
+
+  close(s: AbortSignal): void {
+    this.#running.delete(s);
+    this.#exchanging.delete(s);
+  }
+
+  /** The `fetch` the library sends through. */
+  send(base: typeof fetch): typeof fetch {
+    return async (url, init) => {
+      const s = init?.signal ?? undefined;
+      if (this.stopping) {
+        // Slipped past the stop (woke in the same tick): not sent.
+        if (s) this.#running.get(s)?.abort(new StopSending("stopping"));
+        throw new StopSending("the run is stopping");
+      }
+      if (!s) return base(url, init);
+      this.#exchanging.add(s);
+      let response: Response;
+      try {
+        response = await base(url, init);
+      } catch (e) {
+        this.#exchanging.delete(s);
+        throw e;
+      }
+      return followBody(response, () => this.#exchanging.delete(s));
+    };
+  }
+
+  stop(): void {
+    this.stopping = true;
+    for (const [s, ctl] of this.#running) {
+      if (!this.#exchanging.has(s)) ctl.abort(new StopSending("stopping"));
+    }
+  }
+}
+
+/** The same response, calling `done` once its body has ended, failed or been cancelled. */
+function followBody(response: Response, done: () => void): Response {
+  if (!response.body) {
+    done();
+    return response;
+  }
+  const reader = response.body.getReader();
+  const body = new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      try {
+        const { done: end, value } = await reader.read();
+        if (end) {
+          done();
+          controller.close();
+        } else controller.enqueue(value);
+      } catch (e) {
+        done();
+        controller.error(e);
+      }
+    },
+    cancel(reason) {
+      done();
+      return reader.cancel(reason);
+    },
+  });
+  return new Response(body, {
+    status: response.status,
+    statusText: response.statusText,
+    headers: response.headers,
+  });
+}
+
+/** A failure that a retry could have cured: while stopping, not a result. */
+function retryable(outcome: Outcome): boolean {
+  const st = outcome.status;
+  return !outcome.ok && !outcome.quota &&
+    (!st || st === 408 || st === 409 || st === 429 || st >= 500);
 }
 
 /**
@@ -972,31 +1439,25 @@ function scanOutput(output: string, ids: string[]): PriorOutput {
     offsets: [0],
   };
   if (!existsSync(output)) return prior;
-  let bad: { n: number; offset: number } | undefined;
+  const notOurs = (why: string): UsageError =>
+    new UsageError(
+      `${output} exists and is not a results file of this input (${why}); nothing was changed. Give another -o, or move that file away.`,
+    );
   const end = scanLines(output, (text, offset, n) => {
     let row: Record<string, unknown> | undefined;
     try {
       const v = JSON.parse(text);
       if (v && typeof v === "object" && !Array.isArray(v)) row = v;
     } catch { /* below */ }
-    if (bad || !row) {
-      // Only the last line may be broken (a torn write); not one in the middle.
-      if (bad) {
-        throw new UsageError(
-          `${output}: line ${bad.n} is not valid JSON; not resuming`,
-        );
-      }
-      bad = { n, offset };
-      return;
-    }
+    if (!row) throw notOurs(`line ${n} is not a JSON object`);
     const k = prior.done;
     if (k >= ids.length || row.custom_id !== ids[k]) {
-      throw new UsageError(
-        `${output}: line ${n} has custom_id ${
-          JSON.stringify(row.custom_id)
-        } but input has ${
-          JSON.stringify(ids[k])
-        }; this is not a results file of this input (use another -o)`,
+      throw notOurs(
+        `its line ${n} has custom_id ${JSON.stringify(row.custom_id)}, ${
+          k < ids.length
+            ? `line ${k + 1} of the input has ${JSON.stringify(ids[k])}`
+            : `the input has only ${ids.length} lines`
+        }`,
       );
     }
     if (isErrored(row)) {
@@ -1006,8 +1467,21 @@ function scanOutput(output: string, ids: string[]): PriorOutput {
     prior.done++;
     prior.offsets.push(offset + Buffer.byteLength(text) + 1);
   });
-  const good = bad ? bad.offset : end;
-  if (statSync(output).size > good) truncateSync(output, good);
+  const size = statSync(output).size;
+  if (size > end) {
+    // A last line with no newline: a write cut short by a crash — if it
+    // begins as our result lines do. Anything else is not ours to cut.
+    const tail = readAt(
+      openSync(output, "r"),
+      end,
+      Math.min(size - end, 32),
+      true,
+    );
+    if (!/^\{"(custom_id|id)":/.test(tail)) {
+      throw notOurs(`its last line is not a result line`);
+    }
+    truncateSync(output, end);
+  }
   return prior;
 }
 
@@ -1106,15 +1580,22 @@ class Journal {
   }
 }
 
-function readAt(fd: number, off: number, len: number): string {
-  const buf = Buffer.allocUnsafe(len);
-  let got = 0;
-  while (got < len) {
-    const n = readSync(fd, buf, got, len - got, off + got);
-    if (n === 0) throw new Error(`unexpected end of file at byte ${off + got}`);
-    got += n;
+/** Reads `len` bytes at `off`; with `close`, closes `fd` after. */
+function readAt(fd: number, off: number, len: number, close = false): string {
+  try {
+    const buf = Buffer.allocUnsafe(len);
+    let got = 0;
+    while (got < len) {
+      const n = readSync(fd, buf, got, len - got, off + got);
+      if (n === 0) {
+        throw new Error(`unexpected end of file at byte ${off + got}`);
+      }
+      got += n;
+    }
+    return buf.toString("utf8");
+  } finally {
+    if (close) closeSync(fd);
   }
-  return buf.toString("utf8");
 }
 
 /**
@@ -1388,6 +1869,8 @@ function scrub(text: string, apiKey: string | undefined): string {
 
 /** Runs a batch. Returns the exit code. */
 export async function run(o: RunOptions): Promise<number> {
+  checkPaths(o);
+  const lock = o.dryRun ? undefined : OutputLock.take(o.output, o.err);
   let redis: SharedRedis | undefined;
   try {
     return await runBatch(o, async (name) => {
@@ -1396,6 +1879,7 @@ export async function run(o: RunOptions): Promise<number> {
     });
   } finally {
     await redis?.close();
+    lock?.release();
   }
 }
 
@@ -1509,6 +1993,8 @@ async function runBatch(
   }
   const count = ids.length;
   if (o.dryRun) {
+    const all = (): boolean => true;
+    await checkFits(o.input, all, windowsFor(o.limits, o.windowMs), o.shard);
     o.out(
       await dryRun(
         o.input,
@@ -1528,11 +2014,13 @@ async function runBatch(
     ids,
   );
   const work = planWork(count, prior, entries, o.retryErrored ?? false);
-  let stopSending = false;
-  const unsent = new Map<AbortSignal, AbortController>();
-  const baseFetch = globalThis.fetch;
+  const gate = new SendGate();
   const limits: RateLimiterOptions = {
-    windows: windowsFor(o.limits, o.windowMs),
+    windows: windowsFor(o.limits, o.windowMs).map(({ key, limit, ms }) => ({
+      key,
+      limit,
+      ms,
+    })),
     ...(o.marginMs !== undefined ? { marginMs: o.marginMs } : {}),
   };
   const f = rateLimitedFetch({
@@ -1543,23 +2031,20 @@ async function runBatch(
     retry: {
       retries: o.retries,
       maxRetryAfterMs: MAX_RETRY_AFTER_MS,
-      shouldRetry: (e) => (isStop(e) ? false : undefined),
+      // Once stopping, nothing is retried: an attempt that fails then is
+      // no result, and the line runs again next time.
+      shouldRetry: (e) => (gate.stopping || isStop(e) ? false : undefined),
     },
     learn: { windowMs: o.windowMs },
     perModel: o.perModel ?? "learned",
     // The send hook: once the run is stopping, nothing more goes out.
-    fetch: (url, init) => {
-      if (init?.signal) unsent.delete(init.signal);
-      return stopSending
-        ? Promise.reject(new StopSending("the run is stopping"))
-        : baseFetch(url, init);
-    },
+    fetch: gate.send(globalThis.fetch),
   });
   let output: OrderedOutput | undefined;
   try {
     await checkFits(
       o.input,
-      work,
+      work.needs,
       windowsFor(o.limits, o.windowMs),
       o.shard,
     );
@@ -1609,14 +2094,14 @@ async function runBatch(
   let fatal: { why: string; outcome: Outcome; line: number } | undefined;
   const stop = (why: "signal" | "fatal"): void => {
     stopping ??= why;
-    stopSending = true;
-    // Requests still waiting for a slot or a permit were never sent: drop them.
-    for (const ctl of unsent.values()) ctl.abort(new StopSending("stopping"));
-    unsent.clear();
+    gate.stop();
   };
   let signalCount = 0;
-  const onSignal = (): void => {
+  let interruptedBy: string | undefined;
+  const onSignal = (name?: unknown): void => {
     if (++signalCount === 1) {
+      interruptedBy = typeof name === "string" ? name : "a signal";
+      f.stats.note(`interrupted by ${interruptedBy}`);
       stop("signal");
       if (!o.quiet) {
         o.err(
@@ -1687,22 +2172,22 @@ async function runBatch(
     const results = mapConcurrentUnordered(
       todo(),
       async (item, _i, signal) => {
-        const ctl = new AbortController();
-        const s = AbortSignal.any([signal, hardStop.signal, ctl.signal]);
-        unsent.set(s, ctl);
+        const s = gate.open(AbortSignal.any([signal, hardStop.signal]));
         try {
           return {
             item,
             outcome: await perform(f, provider, ep, item, o.stream, s),
           };
         } finally {
-          unsent.delete(s);
+          gate.close(s);
         }
       },
       { concurrency: Math.max(o.concurrency * 2, 16) },
     );
     for await (const { value: { item, outcome } } of results) {
       if (!outcome) continue; // never sent, or aborted: no result
+      // Stopping: a failure a retry could have cured is no result.
+      if (stopping && retryable(outcome)) continue;
       const why = fatalOf(outcome);
       if (why) {
         // Not a result: fix the cause and run again.
@@ -1731,6 +2216,7 @@ async function runBatch(
 
   // 6. Report.
   const complete = output.next === count;
+  const notRun = count - output.next - output.waiting;
   progress(true);
   if (!o.quiet) o.err(`\n${f.stats.report()}\n`);
   if (o.report) {
@@ -1742,6 +2228,10 @@ async function runBatch(
         lang: o.lang,
         stopped: fatal
           ? `stopped at line ${fatal.line}: ${fatal.why}`
+          : !complete
+          ? `interrupted by ${
+            interruptedBy ?? "a stop"
+          }: ${output.next} of ${count} lines in the output, ${notRun} not run; run the same command again to resume`
           : undefined,
       }),
     );
@@ -1769,7 +2259,11 @@ async function runBatch(
   if (!complete) {
     if (!o.quiet) {
       o.err(
-        `\npaceline: interrupted. Results kept: ${kept}. Run the same command again to resume: only lines without a result are sent.\n`,
+        `\npaceline: interrupted. Results kept: ${kept}; ${notRun} line${
+          notRun === 1 ? "" : "s"
+        } not run${
+          interruptedBy ? ` (stopped by ${interruptedBy})` : ""
+        }. Run the same command again to resume: only lines without a result are sent.\n`,
       );
     }
     return 130;
@@ -1885,6 +2379,71 @@ function langFromEnv(): Lang {
   return /^zh/i.test(l) ? "zh" : "en";
 }
 
+/** Every flag of `paceline run`, for did-you-mean. */
+const RUN_FLAGS = [
+  "--output",
+  "--provider",
+  "--base-url",
+  "--rpm",
+  "--rpd",
+  "--itpm",
+  "--otpm",
+  "--tpm",
+  "--tpd",
+  "--per-model",
+  "--per-key",
+  "--redis",
+  "--limiter-name",
+  "--shard",
+  "--concurrency",
+  "--retries",
+  "--stream",
+  "--quiet",
+  "--window-ms",
+  "--margin-ms",
+  "--progress-ms",
+  "--retry-errored",
+  "--report",
+  "--lang",
+  "--dry-run",
+  "--help",
+];
+
+/** `--rpm=50` → `--rpm`, `50`: every flag takes both forms. */
+function splitEquals(args: string[]): string[] {
+  return args.flatMap((a) => {
+    const m = /^(--[a-z][a-z-]*)=([\s\S]*)$/.exec(a);
+    return m ? [m[1]!, m[2]!] : [a];
+  });
+}
+
+/** The known flag closest to a misspelt one (at most 2 edits away), if any. */
+function didYouMean(flag: string, known: string[]): string | undefined {
+  let best: { name: string; d: number } | undefined;
+  for (const name of known) {
+    const d = editDistance(flag, name);
+    if (d <= 2 && (!best || d < best.d)) best = { name, d };
+  }
+  return best?.name;
+}
+
+/** Levenshtein distance, one row at a time. */
+function editDistance(a: string, b: string): number {
+  let row = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const next = [i];
+    for (let j = 1; j <= b.length; j++) {
+      next[j] = Math.min(
+        row[j]! + 1,
+        next[j - 1]! + 1,
+        row[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1),
+      );
+    }
+    row = next;
+  }
+  return row[b.length]!;
+}
+
 /** Parses argv and runs; returns the exit code. */
 export async function main(argv: string[], io: {
   out: (s: string) => void;
@@ -1926,10 +2485,15 @@ export async function main(argv: string[], io: {
     const o: Partial<RunOptions> & { limits: Record<string, number> } = {
       limits: {},
     };
-    for (let i = 0; i < rest.length; i++) {
-      const a = rest[i]!;
-      const next = () => rest[++i];
+    const args = splitEquals(rest);
+    for (let i = 0; i < args.length; i++) {
+      const a = args[i]!;
+      const next = () => args[++i];
       switch (a) {
+        case "-h":
+        case "--help":
+          io.out(HELP);
+          return 0;
         case "-o":
         case "--output":
           o.output = next();
@@ -2058,7 +2622,12 @@ export async function main(argv: string[], io: {
           break;
         default:
           if (a.startsWith("-")) {
-            throw new UsageError(`unknown option ${a}; see --help`);
+            const near = didYouMean(a, RUN_FLAGS);
+            throw new UsageError(
+              `unknown option ${a}${
+                near ? `; did you mean ${near}?` : ""
+              } (see paceline run --help)`,
+            );
           }
           if (input) {
             throw new UsageError(
@@ -2079,11 +2648,9 @@ export async function main(argv: string[], io: {
         "--limiter-name names the limits shared through --redis: give --redis URL too",
       );
     }
-    const shardSuffix = o.shard ? `.shard-${o.shard.k}-of-${o.shard.n}` : "";
     return await run({
       input,
-      output: o.output ??
-        input.replace(/(\.jsonl)?$/, `${shardSuffix}.results.jsonl`),
+      output: o.output ?? defaultOutput(input, o.shard),
       provider: o.provider,
       baseURL: o.baseURL,
       limits: o.limits,

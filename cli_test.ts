@@ -1,158 +1,25 @@
 // Tests of the `paceline` CLI against the simulator.
 import { describe, expect, it } from "vitest";
 import { sim } from "./test/sims.ts";
-import { spawn } from "node:child_process";
+import {
+  anthropicLines,
+  anthropicRows,
+  batchFiles,
+  NO_KEYS,
+  openaiLine,
+  openaiLines,
+  readResults,
+  runCli,
+  spawnCli,
+} from "./test/cli_helpers.ts";
 import {
   appendFileSync,
   existsSync,
-  mkdtempSync,
   readFileSync,
   writeFileSync,
 } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { main } from "./cli.ts";
 import { estimateCost } from "./mod.ts";
-
-function dir(): string {
-  return mkdtempSync(join(tmpdir(), "paceline-cli-"));
-}
-
-/** A fresh folder with `in.jsonl` holding `text`, and where `out.jsonl` goes. */
-function batchFiles(
-  text: string,
-): { d: string; input: string; output: string } {
-  const d = dir();
-  const input = join(d, "in.jsonl");
-  writeFileSync(input, text);
-  return { d, input, output: join(d, "out.jsonl") };
-}
-
-function anthropicLines(n: number): string[] {
-  return Array.from({ length: n }, (_, i) =>
-    JSON.stringify({
-      custom_id: `req-${i}`,
-      params: {
-        model: "claude-sim",
-        max_tokens: 40,
-        messages: [{
-          role: "user",
-          content: i % 3 ? `Question ${i}` : `第${i}个问题`,
-        }],
-        metadata: { user_id: `req-${i}` }, // the simulator counts per line
-      },
-    }));
-}
-
-function openaiLines(n: number): string[] {
-  return Array.from({ length: n }, (_, i) =>
-    JSON.stringify({
-      custom_id: `oa-${i}`,
-      method: "POST",
-      url: "/v1/chat/completions",
-      body: {
-        model: "gpt-sim",
-        max_tokens: 30,
-        messages: [{ role: "user", content: `Hi ${i}` }],
-      },
-    }));
-}
-
-/** One OpenAI batch line for `url`, varied by `i` (each input form the endpoint takes). */
-function openaiLine(url: string, i: number, model?: string): string {
-  const bodies: Record<string, () => Record<string, unknown>> = {
-    "/v1/chat/completions": () => ({
-      model: model ?? "gpt-sim",
-      max_tokens: 30,
-      messages: [{ role: "user", content: `Hi ${i}` }],
-    }),
-    "/v1/responses": () => ({
-      model: model ?? "gpt-sim",
-      max_output_tokens: 30,
-      instructions: "Be brief.",
-      input: i % 2 ? `Tell me about ${i}` : [{
-        role: "user",
-        content: [{ type: "input_text", text: `Tell me about ${i}` }],
-      }],
-    }),
-    "/v1/completions": () => ({
-      model: model ?? "gpt-sim-instruct",
-      max_tokens: 20,
-      prompt: i % 2 ? `Once upon ${i}` : [`Once upon ${i}`],
-    }),
-    "/v1/embeddings": () => ({
-      model: model ?? "emb-sim",
-      input: i % 3 === 0
-        ? [`document ${i}`, `第${i}个文档`]
-        : i % 3 === 1
-        ? `document ${i}`
-        : [101, 2023, i, 102],
-    }),
-    "/v1/moderations": () => ({
-      model: model ?? "mod-sim",
-      input: `some text ${i}`,
-    }),
-  };
-  return JSON.stringify({
-    custom_id: `${url.slice(4)}-${i}`,
-    method: "POST",
-    url,
-    body: bodies[url]!(),
-  });
-}
-
-async function runCli(
-  args: string[],
-  env: Record<string, string | undefined> = {},
-) {
-  let out = "";
-  let err = "";
-  const saved: Record<string, string | undefined> = {};
-  for (const [k, v] of Object.entries(env)) {
-    saved[k] = process.env[k];
-    if (v === undefined) delete process.env[k];
-    else process.env[k] = v;
-  }
-  try {
-    const code = await main(args, {
-      out: (s) => void (out += s),
-      err: (s) => void (err += s),
-      isTTY: false,
-    });
-    return { code, out, err };
-  } finally {
-    for (const [k, v] of Object.entries(saved)) {
-      if (v === undefined) delete process.env[k];
-      else process.env[k] = v;
-    }
-  }
-}
-
-/** Results in the Anthropic shape. */
-type AnthropicRow = {
-  custom_id: string;
-  result: {
-    type: string;
-    error?: { error: { type: string; message: string } };
-  };
-};
-
-function anthropicRows(path: string): AnthropicRow[] {
-  return readResults(path) as AnthropicRow[];
-}
-
-function readResults(path: string): Record<string, unknown>[] {
-  const text = readFileSync(path, "utf8");
-  expect(text.endsWith("\n")).toBe(true);
-  return text.trimEnd().split("\n").map((l) => JSON.parse(l));
-}
-
-const NO_KEYS = {
-  ANTHROPIC_API_KEY: undefined,
-  OPENAI_API_KEY: undefined,
-  ANTHROPIC_BASE_URL: undefined,
-  OPENAI_BASE_URL: undefined,
-};
 
 describe("paceline run", () => {
   it("Anthropic batch format, with faults: every custom_id once, in order, right shapes", async () => {
@@ -298,7 +165,62 @@ describe("paceline run", () => {
     ["missing custom_id", [
       anthropicLines(1)[0]!,
       JSON.stringify({ params: { messages: [], max_tokens: 5 } }),
-    ], /line 2: missing "custom_id"/],
+    ], /line 2: "custom_id" must be a non-empty string: it is missing/],
+    ["a numeric custom_id", [
+      JSON.stringify({
+        custom_id: 7,
+        params: {
+          model: "m",
+          max_tokens: 5,
+          messages: [{ role: "user", content: "x" }],
+        },
+      }),
+    ], /line 1: "custom_id" must be a non-empty string: received 7/],
+    ["a JSON array file", [
+      JSON.stringify([JSON.parse(anthropicLines(1)[0]!)]),
+    ], /line 1: a JSON array; paceline reads JSONL: one request per line/],
+    ["a pretty-printed .json file", [
+      JSON.stringify(JSON.parse(anthropicLines(1)[0]!), null, 2),
+    ], /line 1: invalid JSON .*; paceline reads JSONL: one request per line/],
+    ["an empty messages array", [
+      JSON.stringify({
+        custom_id: "x",
+        params: { model: "m", max_tokens: 5, messages: [] },
+      }),
+    ], /line 1: "params.messages" is empty: it needs at least one message/],
+    ["a negative max_tokens", [
+      anthropicLines(1)[0]!,
+      JSON.stringify({
+        custom_id: "x",
+        params: {
+          model: "m",
+          max_tokens: -5,
+          messages: [{ role: "user", content: "x" }],
+        },
+      }),
+    ], /line 2: "params.max_tokens" must be a positive integer: received -5/],
+    [
+      "a max_tokens of 1e400",
+      [
+        `{"custom_id":"x","params":{"model":"m","max_tokens":1e400,"messages":[{"role":"user","content":"x"}]}}`,
+      ],
+      /line 1: "params.max_tokens" must be a positive integer: received Infinity/,
+    ],
+    [
+      "a fractional max_completion_tokens",
+      [
+        JSON.stringify({
+          custom_id: "c",
+          url: "/v1/chat/completions",
+          body: {
+            model: "m",
+            max_completion_tokens: 2.5,
+            messages: [{ role: "user", content: "x" }],
+          },
+        }),
+      ],
+      /line 1: "body.max_completion_tokens" must be a positive integer: received 2.5/,
+    ],
     [
       "duplicate custom_id",
       [...anthropicLines(3), anthropicLines(2)[1]!],
@@ -365,11 +287,14 @@ describe("paceline run", () => {
     [
       "mixed formats",
       [anthropicLines(1)[0]!, openaiLines(1)[0]!],
-      /line 2: a openai line in a anthropic file \(mixed formats\)/,
+      /line 2: an OpenAI batch \("body"\) line in a file of Anthropic batch \("params"\) lines: one format per file/,
     ],
     ["empty file", [""], /no requests \(the file is empty\)/],
     ["missing max_tokens", [
-      JSON.stringify({ custom_id: "x", params: { model: "m", messages: [] } }),
+      JSON.stringify({
+        custom_id: "x",
+        params: { model: "m", messages: [{ role: "user", content: "x" }] },
+      }),
     ], /line 1: "params.max_tokens" is required/],
   ];
   for (const [name, rows, message] of malformed) {
@@ -399,7 +324,22 @@ describe("paceline run", () => {
     );
     expect(r.code).toBe(2);
     expect(r.err).toMatch(
-      /line 1: .*outputTokens 40 exceeds the window limit 10/,
+      /line 1: "max_tokens": 40 can never fit --otpm 10 \(output tokens per minute\): lower "max_tokens" on that line or raise --otpm/,
+    );
+    expect(s.stats().received).toBe(0);
+    // --dry-run says the same, with the same exit code.
+    const dry = await runCli(
+      ["run", input, "--base-url", s.url, "--otpm", "10", "--dry-run"],
+      NO_KEYS,
+    );
+    expect(dry.code).toBe(2);
+    expect(dry.err).toMatch(/line 1: "max_tokens": 40 can never fit --otpm 10/);
+    const itpm = await runCli(
+      ["run", input, "--base-url", s.url, "--itpm", "2", "--dry-run"],
+      NO_KEYS,
+    );
+    expect(itpm.err).toMatch(
+      /line 1: its input \(~\d+ tokens, estimated\) can never fit --itpm 2 \(input tokens per minute\): shorten it or raise --itpm/,
     );
     expect(s.stats().received).toBe(0);
   });
@@ -600,23 +540,6 @@ function journalRows(path: string): { i: number; e: number; r: unknown }[] {
 const ids = (n: number) => Array.from({ length: n }, (_, i) => `req-${i}`);
 
 /** Starts the built CLI as a child process (so it can be killed). */
-function spawnCli(args: string[]) {
-  const cli = join(import.meta.dirname, "dist", "cli.js");
-  expect(existsSync(cli)).toBe(true); // npm test builds first
-  const child = spawn(process.execPath, [cli, ...args], {
-    env: {
-      ...process.env,
-      ...Object.fromEntries(Object.keys(NO_KEYS).map((k) => [k, ""])),
-    },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  let err = "";
-  child.stderr.on("data", (c) => (err += c));
-  const exited = new Promise<number | null>((r) =>
-    child.on("exit", (c) => r(c))
-  );
-  return { child, exited, err: () => err };
-}
 
 describe("paceline run: journal, stalls and fatal stops", () => {
   it("a slow, failing early line holds nothing back; output still in input order", async () => {
@@ -829,16 +752,26 @@ describe("paceline run: journal, stalls and fatal stops", () => {
       0,
     );
     const args = ["run", input, "-o", output, "--base-url", s.url, "--dry-run"];
-    // rpm 4: 10 requests need 3 windows → 2 min; otpm 100: 400 → 4 windows → 3 min.
+    // rpm 4: 10 requests need 3 windows → 2 min; otpm 100: 400 → 4 windows
+    // → 3 min, but only if every answer used its max_tokens.
     const r = await runCli([...args, "--rpm", "4", "--otpm", "100"], NO_KEYS);
     expect(r.code).toBe(0);
     expect(r.out).toBe(
-      `10 requests · ~${input_tokens} input tokens (estimated) · ≤ 400 output tokens (max_tokens) → at least 3m00s; output tokens per minute is the binding limit.\n`,
+      `10 requests · ~${input_tokens} input tokens (estimated) · ≤ 400 output tokens (max_tokens)
+→ at least 2m00s: --rpm 4 (requests per minute) binds; with every answer at its max_tokens, up to 3m00s, set by --otpm 100 (output tokens per minute).
+(The bound counts output tokens as 0: an answer's length is known only after it.)
+`,
     );
     const rpm = await runCli([...args, "--rpm", "2", "--otpm", "100"], NO_KEYS);
     expect(rpm.out).toMatch(
-      /at least 4m00s; requests per minute is the binding limit/,
+      /at least 4m00s: --rpm 2 \(requests per minute\) binds\.\n/,
     );
+    // Under --window-ms the units are the run's own.
+    const short = await runCli(
+      [...args, "--rpm", "4", "--window-ms", "2000"],
+      NO_KEYS,
+    );
+    expect(short.out).toMatch(/at least 4s: --rpm 4 \(requests per 2s\) binds/);
     const none = await runCli(args, NO_KEYS);
     expect(none.out).toMatch(/no limits given/);
     expect(s.stats().received).toBe(0);
@@ -1001,9 +934,10 @@ describe("paceline run: journal, stalls and fatal stops", () => {
       `8 requests · ~${
         inBig + inEmb
       } input tokens (estimated) · ≤ 180 output tokens (max_tokens); the limits apply to each model:
-  big: 6 requests · ~${inBig} input tokens (estimated) · ≤ 180 output tokens (max_tokens) → at least 2m00s (requests per minute binds)
-  emb: 2 requests · ~${inEmb} input tokens (estimated) · ≤ 0 output tokens (max_tokens) → fits in the first window
-→ at least 2m00s; requests per minute of big is the binding limit.
+  big: 6 requests · ~${inBig} input tokens (estimated) · ≤ 180 output tokens (max_tokens) → at least 2m00s: --rpm 2 (requests per minute) binds
+  emb: 2 requests · ~${inEmb} input tokens (estimated) · ≤ 0 output tokens (max_tokens) → everything fits in the first window of every limit given
+→ at least 2m00s: --rpm 2 (requests per minute) binds (model big).
+(The bound counts output tokens as 0: an answer's length is known only after it.)
 `,
     );
     const roomy = await runCli(
@@ -1011,7 +945,7 @@ describe("paceline run: journal, stalls and fatal stops", () => {
       NO_KEYS,
     );
     expect(roomy.out).toMatch(
-      /\n→ everything fits in the first window of every limit given, for each model\.\n$/,
+      /\n→ everything fits in the first window of every limit given\.\n/,
     );
     // The same limit for the key as a whole: 8 requests → 4 windows → 3 min.
     const key = await runCli(
@@ -1019,7 +953,7 @@ describe("paceline run: journal, stalls and fatal stops", () => {
       NO_KEYS,
     );
     expect(key.out).toMatch(
-      /→ at least 3m00s; requests per minute is the binding limit/,
+      /→ at least 3m00s: --rpm 2 \(requests per minute\) binds/,
     );
     const both = await runCli(
       ["run", input, "--dry-run", "--per-model", "--per-key"],

@@ -872,6 +872,39 @@ describe("rateLimitedFetch abort", () => {
     expect(calls).toBe(1);
   });
 
+  it("a call aborted while it waits is cancelled, not failed: never sent, no permit used, no error counted", async () => {
+    const clock = new ManualClock();
+    let sent = 0;
+    const f = rateLimitedFetch({
+      clock,
+      learn: false,
+      limiter: { rpm: 1, marginMs: 0 },
+      fetch: () => {
+        sent++;
+        return Promise.resolve(new Response("{}", { status: 200 }));
+      },
+    });
+    const body = JSON.stringify({ max_tokens: 1, messages: [] });
+    await (await f("http://x/v1/messages", { method: "POST", body })).text();
+    const ctl = new AbortController();
+    const waiting = f("http://x/v1/messages", {
+      method: "POST",
+      body,
+      signal: ctl.signal,
+    }).then(() => "resolved", (e) => e);
+    for (let i = 0; i < 20 && clock.pending === 0; i++) await clock.flush();
+    ctl.abort("stop");
+    expect(await waiting).toBe("stop");
+    expect(sent).toBe(1);
+    const s = f.stats.toJSON();
+    expect([s.calls, s.succeeded, s.failed, s.cancelled, s.requests]).toEqual(
+      [2, 1, 0, 1, 1],
+    );
+    expect(s.errors).toEqual({});
+    expect(f.stats.report()).toMatch(/\(1 ok, 0 failed, 1 cancelled;/);
+    expect(f.limiter.usage()[0]!.used).toBe(1);
+  });
+
   it("validates options by name", () => {
     expect(() => rateLimitedFetch({ concurrency: 0 })).toThrow(
       /'concurrency'.*0/,

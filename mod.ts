@@ -4521,8 +4521,13 @@ export interface StatsSnapshot {
   calls: number;
   /** Calls that ended in a 2xx response. */
   succeeded: number;
-  /** Calls that ended otherwise (HTTP error after retries, network error, quota, abort). */
+  /** Calls that ended otherwise (HTTP error after retries, network error, quota). */
   failed: number;
+  /**
+   * Calls ended by their caller's abort signal: cancelled, not failed (a
+   * batch stopped with Ctrl-C has lines that were never run).
+   */
+  cancelled: number;
   /** HTTP attempts sent, retries included. */
   requests: number;
   /** Retries made. */
@@ -4712,6 +4717,7 @@ export class Stats {
   #calls = 0;
   #succeeded = 0;
   #failed = 0;
+  #cancelled = 0;
   #requests = 0;
   #retries = 0;
   #rateLimited = 0;
@@ -4946,7 +4952,10 @@ export class Stats {
    */
   end(ok: boolean, kind?: string): void {
     if (ok) this.#succeeded++;
-    else this.#failed++;
+    else if (kind === "aborted") {
+      this.#cancelled++; // not an error: the caller stopped it
+      kind = undefined;
+    } else this.#failed++;
     if (kind) this.#errors[kind] = (this.#errors[kind] ?? 0) + 1;
     this.#last = this.#now();
   }
@@ -4970,6 +4979,7 @@ export class Stats {
       calls: this.#calls,
       succeeded: this.#succeeded,
       failed: this.#failed,
+      cancelled: this.#cancelled,
       requests: this.#requests,
       retries: this.#retries,
       rateLimited: this.#rateLimited,
@@ -5003,9 +5013,9 @@ export class Stats {
     const errors = Object.entries(s.errors).map(([k, v]) => `${k} ${v}`)
       .join(", ") || "none";
     return [
-      `calls        ${n(s.calls)} (${n(s.succeeded)} ok, ${
-        n(s.failed)
-      } failed; success ${(s.successRate * 100).toFixed(1)}%)`,
+      `calls        ${n(s.calls)} (${n(s.succeeded)} ok, ${n(s.failed)} failed${
+        s.cancelled ? `, ${n(s.cancelled)} cancelled` : ""
+      }; success ${(s.successRate * 100).toFixed(1)}%)`,
       `requests     ${n(s.requests)} sent, ${n(s.retries)} retries, ${
         n(s.rateLimited)
       } × 429 (${n(s.unexpected429)} unexpected)`,
@@ -5896,6 +5906,13 @@ export function rateLimitedFetch(
         lane.margins.ok();
         if (lane !== keyLane) keyLane.margins.ok();
       };
+      if (signal?.aborted) {
+        // Aborted while it waited: never sent, so it uses nothing.
+        permit.settle(zeroOf(cost));
+        modelPermit?.settle(zeroOf(cost));
+        release();
+        throw signal.reason;
+      }
       const sent = clock.now();
       state = "sent";
       waiting--;
