@@ -1932,18 +1932,28 @@ async function openRedis(url: string, name: string): Promise<SharedRedis> {
         "--redis needs the redis package (node-redis): npm install redis. Nothing was sent.",
       );
     }
+    // Unreachable at the start: say so at once. Lost later: keep
+    // reconnecting (commands wait in the client's queue meanwhile); the
+    // limiter's timeout decides when a lost Redis is an outage (exit 3)
+    // rather than a blip such as a restart.
+    let connected = false;
     const client = mod.createClient({
       url,
       socket: {
         connectTimeout: 5000,
         reconnectStrategy: (retries: number) =>
-          retries > 5 ? new Error("Redis is unreachable") : 200,
+          connected
+            ? Math.min(50 * (retries + 1), 500)
+            : retries > 5
+            ? new Error("Redis is unreachable")
+            : 200,
       },
     });
     client.on("error", () => {
       // Failures reach the limiter, which fails closed and stops the run.
     });
     await client.connect().catch(cannotConnect);
+    connected = true;
     evalFn = (s, k, a) => client.eval(s, { keys: k, arguments: a });
     close = async () => {
       // A QUIT sent while reconnecting to a Redis that is gone would wait

@@ -63,6 +63,28 @@ const ids = (path: string) =>
     JSON.parse(l).custom_id as string
   );
 
+/**
+ * The shared-limit runs' flags: 20 requests per 1-s "minute" through Redis.
+ * Two cold CLI processes on a busy 2-core machine: a request can reach the
+ * simulator 100+ ms after Redis stamped it (a real minute's default margin
+ * is 300 ms), hence the margin.
+ */
+const sharedArgs = (simURL: string, redisURL: string): string[] => [
+  "--base-url",
+  simURL,
+  "--redis",
+  redisURL,
+  "--rpm",
+  "20",
+  "--window-ms",
+  "1000",
+  "--margin-ms",
+  "200",
+  "--concurrency",
+  "8",
+  "--quiet",
+];
+
 describe("paceline run --redis --shard", () => {
   it("two processes, two shards, one key: every line once, each shard in order, the key's limit held between them (0 × 429)", async () => {
     const s = await sim({
@@ -72,24 +94,7 @@ describe("paceline run --redis --shard", () => {
     const d = mkdtempSync(join(tmpdir(), "paceline-shard-"));
     const input = join(d, "in.jsonl");
     writeFileSync(input, lines(80).join("\n") + "\n");
-    const common = [
-      "--base-url",
-      s.url,
-      "--redis",
-      server.url,
-      "--rpm",
-      "20",
-      "--window-ms",
-      "1000",
-      // Two cold CLI processes on a busy 2-core machine: a request can
-      // reach the simulator 100+ ms after Redis stamped it (a real
-      // minute's default margin is 300 ms).
-      "--margin-ms",
-      "200",
-      "--concurrency",
-      "8",
-      "--quiet",
-    ];
+    const common = sharedArgs(s.url, server.url);
     const runs = [1, 2].map((k) =>
       cli(["run", input, "--shard", `${k}/2`, ...common], {
         ANTHROPIC_API_KEY: KEY,
@@ -239,4 +244,64 @@ describe("paceline run --redis --shard", () => {
     expect(await again.exited).toBe(0);
     expect(ids(output)).toEqual(lines(600).map((_, i) => `r${i}`));
   });
+
+  for (const fault of ["flushall", "restart"] as const) {
+    it(
+      `Redis ${
+        fault === "flushall"
+          ? "loses its state (FLUSHALL)"
+          : "restarts empty within timeoutMs"
+      } under two shards: both finish (exit 0), every line succeeded, at most one window's worth of 429s`,
+      async () => {
+        const own = await startRedis();
+        let again: RedisServer | undefined;
+        try {
+          const s = await sim({
+            apiKey: KEY,
+            limits: { requests: 20, windowMs: 1000 },
+          });
+          const d = mkdtempSync(join(tmpdir(), "paceline-shard-"));
+          const input = join(d, "in.jsonl");
+          writeFileSync(input, lines(100).join("\n") + "\n");
+          const common = sharedArgs(s.url, own.url);
+          const runs = [1, 2].map((k) =>
+            cli(["run", input, "--shard", `${k}/2`, ...common], {
+              ANTHROPIC_API_KEY: KEY,
+            })
+          );
+          // The fault, 1.5 s into the run.
+          await new Promise((r) => setTimeout(r, 1500));
+          if (fault === "flushall") {
+            const c = new Redis(own.port, "127.0.0.1");
+            await c.flushall();
+            c.disconnect();
+          } else {
+            await own.kill();
+            await new Promise((r) => setTimeout(r, 500));
+            again = await startRedis(own.port);
+          }
+          const codes = await Promise.all(runs.map((r) => r.exited));
+          expect({ codes, err: runs.map((r) => r.err()) }).toEqual({
+            codes: [0, 0],
+            err: ["", ""],
+          });
+          for (const k of [1, 2]) {
+            const text = readFileSync(
+              join(d, `in.shard-${k}-of-2.results.jsonl`),
+              "utf8",
+            );
+            expect(text).not.toContain("errored");
+            expect(text.trim().split("\n")).toHaveLength(50);
+          }
+          const st = s.stats();
+          expect(st.accepted).toBe(100);
+          expect(st.rateLimited.requests).toBeLessThanOrEqual(20);
+        } finally {
+          await again?.kill();
+          await own.kill();
+        }
+      },
+      30_000,
+    );
+  }
 });

@@ -1562,6 +1562,7 @@ export class RedisLimiterError extends Error {
  *
  * - `cfg`: the windows, `key|ms|limit|margin;…` (given, learned, set);
  * - `last`: the latest reserved time; `paused`: the pause's end;
+ * - `epoch`: which state this is (a new one after the hash was lost);
  * - per window `W` (`key|ms`): `W|h` oldest stored entry, `W|n` next
  *   entry, `W|hs` sum of stored entries, `W|p` first entry inside the
  *   window that ends at `last`, `W|ts` the sum from there; entries `W|i` =
@@ -1572,15 +1573,26 @@ export class RedisLimiterError extends Error {
  * pointers only move forward, so a call costs O(windows) amortized however
  * many entries a window holds. Times are Redis `TIME` in ms.
  */
+/**
+ * Entry numbers of a new shared state start at `EPOCH_BASE ×` its start
+ * time (Redis ms): above any number an earlier state could have reached
+ * (fewer than this many entries per ms), and exact in a double.
+ */
+const EPOCH_BASE = 1024;
+
 const REDIS_SCRIPT = `
 local K = KEYS[1]
-local op = ARGV[1]
+-- ARGV[1]: the operation, then what the calling instance holds: its windows
+-- (the configuration it last saw), its pause left (ms), the epoch it knows.
+local op, mycfg, mypause, myepoch =
+  string.match(ARGV[1], '^([^\\n]*)\\n([^\\n]*)\\n([^\\n]*)\\n([^\\n]*)$')
 local tm = redis.call('TIME')
 local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-local m = redis.call('HMGET', K, 'cfg', 'last', 'paused')
+local m = redis.call('HMGET', K, 'cfg', 'last', 'paused', 'epoch')
 local cfg = m[1] or ''
 local last = tonumber(m[2]) or 0
 local paused = tonumber(m[3]) or 0
+local epoch = m[4]
 local dirtyMeta = false
 local function s(x)
   if x == math.floor(x) and math.abs(x) < 1e15 then return string.format('%d', x) end
@@ -1774,7 +1786,37 @@ local function reply(tag, wait, extra)
   end
   if dirtyMeta then redis.call('HSET', K, 'last', s(last), 'paused', s(paused)) end
   redis.call('PEXPIRE', K, math.ceil(math.max(last, paused, now) - now + life + 60000))
-  return { tag, s(wait), s(paused - now), cfg, table.concat(used, ','), extra or '' }
+  return { tag, s(wait), s(paused - now), cfg, table.concat(used, ','), extra or '', epoch }
+end
+
+-- The state is missing (Redis restarted empty, was flushed, failed over to
+-- a replica that missed it, or evicted the key) or was never made: install
+-- the caller's windows and pause, never "no windows". Each new state is an
+-- epoch whose entry numbers start at BASE × its start time, above every
+-- number of an earlier state, so entries held from before read as gone.
+if cfg == '' and mycfg ~= '' or not epoch then
+  local base = now * ${EPOCH_BASE}
+  epoch = s(base)
+  redis.call('HSET', K, 'epoch', epoch)
+  if cfg == '' and mycfg ~= '' then
+    cfg = mycfg
+    ws = {}
+    for spec in string.gmatch(cfg, '[^;]+') do
+      local key, ms, limit, margin = string.match(spec, '^(.*)|([^|]+)|([^|]+)|([^|]+)$')
+      ws[#ws + 1] = { key = key, ms = tonumber(ms), limit = tonumber(limit), margin = tonumber(margin) }
+    end
+    for _, w in ipairs(ws) do
+      prep(w)
+      w.h, w.p, w.n, w.hs, w.ts, w.dirty = base, base, base, 0, 0, true
+    end
+    save()
+    paused = math.max(paused, now + (tonumber(mypause) or 0))
+    dirtyMeta = true
+  end
+end
+-- A caller that knew another epoch re-seeds its own recent grants first.
+if myepoch ~= '' and myepoch ~= epoch and op ~= 'seed' and op ~= 'init' then
+  return reply('reseed', 0)
 end
 
 if op == 'init' then
@@ -1813,7 +1855,17 @@ elseif op == 'acquire' then
   return reply('ok', 0, table.concat(out, '\\n'))
 elseif op == 'confirm' then
   -- ARGV[2]: the entries held (given back if a pause moved us); ARGV[3]: the cost
-  do
+  -- Entries from before a lost state are gone: reserve anew.
+  local held = true
+  for id, idx in string.gmatch(ARGV[2], '([^;]*)=([^=;]+)=[^=;]+') do
+    local w = byId(id)
+    if w then
+      load(w)
+      idx = tonumber(idx)
+      if idx < w.h or idx >= w.n then held = false end
+    end
+  end
+  if held then
     if now >= paused then
       -- Sending now: the entries count from now, not from their reserved time
       -- (later times only make the log more cautious).
@@ -1835,6 +1887,22 @@ elseif op == 'confirm' then
   return reply('ok', T - now, extra)
 elseif op == 'settle' then
   return reply('ok', 0, settle(ARGV[2]))
+elseif op == 'seed' then
+  -- ARGV[2..]: "age,key=amount,…": what this instance was granted, age ms
+  -- ago; each goes back into the windows it is still inside.
+  for i = 2, #ARGV do
+    local age, rest = string.match(ARGV[i], '^([^,]+),(.*)$')
+    age = tonumber(age)
+    local cost = costOf(rest)
+    for _, w in ipairs(ws) do
+      local a = amountOf(w, cost)
+      if a and a > 0 and age < w.life then
+        load(w)
+        push(w, now - age, a)
+      end
+    end
+  end
+  return reply('ok', 0)
 elseif op == 'record' then
   local cost = costFrom(2)
   for _, w in ipairs(ws) do
@@ -1932,9 +2000,20 @@ const REDIS_OPTIONS = new Set([
  *
  * Fails closed: if Redis errors or does not answer within `timeoutMs`, the
  * acquire rejects with a {@linkcode RedisLimiterError} and nothing is
- * admitted. An aborted waiter gives its reservation back. A reply lost to a
- * timeout may leave its reservation behind: it expires with its window and
- * can only slow others, never admit more.
+ * admitted. A connection lost and back within `timeoutMs` (a restart, a
+ * failover) is a blip: calls are tried again meanwhile. An aborted waiter
+ * gives its reservation back. A reply lost to a timeout may leave its
+ * reservation behind: it expires with its window and can only slow others,
+ * never admit more.
+ *
+ * Never unlimited when Redis loses the state (a restart without
+ * persistence, `FLUSHALL`, a failover to a replica that missed it, an
+ * eviction): every call carries this instance's windows (given and
+ * learned) and its pause, and the script installs them when the hash is
+ * gone. The new state is a new epoch: each instance, on its next call,
+ * puts back what it was granted within the last window, so the rebuilt
+ * windows are close to what the server still counts, and reservations held
+ * from before are made anew.
  *
  * @example Four workers sharing one key's "50 per minute" (here, an in-memory stand-in for Redis)
  * ```ts
@@ -1963,6 +2042,10 @@ export class RedisRateLimiter extends RateLimiter {
   #waiting = 0;
   #batch: BatchJob[] = [];
   #batching = false;
+  /** The shared state this instance knows (see the script's epochs). */
+  #epoch = "";
+  /** What this instance was granted lately: re-seeded if the state is lost. */
+  readonly #grants = new GrantLog();
 
   /**
    * Creates a limiter on the shared state of `name` (nothing is sent to
@@ -2079,7 +2162,10 @@ export class RedisRateLimiter extends RateLimiter {
           late,
         );
       }
-      return new RedisPermit(this, this.#clock.now(), cost, entries, (spec) => {
+      const now = this.#clock.now();
+      const grant = this.#grants.add(now, cost, this.#longestLife());
+      return new RedisPermit(this, now, cost, entries, (spec, actual) => {
+        grant.cost = actual;
         this.#queue(["settle", spec]);
       });
     } finally {
@@ -2339,6 +2425,13 @@ export class RedisRateLimiter extends RateLimiter {
       });
   }
 
+  /** The longest time an entry counts: the longest window plus its margin. */
+  #longestLife(): number {
+    let life = 0;
+    for (const w of this.#windows) life = Math.max(life, w.ms + w.marginMs);
+    return life;
+  }
+
   #giveBack(entries: string, cost: Cost): void {
     if (entries) this.#queue(["settle", settleSpec(entries, cost, true)]);
   }
@@ -2354,30 +2447,31 @@ export class RedisRateLimiter extends RateLimiter {
     late?: (reply: RedisReply) => void,
     afterWrites = true,
   ): Promise<RedisReply> {
-    this.#ready ??= this.#run(["init", ...this.#given]).then(() => undefined);
-    const ready = this.#ready;
     // Queued writes go first, except for a queued write itself.
     const before = afterWrites ? this.#background : undefined;
-    const work = (async () => {
-      await ready.catch((error) => {
-        this.#ready = undefined; // try again next time
-        throw error;
-      });
-      await before;
-      return this.#run(args);
-    })();
+    const ctl = new AbortController();
+    let failure: RedisLimiterError | undefined;
+    const work = this.#untilAnswered(args, before, ctl.signal, (e) => {
+      failure = e;
+    });
     if (late) {
       work.then((r) => {
         if (signal?.aborted) late(r);
       }, () => {});
     }
-    const ctl = new AbortController();
     const onAbort = (): void => ctl.abort(signal!.reason);
     signal?.addEventListener("abort", onAbort, { once: true });
     const timer = this.#clock.sleep(this.#timeoutMs, ctl.signal).then(() => {
-      throw new RedisLimiterError(
-        `RedisRateLimiter "${this.#name}": Redis did not answer within ${this.#timeoutMs} ms; nothing was admitted`,
-      );
+      throw failure
+        ? new RedisLimiterError(
+          `${
+            failure.message.replace(/; nothing was admitted$/, "")
+          }, and it did not come back within ${this.#timeoutMs} ms; nothing was admitted`,
+          failure.cause,
+        )
+        : new RedisLimiterError(
+          `RedisRateLimiter "${this.#name}": Redis did not answer within ${this.#timeoutMs} ms; nothing was admitted`,
+        );
     });
     try {
       return await Promise.race([work, timer]);
@@ -2391,10 +2485,65 @@ export class RedisRateLimiter extends RateLimiter {
     }
   }
 
+  /**
+   * Runs one call (this instance's windows installed first, once), again
+   * and again while the client fails — a connection lost and back within
+   * `timeoutMs` is a blip, not an outage — until it answers or `stop`
+   * aborts (the caller's timeout). A lost reply may have been applied: a
+   * repeated reservation only holds more, but a repeated give-back would
+   * free too much, so a settle is never repeated (its estimate stays, the
+   * cautious side).
+   */
+  async #untilAnswered(
+    args: string[],
+    before: Promise<unknown> | undefined,
+    stop: AbortSignal,
+    failed: (error: RedisLimiterError) => void,
+  ): Promise<RedisReply> {
+    for (let attempt = 0;; attempt++) {
+      try {
+        this.#ready ??= this.#run(["init", ...this.#given]).then(() => {});
+        await this.#ready.catch((error) => {
+          this.#ready = undefined; // try again
+          throw error;
+        });
+        await before;
+        return await this.#run(args);
+      } catch (error) {
+        const blip = error instanceof RedisLimiterError &&
+          error.cause !== undefined && args[0] !== "settle";
+        if (!blip || stop.aborted) throw error;
+        failed(error);
+        const pauseMs = Math.min(25 * 2 ** Math.min(attempt, 4), 250);
+        await this.#clock.sleep(pauseMs, stop).catch(() => {});
+        if (stop.aborted) throw error;
+      }
+    }
+  }
+
   async #run(args: string[]): Promise<RedisReply> {
+    for (let tries = 0;; tries++) {
+      const reply = await this.#runOnce(args);
+      if (reply.tag !== "reseed" || tries === 2) return reply;
+      // The shared state was lost and rebuilt since this instance last
+      // called: put back what it was granted, then do what it came for.
+      await this.#runOnce(["seed", ...this.#grants.recent(this.#clock.now())]);
+    }
+  }
+
+  async #runOnce(args: string[]): Promise<RedisReply> {
+    const head = [
+      args[0],
+      this.#windows.map(specOf).join(";"),
+      String(Math.max(0, Math.ceil(this.#pausedUntil - this.#clock.now()))),
+      this.#epoch,
+    ].join("\n");
     let raw: unknown;
     try {
-      raw = await this.#redis(REDIS_SCRIPT, [this.#key], args);
+      raw = await this.#redis(REDIS_SCRIPT, [this.#key], [
+        head,
+        ...args.slice(1),
+      ]);
     } catch (error) {
       throw new RedisLimiterError(
         `RedisRateLimiter "${this.#name}": Redis failed (${
@@ -2410,7 +2559,8 @@ export class RedisRateLimiter extends RateLimiter {
         }); is 'redis' calling EVAL with (script, keys, args)?`,
       );
     }
-    const [tag, wait, pausedIn, cfg, used, extra] = raw.map(String);
+    const [tag, wait, pausedIn, cfg, used, extra, epoch] = raw.map(String);
+    if (epoch !== undefined) this.#epoch = epoch;
     const now = this.#clock.now();
     const p = Number(pausedIn);
     this.#pausedUntil = p > 0 ? now + p : -Infinity;
@@ -2449,18 +2599,75 @@ interface BatchJob {
   reject: (error: unknown) => void;
 }
 
+/**
+ * What one {@linkcode RedisRateLimiter} instance was granted within its
+ * longest window: if Redis loses the shared state, each instance puts its
+ * own grants back, so the rebuilt windows are close to what the server
+ * still counts. Bounded: entries older than the longest window go, and
+ * grants close together share one entry (stamped at the later time, which
+ * only keeps them a little longer).
+ */
+class GrantLog {
+  #log: { t: number; cost: Cost }[] = [];
+  #head = 0;
+  #life = 0;
+
+  add(now: number, cost: Cost, life: number): { t: number; cost: Cost } {
+    this.#life = life;
+    this.#prune(now);
+    const last = this.#log[this.#log.length - 1];
+    const bucket = life / 1024;
+    if (last && this.#log.length - this.#head > 256 && now - last.t < bucket) {
+      // Share the entry: a sum that later settles replace only their part.
+      // A new object: settles of the grants inside it are not tracked (it
+      // keeps their estimates).
+      const sum: Cost = { ...last.cost };
+      for (const k of Object.keys(cost)) sum[k] = (sum[k] ?? 0) + cost[k]!;
+      this.#log[this.#log.length - 1] = { t: now, cost: sum };
+      return { t: now, cost };
+    }
+    const g = { t: now, cost };
+    this.#log.push(g);
+    return g;
+  }
+
+  /** `age,key=amount,…` for each grant still inside the longest window. */
+  recent(now: number): string[] {
+    this.#prune(now);
+    const out: string[] = [];
+    for (let i = this.#head; i < this.#log.length; i++) {
+      const g = this.#log[i]!;
+      out.push(
+        `${Math.max(0, Math.round(now - g.t))},${costPairs(g.cost).join(",")}`,
+      );
+    }
+    return out;
+  }
+
+  #prune(now: number): void {
+    while (
+      this.#head < this.#log.length &&
+      now - this.#log[this.#head]!.t >= this.#life
+    ) this.#head++;
+    if (this.#head > 1024 && this.#head * 2 > this.#log.length) {
+      this.#log = this.#log.slice(this.#head);
+      this.#head = 0;
+    }
+  }
+}
+
 /** A permit of a {@linkcode RedisRateLimiter}: settling sends the difference to Redis. */
 class RedisPermit extends Permit {
   /** Per window id (`key|ms`): the entry held and what this permit put in it. */
   #held = new Map<string, { idx: string; own: number }>();
-  #send: (spec: string) => void;
+  #send: (spec: string, actual: Cost) => void;
 
   constructor(
     limiter: RateLimiter,
     at: number,
     cost: Cost,
     extra: string,
-    send: (spec: string) => void,
+    send: (spec: string, actual: Cost) => void,
   ) {
     super(limiter, at, cost, [], []);
     this.#send = send;
@@ -2489,7 +2696,7 @@ class RedisPermit extends Permit {
       h.own = a;
       parts.push(`${id}=${h.idx}=${d}`);
     }
-    if (parts.length) this.#send(parts.join(";"));
+    if (parts.length) this.#send(parts.join(";"), merged);
   }
 }
 

@@ -41,6 +41,83 @@ afterAll(async () => {
 let names = 0;
 /** A fresh shared name per test. */
 const fresh = () => `test-${process.pid}-${++names}`;
+/** Two instances of `name`, one per client, exact windows. */
+const pairOf = (name: string, windows: RedisRateLimiterOptions["windows"]) =>
+  [viaNodeRedis, viaIoredis].map((redis) =>
+    new RedisRateLimiter({ redis, name, windows, marginMs: 0 })
+  ) as [RedisRateLimiter, RedisRateLimiter];
+
+/** One caller of a random schedule: who, when, how much, abort and settle. */
+const scheduleOp = (maxDelay: number) =>
+  fc.record({
+    who: fc.integer({ min: 0, max: 2 }),
+    delay: fc.integer({ min: 0, max: maxDelay }),
+    cost: fc.integer({ min: 1, max: 8 }),
+    abortAfter: fc.option(fc.integer({ min: 0, max: 80 }), {
+      nil: undefined,
+    }),
+    settleTo: fc.option(fc.integer({ min: 0, max: 8 }), { nil: undefined }),
+  });
+type ScheduleOp = {
+  who: number;
+  delay: number;
+  cost: number;
+  abortAfter: number | undefined;
+  settleTo: number | undefined;
+};
+
+/**
+ * Runs a schedule on three instances of one name (limit 10 tokens per
+ * 150 ms); returns the grants as the model sees them: [time, amount].
+ */
+async function runSchedule(
+  ops: ScheduleOp[],
+  name: string,
+  t0: number,
+): Promise<[number, number][]> {
+  const windows = [{ key: "tokens", limit: 10, ms: 150 }];
+  const ls = [viaNodeRedis, viaIoredis, viaNodeRedis].map((redis) =>
+    new RedisRateLimiter({ redis, name, windows, marginMs: 0 })
+  );
+  const grants: [number, number][] = [];
+  await Promise.all(ops.map(async (op) => {
+    await new Promise((r) => setTimeout(r, op.delay));
+    const signal = op.abortAfter === undefined
+      ? undefined
+      : AbortSignal.timeout(op.abortAfter + 1);
+    try {
+      const p = await ls[op.who]!.acquire({ tokens: op.cost }, { signal });
+      const g: [number, number] = [performance.now() - t0, op.cost];
+      grants.push(g);
+      // Settling down only (usage above the estimate is the server's to
+      // refuse, not the limiter's to foresee).
+      if (op.settleTo !== undefined && op.settleTo < op.cost) {
+        p.settle({ tokens: op.settleTo });
+        g[1] = op.settleTo;
+      }
+    } catch (e) {
+      if (!signal?.aborted) throw e;
+    }
+  }));
+  return grants.sort((x, y) => x[0] - y[0]);
+}
+
+/**
+ * The strict model: the most granted in any 110 ms starting at a grant
+ * (150 ms less 40 for timer and round-trip jitter between stamping and our
+ * clock) is at most `limitAt(start)`.
+ */
+function withinModel(
+  grants: [number, number][],
+  limitAt: (start: number) => number,
+): boolean {
+  for (const [start] of grants) {
+    let sum = 0;
+    for (const [t, a] of grants) if (t >= start && t < start + 110) sum += a;
+    if (sum > limitAt(start)) return false;
+  }
+  return true;
+}
 
 describe("RedisRateLimiter", () => {
   it("instances with one name (node-redis and ioredis) share a window: 10 per 400 ms between the four of them", async () => {
@@ -105,61 +182,10 @@ describe("RedisRateLimiter", () => {
   it("property: 3 instances, random arrivals, costs, aborts and settles: no window ever over its limit", async () => {
     await fc.assert(
       fc.asyncProperty(
-        fc.array(
-          fc.record({
-            who: fc.integer({ min: 0, max: 2 }),
-            delay: fc.integer({ min: 0, max: 60 }),
-            cost: fc.integer({ min: 1, max: 8 }),
-            abortAfter: fc.option(fc.integer({ min: 0, max: 80 }), {
-              nil: undefined,
-            }),
-            settleTo: fc.option(fc.integer({ min: 0, max: 8 }), {
-              nil: undefined,
-            }),
-          }),
-          { minLength: 5, maxLength: 25 },
-        ),
+        fc.array(scheduleOp(60), { minLength: 5, maxLength: 25 }),
         async (ops) => {
-          const name = fresh();
-          const windows = [{ key: "tokens", limit: 10, ms: 150 }];
-          const ls = [viaNodeRedis, viaIoredis, viaNodeRedis].map((redis) =>
-            new RedisRateLimiter({ redis, name, windows, marginMs: 0 })
-          );
-          /** Grants as seen by the model: [time, amount]. */
-          const grants: [number, number][] = [];
-          const t0 = performance.now();
-          await Promise.all(ops.map(async (op) => {
-            await new Promise((r) => setTimeout(r, op.delay));
-            const signal = op.abortAfter === undefined
-              ? undefined
-              : AbortSignal.timeout(op.abortAfter + 1);
-            try {
-              const p = await ls[op.who]!.acquire({ tokens: op.cost }, {
-                signal,
-              });
-              const g: [number, number] = [performance.now() - t0, op.cost];
-              grants.push(g);
-              // Settling down only (usage above the estimate is the
-              // server's to refuse, not the limiter's to foresee).
-              if (op.settleTo !== undefined && op.settleTo < op.cost) {
-                p.settle({ tokens: op.settleTo });
-                g[1] = op.settleTo;
-              }
-            } catch (e) {
-              if (!signal?.aborted) throw e;
-            }
-          }));
-          // The strict model: in any 150 ms (less 40 ms for timer and
-          // round-trip jitter between stamping and our clock), at most 10.
-          grants.sort((x, y) => x[0] - y[0]);
-          for (let i = 0; i < grants.length; i++) {
-            let sum = 0;
-            for (const [t, a] of grants) {
-              if (t >= grants[i]![0] && t < grants[i]![0] + 110) sum += a;
-            }
-            if (sum > 10) return false;
-          }
-          return true;
+          const grants = await runSchedule(ops, fresh(), performance.now());
+          return withinModel(grants, () => 10);
         },
       ),
       { numRuns: 15 },
@@ -205,18 +231,7 @@ describe("RedisRateLimiter", () => {
   it("a pause from one instance holds every instance, including a waiter already given a later place", async () => {
     const name = fresh();
     const windows = [{ key: "requests", limit: 1, ms: 300 }];
-    const a = new RedisRateLimiter({
-      redis: viaNodeRedis,
-      name,
-      windows,
-      marginMs: 0,
-    });
-    const b = new RedisRateLimiter({
-      redis: viaIoredis,
-      name,
-      windows,
-      marginMs: 0,
-    });
+    const [a, b] = pairOf(name, windows);
     await a.acquire(); // the window is full for 300 ms
     const t0 = performance.now();
     const waiting = b.acquire().then(() => performance.now() - t0); // placed at ~300 ms
@@ -471,4 +486,139 @@ describe("RedisRateLimiter", () => {
     expect(Object.values(st.rateLimited).reduce((a, b) => a + b))
       .toBeLessThanOrEqual(1);
   });
+});
+
+describe("RedisRateLimiter when Redis loses its state", () => {
+  /** The hash that holds a name's state. */
+  const keyOf = (name: string) => `paceline:{${name}}`;
+
+  it("state wiped (FLUSHALL, eviction): never unlimited; each instance puts its grants back; exact again after", async () => {
+    const name = fresh();
+    const windows = [{ key: "requests", limit: 10, ms: 1500 }];
+    const [a, b] = pairOf(name, windows);
+    const t0 = performance.now();
+    for (let i = 0; i < 6; i++) await a.acquire();
+    for (let i = 0; i < 4; i++) await b.acquire();
+    await ioredis.flushall();
+    expect(await ioredis.exists(keyOf(name))).toBe(0);
+    // Each instance's first call after the loss puts back what it was
+    // granted (and the first one installs the windows again). Once both
+    // have called, the window is full as the server sees it: nobody may be
+    // admitted before it ends, though Redis held nothing.
+    expect((await b.refresh())[0]!.used).toBe(4);
+    expect((await a.refresh())[0]!.used).toBe(10);
+    const times: number[] = [];
+    await Promise.all([a, b, a, b].map(async (l) => {
+      await l.acquire();
+      times.push(performance.now() - t0);
+    }));
+    for (const t of times) expect(t).toBeGreaterThanOrEqual(1500 - 40);
+    // The windows came back with it, and the counts are exact again.
+    expect(await ioredis.hget(keyOf(name), "cfg")).toBe("requests|1500|10|0");
+    const used = (await a.refresh())[0]!.used;
+    expect(used).toBe(4);
+  });
+
+  it("state wiped, only one instance calling: it is never unlimited; only the other's lost share can be over until it calls", async () => {
+    const name = fresh();
+    const [a, b] = pairOf(name, [{ key: "requests", limit: 10, ms: 1500 }]);
+    for (let i = 0; i < 6; i++) await a.acquire();
+    for (let i = 0; i < 4; i++) await b.acquire();
+    await ioredis.flushall();
+    let admitted = 0;
+    const ctl = new AbortController();
+    const tries = Array.from(
+      { length: 10 },
+      () =>
+        a.acquire(undefined, { signal: ctl.signal }).then(
+          () => admitted++,
+          () => {},
+        ),
+    );
+    await new Promise((r) => setTimeout(r, 500));
+    // a knows its own 6: 4 more at most (b's 4 are the share it cannot
+    // know until b calls). Before, all 10 went at once.
+    expect(admitted).toBe(4);
+    ctl.abort();
+    await Promise.all(tries);
+  });
+
+  it("property: state wiped at a random point of 3 instances' random schedule: at most one window's worth over, and only in the window after the wipe", async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(scheduleOp(200), { minLength: 5, maxLength: 25 }),
+        fc.integer({ min: 0, max: 200 }),
+        async (ops, wipeAt) => {
+          const name = fresh();
+          const t0 = performance.now();
+          const wipe = new Promise((r) => setTimeout(r, wipeAt)).then(
+            async () => {
+              await ioredis.del(keyOf(name));
+              return performance.now() - t0;
+            },
+          );
+          const grants = await runSchedule(ops, name, t0);
+          const wipedAt = await wipe;
+          // At most 10 in any window, but at most 20 (never unlimited) in
+          // those that overlap the one window after the wipe.
+          return withinModel(
+            grants,
+            (start) => start + 110 > wipedAt && start < wipedAt + 150 ? 20 : 10,
+          );
+        },
+      ),
+      { numRuns: 15 },
+    );
+  });
+
+  it(
+    "Redis restarted empty within timeoutMs: a waiting acquire goes on, no error; limits hold after; gone longer: RedisLimiterError",
+    async () => {
+      const own = await startRedis();
+      const client = createClient({
+        url: own.url,
+        socket: {
+          reconnectStrategy: (n: number) => Math.min(50 * (n + 1), 200),
+        },
+      });
+      client.on("error", () => {});
+      await client.connect();
+      const redis: RedisRateLimiterOptions["redis"] = (s, k, a) =>
+        client.eval(s, { keys: k, arguments: a });
+      const name = fresh();
+      const limiter = new RedisRateLimiter({
+        redis,
+        name,
+        windows: [{ key: "requests", limit: 5, ms: 3000 }],
+        marginMs: 0,
+        timeoutMs: 2500,
+      });
+      let again: Awaited<ReturnType<typeof startRedis>> | undefined;
+      try {
+        const t0 = performance.now();
+        for (let i = 0; i < 5; i++) await limiter.acquire();
+        await own.kill();
+        // Asked while Redis is gone; it comes back empty 600 ms later.
+        const waiting = limiter.acquire();
+        await new Promise((r) => setTimeout(r, 600));
+        again = await startRedis(own.port);
+        await waiting; // no RedisLimiterError: a blip
+        // Redis was empty, yet the window still held the 5 granted before.
+        expect(performance.now() - t0).toBeGreaterThanOrEqual(3000 - 40);
+        expect((await limiter.refresh())[0]!.limit).toBe(5);
+        // Gone for longer than timeoutMs: an outage, fails closed.
+        await again.kill();
+        const e = await limiter.acquire().catch((x) => x);
+        expect(e).toBeInstanceOf(RedisLimiterError);
+        expect(e.message).toMatch(
+          /Redis (failed .* did not come back|did not answer) within 2500 ms; nothing was admitted/,
+        );
+      } finally {
+        if (client.isOpen) client.destroy();
+        await again?.kill();
+        await own.kill();
+      }
+    },
+    20_000,
+  );
 });

@@ -5,4 +5,4 @@ export interface RedisServer {
   kill(): Promise<void>;
 }
 export function freePort(): Promise<number>;
-export function startRedis(): Promise<RedisServer>;
+export function startRedis(port?: number): Promise<RedisServer>;

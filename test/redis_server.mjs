@@ -33,9 +33,13 @@ function ping(port) {
   });
 }
 
-/** Starts `redis-server` and waits until it answers PING. */
-export async function startRedis() {
-  const port = /** @type {number} */ (await freePort());
+/**
+ * Starts `redis-server` and waits until it answers PING: on a free port, or
+ * on `port` (a restart where an earlier one ran, as after a crash).
+ * @param {number} [port]
+ */
+export async function startRedis(port) {
+  port ??= /** @type {number} */ (await freePort());
   const child = spawn("redis-server", [
     "--port",
     String(port),
@@ -66,7 +70,9 @@ export async function startRedis() {
     port,
     /** Stops the server (SIGKILL: what a crash looks like to clients). */
     kill: () => /** @type {Promise<void>} */ (new Promise((resolve) => {
-      if (child.exitCode !== null) return resolve();
+      if (child.exitCode !== null || child.signalCode !== null) {
+        return resolve();
+      }
       child.once("exit", () => resolve());
       child.kill("SIGKILL");
     })),
