@@ -1557,6 +1557,13 @@ export class RedisLimiterError extends Error {
 }
 
 /**
+ * Entry numbers of a new shared state start at `EPOCH_BASE ×` its start
+ * time (Redis ms): above any number an earlier state could have reached
+ * (fewer than this many entries per ms), and exact in a double.
+ */
+const EPOCH_BASE = 1024;
+
+/**
  * The one script every {@linkcode RedisRateLimiter} call runs. All state of
  * a name lives in one hash (`KEYS[1]`), so Redis Cluster sees one key:
  *
@@ -1573,13 +1580,6 @@ export class RedisLimiterError extends Error {
  * pointers only move forward, so a call costs O(windows) amortized however
  * many entries a window holds. Times are Redis `TIME` in ms.
  */
-/**
- * Entry numbers of a new shared state start at `EPOCH_BASE ×` its start
- * time (Redis ms): above any number an earlier state could have reached
- * (fewer than this many entries per ms), and exact in a double.
- */
-const EPOCH_BASE = 1024;
-
 const REDIS_SCRIPT = `
 local K = KEYS[1]
 -- ARGV[1]: the operation, then what the calling instance holds: its windows
@@ -1598,17 +1598,23 @@ local function s(x)
   if x == math.floor(x) and math.abs(x) < 1e15 then return string.format('%d', x) end
   return string.format('%.17g', x)
 end
-local ws = {}
-for spec in string.gmatch(cfg, '[^;]+') do
-  local key, ms, limit, margin = string.match(spec, '^(.*)|([^|]+)|([^|]+)|([^|]+)$')
-  ws[#ws + 1] = { key = key, ms = tonumber(ms), limit = tonumber(limit), margin = tonumber(margin) }
-end
 local function prep(w)
   w.life = w.ms + w.margin
   w.id = w.key .. '|' .. s(w.ms)
   if w.ms > 3600000 then w.bucket = w.ms / 1024 else w.bucket = 0 end
 end
-for _, w in ipairs(ws) do prep(w) end
+-- The windows of a configuration "key|ms|limit|margin;…".
+local function parse(spec)
+  local out = {}
+  for one in string.gmatch(spec, '[^;]+') do
+    local key, ms, limit, margin = string.match(one, '^(.*)|([^|]+)|([^|]+)|([^|]+)$')
+    local w = { key = key, ms = tonumber(ms), limit = tonumber(limit), margin = tonumber(margin) }
+    prep(w)
+    out[#out + 1] = w
+  end
+  return out
+end
+local ws = parse(cfg)
 local function save()
   local parts = {}
   for i, w in ipairs(ws) do
@@ -1800,13 +1806,8 @@ if cfg == '' and mycfg ~= '' or not epoch then
   redis.call('HSET', K, 'epoch', epoch)
   if cfg == '' and mycfg ~= '' then
     cfg = mycfg
-    ws = {}
-    for spec in string.gmatch(cfg, '[^;]+') do
-      local key, ms, limit, margin = string.match(spec, '^(.*)|([^|]+)|([^|]+)|([^|]+)$')
-      ws[#ws + 1] = { key = key, ms = tonumber(ms), limit = tonumber(limit), margin = tonumber(margin) }
-    end
+    ws = parse(cfg)
     for _, w in ipairs(ws) do
-      prep(w)
       w.h, w.p, w.n, w.hs, w.ts, w.dirty = base, base, base, 0, 0, true
     end
     save()
