@@ -46,20 +46,27 @@ import { dirname, join, resolve } from "node:path";
 import process from "node:process";
 import { createInterface } from "node:readline";
 import { pathToFileURL } from "node:url";
+import { parseArgs } from "node:util";
 import {
+  assembleStream,
+  type BatchOutcome,
   type Cost,
   estimateCost,
   HttpError,
   mapConcurrentUnordered,
   parseRetryAfter,
+  type Provider,
+  providerOf,
+  providers,
+  type RateLimitedFetch,
   rateLimitedFetch,
   type RateLimiter,
   type RateLimiterOptions,
   type RedisEval,
   RedisLimiterError,
   RedisRateLimiter,
-  SseParser,
   type Stats,
+  windowLoads,
   type WindowSpec,
   type WindowUsage,
 } from "./mod.ts";
@@ -70,7 +77,9 @@ const VERSION = "0.1.0";
 /** The library's default `maxRetryAfterMs`: longer server-told waits fail the line at once. */
 const MAX_RETRY_AFTER_MS = 120_000;
 
-const HELP = `paceline ${VERSION}: rate-limited batch runs against LLM APIs
+/** The help: commands, input formats, and every flag of the tables below. */
+function helpText(): string {
+  return `paceline ${VERSION}: rate-limited batch runs against LLM APIs
 
 Usage:
   paceline run <input.jsonl> [options]   run a batch; results in input order
@@ -84,46 +93,7 @@ Input: JSONL in the providers' batch formats (detected per file):
              /v1/completions, /v1/moderations; a file may mix them and models
 
 Options for run:
-  -o, --output FILE      results file (default: <input>.results.jsonl); an existing
-                         partial file is checked and resumed
-  --provider P           anthropic | openai (default: from the input format)
-  --base-url URL         API base URL (relays); default ANTHROPIC_BASE_URL /
-                         OPENAI_BASE_URL, else the provider's
-  --rpm N --rpd N        requests per minute / day
-  --itpm N --otpm N      input / output tokens per minute
-  --tpm N --tpd N        tokens (input + output) per minute / day
-                         limits you do not give are learned from response
-                         headers, for each model (the provider's limits are per model)
-  --per-model            the limits given apply to each model separately
-                         (default: to all requests together, as a relay's might)
-  --per-key              everything for the key as a whole, learned limits too
-  --redis URL            share the limits (given, learned, pauses) with every
-                         process on this key through Redis (needs npm install redis;
-                         Bun uses its built-in client)
-  --limiter-name NAME    the shared limits' name (default: provider, base URL and
-                         a hash of the key; never the key)
-  --shard K/N            run only share K of N (line i goes to shard i mod N + 1);
-                         N processes cover the file exactly once, each with its own
-                         output (default <input>.shard-K-of-N.results.jsonl) and resume
-  --concurrency N        most requests in flight (default 8)
-  --retries N            retries per request (default 5)
-  --stream               use streaming requests (Messages and chat completions;
-                         other endpoints are sent whole)
-  --quiet                no progress output
-  --window-ms N          length of a "minute" (default 60000; for simulators)
-  --margin-ms N          extra time each request is counted in its windows
-                         (default 0.5 % of the window, at most 1000; 0 = exact)
-  --progress-ms N        progress line interval when stderr is not a terminal
-                         (default 3000)
-  --retry-errored        also redo lines whose recorded result is errored (e.g. 5xx
-                         after all retries); the output is rewritten in input order
-  --report FILE.html     write a self-contained page: each limit's use over
-                         time, 429s and retries, latency, totals, and which
-                         limit bound the run (--lang zh|en; default from LANG)
-  --dry-run              validate and plan only: request and token totals (input
-                         estimated, output at max_tokens) and the least time the
-                         limits given allow, naming the binding limit (per model
-                         with --per-model); sends nothing
+${flagHelp(RUN_FLAGS)}
 
 Every flag takes --flag value or --flag=value. One run per output: a second run
 on the same output exits 2 while the first is running (<output>.lock); the
@@ -142,19 +112,12 @@ Exit codes: 0 all succeeded; 1 some lines errored (results written);
 quota/billing 429: nothing more sent, those not recorded; fix it and run again);
 130 interrupted (run again to resume).
 `;
+}
 
 /** A usage or input error: exit code 2, nothing sent. */
 class UsageError extends Error {
   override name = "UsageError";
 }
-
-type Provider = "anthropic" | "openai";
-
-/** The batch formats' names, for messages. */
-const FORMAT_NAMES: Record<Provider, string> = {
-  anthropic: 'Anthropic batch ("params")',
-  openai: 'OpenAI batch ("body")',
-};
 
 interface Item {
   line: number;
@@ -164,24 +127,11 @@ interface Item {
   body: Record<string, unknown>;
 }
 
-/**
- * The OpenAI Batch endpoints that return text or vectors, and the body
- * field each cannot do without.
- */
-const OPENAI_ENDPOINTS: Record<string, "messages" | "input" | "prompt"> = {
-  "/v1/chat/completions": "messages",
-  "/v1/responses": "input",
-  "/v1/completions": "prompt",
-  "/v1/embeddings": "input",
-  "/v1/moderations": "input",
-};
-/** Endpoints that can stream (`--stream`); the others are sent whole. */
-const STREAMING = new Set(["/v1/messages", "/v1/chat/completions"]);
-
 interface RunOptions {
   input: string;
   output: string;
-  provider?: Provider;
+  /** `--provider`: a provider's name; the input's format must be its. */
+  provider?: string;
   baseURL?: string;
   apiKey?: string;
   limits: Record<string, number>;
@@ -526,58 +476,46 @@ function parseLine(
       }`,
     );
   }
-  const kind: Provider | undefined = "params" in o
-    ? "anthropic"
-    : "body" in o
-    ? "openai"
-    : undefined;
+  const kind = providers.find((p) => p.batch.bodyField in o);
   if (!kind) {
     throw new UsageError(
-      `line ${n}: neither an Anthropic batch line ("params") nor an OpenAI batch line ("body")`,
+      `line ${n}: neither ${
+        providers.map((p) => `an ${p.batch.name} line`).join(" nor ")
+      }`,
     );
   }
   if (format.provider && format.provider !== kind) {
     throw new UsageError(
-      `line ${n}: an ${FORMAT_NAMES[kind]} line in a file of ${
-        FORMAT_NAMES[format.provider]
-      } lines: one format per file`,
+      `line ${n}: an ${kind.batch.name} line in a file of ${format.provider.batch.name} lines: one format per file`,
     );
   }
   format.provider = kind;
-  const body = (kind === "anthropic" ? o.params : o.body) as Record<
-    string,
-    unknown
-  >;
-  const where = kind === "anthropic" ? "params" : "body";
+  const where = kind.batch.bodyField;
+  const body = o[where] as Record<string, unknown>;
   if (typeof body !== "object" || body === null || Array.isArray(body)) {
     throw new UsageError(`line ${n}: "${where}" must be a JSON object`);
   }
-  let path = "/v1/messages";
-  if (kind === "openai") {
-    if (typeof o.url !== "string" || !(o.url in OPENAI_ENDPOINTS)) {
-      throw new UsageError(
-        `line ${n}: "url" must be one of ${
-          Object.keys(OPENAI_ENDPOINTS).join(", ")
-        }: received ${JSON.stringify(o.url)}`,
-      );
-    }
-    path = o.url;
-    if (o.method !== undefined && o.method !== "POST") {
-      throw new UsageError(
-        `line ${n}: "method" must be "POST": received ${
-          JSON.stringify(o.method)
-        }`,
-      );
-    }
+  let path: string;
+  try {
+    path = kind.batch.pathOf(o);
+  } catch (e) {
+    throw new UsageError(`line ${n}: ${(e as Error).message}`);
   }
   checkBody(n, kind, path, body);
   return { line: n, customId: o.custom_id, path, body };
 }
 
+/** Every output cap any endpoint knows: each must be a positive integer where given. */
+const OUTPUT_CAPS = [
+  ...new Set(
+    providers.flatMap((p) => p.endpoints.flatMap((e) => e.outputCaps)),
+  ),
+];
+
 /**
  * What a request body cannot do without: the endpoint's own field
- * (`messages`, `input`, `prompt`), and output caps that are positive
- * integers. Throws a UsageError naming the line and the field.
+ * (`messages`, `input`, `prompt`) and required fields, and output caps that
+ * are positive integers. Throws a UsageError naming the line and the field.
  */
 function checkBody(
   n: number,
@@ -585,8 +523,9 @@ function checkBody(
   path: string,
   body: Record<string, unknown>,
 ): void {
-  const where = kind === "anthropic" ? "params" : "body";
-  const field = kind === "anthropic" ? "messages" : OPENAI_ENDPOINTS[path]!;
+  const where = kind.batch.bodyField;
+  const endpoint = kind.endpoints.find((e) => e.path === path)!;
+  const field = endpoint.needs;
   const given = body[field];
   if (field === "messages" ? !Array.isArray(given) : !isInput(given)) {
     throw new UsageError(
@@ -594,7 +533,7 @@ function checkBody(
         field === "messages"
           ? `a "messages" array`
           : `"${field}" (a string or a non-empty array)`
-      }${kind === "openai" ? ` for ${path}` : ""}`,
+      }${kind.endpoints.length > 1 ? ` for ${path}` : ""}`,
     );
   }
   if (field === "messages" && (given as unknown[]).length === 0) {
@@ -602,12 +541,12 @@ function checkBody(
       `line ${n}: "${where}.messages" is empty: it needs at least one message`,
     );
   }
-  if (kind === "anthropic" && body.max_tokens === undefined) {
-    throw new UsageError(`line ${n}: "params.max_tokens" is required`);
+  for (const required of endpoint.requires) {
+    if (body[required] === undefined) {
+      throw new UsageError(`line ${n}: "${where}.${required}" is required`);
+    }
   }
-  for (
-    const cap of ["max_tokens", "max_completion_tokens", "max_output_tokens"]
-  ) {
+  for (const cap of OUTPUT_CAPS) {
     const x = body[cap];
     if (
       x !== undefined && x !== null &&
@@ -686,13 +625,10 @@ interface Endpoint {
 }
 
 function endpoint(o: RunOptions, p: Provider): Endpoint {
-  const keyVar = p === "anthropic" ? "ANTHROPIC_API_KEY" : "OPENAI_API_KEY";
-  const envURL = p === "anthropic" ? "ANTHROPIC_BASE_URL" : "OPENAI_BASE_URL";
+  const keyVar = p.keyVar;
   const apiKey = o.apiKey ?? (process.env[keyVar] || undefined);
-  const baseURL = (o.baseURL ?? (process.env[envURL] || undefined))?.replace(
-    /\/+$/,
-    "",
-  );
+  const baseURL = (o.baseURL ?? (process.env[p.baseURLVar] || undefined))
+    ?.replace(/\/+$/, "");
   if (!apiKey && !baseURL) {
     throw new UsageError(
       `no API key: set ${keyVar} (or give --base-url for a relay or simulator that needs none). Nothing was sent.`,
@@ -703,23 +639,13 @@ function endpoint(o: RunOptions, p: Provider): Endpoint {
       `${keyVar} has characters an HTTP header cannot carry`,
     );
   }
-  const base = baseURL ??
-    (p === "anthropic"
-      ? "https://api.anthropic.com"
-      : "https://api.openai.com/v1");
-  // Anthropic's base is the host (the SDK's convention; "/v1" tolerated),
-  // OpenAI's ends in /v1 (the SDK's convention).
-  const url = p === "anthropic"
-    ? () => `${base}${/\/v1$/.test(base) ? "" : "/v1"}/messages`
-    : (path: string) => `${base}${path.replace(/^\/v1/, "")}`;
-  const headers: Record<string, string> = {
-    "content-type": "application/json",
+  const base = baseURL ?? p.baseURL;
+  return {
+    url: (path) => p.url(base, path),
+    headers: p.headers(apiKey),
+    apiKey,
+    keyVar,
   };
-  if (p === "anthropic") {
-    headers["anthropic-version"] = "2023-06-01";
-    if (apiKey) headers["x-api-key"] = apiKey;
-  } else if (apiKey) headers["authorization"] = `Bearer ${apiKey}`;
-  return { url, headers, apiKey, keyVar };
 }
 
 /** A window given on the command line, with the flag that gave it. */
@@ -922,12 +848,11 @@ function totalOf(
   return t;
 }
 
-/** The body field that caps an answer's length on this request. */
-function outputCap(body: Record<string, unknown>): string {
-  for (const f of ["max_completion_tokens", "max_output_tokens"]) {
-    if (f in body) return f;
-  }
-  return "max_tokens";
+/** The body field that caps an answer's length on a request: the first one it sets, else the endpoint's own. */
+function outputCap(path: string, body: Record<string, unknown>): string {
+  const caps = providerOf(`https://api${path}`)?.endpoint.outputCaps ?? [];
+  return caps.find((f) => body[f] !== undefined && body[f] !== null) ??
+    caps[0] ?? "max_tokens";
 }
 
 /**
@@ -941,10 +866,12 @@ async function checkFits(
   shard: Shard | undefined,
 ): Promise<void> {
   if (!windows.length) return;
-  for await (const { line, cost, body } of estimates(input, wanted, shard)) {
+  for await (
+    const { line, cost, body, path } of estimates(input, wanted, shard)
+  ) {
     const inTok = cost.inputTokens ?? 0;
     const outTok = cost.outputTokens ?? 0;
-    const cap = outputCap(body);
+    const cap = outputCap(path, body);
     for (const w of windows) {
       const amount: Record<string, [number, string, string]> = {
         requests: [1, "one request", "raise it"],
@@ -982,7 +909,13 @@ async function* estimates(
   wanted: (i: number) => boolean = () => true,
   shard?: Shard,
 ): AsyncGenerator<
-  { line: number; cost: Cost; model: string; body: Record<string, unknown> }
+  {
+    line: number;
+    cost: Cost;
+    model: string;
+    body: Record<string, unknown>;
+    path: string;
+  }
 > {
   let i = -1;
   for await (const [line, text] of lines(input, shard)) {
@@ -994,6 +927,7 @@ async function* estimates(
       cost: estimateCost(`https://api${item.path}`, item.body),
       model: typeof model === "string" ? model : "",
       body: item.body,
+      path: item.path,
     };
   }
 }
@@ -1004,13 +938,7 @@ async function* estimates(
 // =============================================================================
 
 /** What one request came to; becomes one result line. */
-interface Outcome {
-  ok: boolean;
-  status?: number;
-  body?: unknown;
-  requestId?: string;
-  errorType?: string;
-  message?: string;
+interface Outcome extends BatchOutcome {
   /** A quota/billing 429: the provider's code. */
   quota?: string;
   /** What we add to the server's message, e.g. that its long wait was obeyed. */
@@ -1142,15 +1070,9 @@ async function perform(
   stream: boolean,
   signal: AbortSignal,
 ): Promise<Outcome | undefined> {
-  stream &&= STREAMING.has(item.path);
+  stream &&= provider.endpoints.some((e) => e.path === item.path && e.streams);
   const body = stream
-    ? {
-      ...item.body,
-      stream: true,
-      ...(provider === "openai"
-        ? { stream_options: { include_usage: true } }
-        : {}),
-    }
+    ? provider.streamBody(item.body)
     : { ...item.body, stream: false };
   try {
     const response = await f(ep.url(item.path), {
@@ -1239,107 +1161,6 @@ function fatalOf(outcome: Outcome): string | undefined {
     return `the account's quota, credit or spend limit is exhausted (HTTP 429 ${outcome.quota})`;
   }
   return undefined;
-}
-
-async function assembleStream(
-  provider: Provider,
-  response: Response,
-): Promise<unknown> {
-  const parser = new SseParser();
-  const decoder = new TextDecoder();
-  const reader = response.body!.getReader();
-  let message: Record<string, unknown> | undefined;
-  const blocks: Record<string, unknown>[] = [];
-  let text = "";
-  let usage: unknown;
-  let finish: unknown = null;
-  let done = false;
-  const apply = (data: Record<string, unknown>): void => {
-    if (provider === "anthropic") {
-      if (data.type === "error") {
-        const e = data.error as { type?: string; message?: string };
-        throw new HttpError(500, {
-          type: e?.type,
-          message: `${e?.message} (in the stream)`,
-        });
-      }
-      if (data.type === "message_start") {
-        message = { ...(data.message as object) } as Record<string, unknown>;
-      }
-      if (data.type === "content_block_start") {
-        blocks[data.index as number] = { ...(data.content_block as object) };
-      }
-      if (data.type === "content_block_delta") {
-        const b = blocks[data.index as number];
-        const d = data.delta as { text?: string };
-        if (b && typeof d.text === "string") {
-          b.text = String(b.text ?? "") + d.text;
-        }
-      }
-      if (data.type === "message_delta" && message) {
-        Object.assign(message, data.delta as object);
-        message.usage = {
-          ...(message.usage as object),
-          ...(data.usage as object),
-        };
-      }
-      if (data.type === "message_stop") done = true;
-    } else {
-      if (data.error) {
-        throw new HttpError(500, {
-          type: "server_error",
-          message: "error in the stream",
-        });
-      }
-      message ??= {
-        id: data.id,
-        object: "chat.completion",
-        created: data.created,
-        model: data.model,
-      };
-      const c = (data.choices as {
-        delta?: { content?: string };
-        finish_reason?: unknown;
-      }[] | undefined)?.[0];
-      if (c?.delta?.content) text += c.delta.content;
-      if (c?.finish_reason) finish = c.finish_reason;
-      if (data.usage) usage = data.usage;
-    }
-  };
-  for (;;) {
-    const { value, done: end } = await reader.read();
-    const events = end
-      ? parser.end()
-      : parser.push(decoder.decode(value, { stream: true }));
-    for (const e of events) {
-      if (e.data === "[DONE]") {
-        done = true;
-        continue;
-      }
-      try {
-        apply(JSON.parse(e.data));
-      } catch (err) {
-        if (err instanceof HttpError) throw err;
-      }
-    }
-    if (end) break;
-  }
-  if (!done) {
-    throw new HttpError(502, {
-      type: "incomplete_stream",
-      message: "The stream ended early",
-    });
-  }
-  if (provider === "anthropic") return { ...message, content: blocks };
-  return {
-    ...message,
-    choices: [{
-      index: 0,
-      message: { role: "assistant", content: text },
-      finish_reason: finish,
-    }],
-    usage,
-  };
 }
 
 // =============================================================================
@@ -1616,35 +1437,12 @@ function noted(body: unknown, note: string | undefined): unknown {
 }
 
 function resultLine(provider: Provider, item: Item, outcome: Outcome): string {
-  const body = outcome.ok ? outcome.body : noted(outcome.body, outcome.note);
-  if (provider === "anthropic") {
-    const result = outcome.ok ? { type: "succeeded", message: outcome.body } : {
-      type: "errored",
-      error: body && typeof body === "object" && "error" in body ? body : {
-        type: "error",
-        error: {
-          type: outcome.errorType ?? "api_error",
-          message: outcome.message,
-        },
-      },
-    };
-    return JSON.stringify({ custom_id: item.customId, result });
-  }
-  return JSON.stringify({
-    id: `batch_req_${item.line}`,
-    custom_id: item.customId,
-    response: outcome.status
-      ? {
-        status_code: outcome.status,
-        request_id: outcome.requestId ?? null,
-        body,
-      }
-      : null,
-    error: outcome.status ? null : {
-      code: outcome.errorType ?? "network_error",
-      message: outcome.message,
-    },
-  });
+  const result: BatchOutcome = outcome.ok
+    ? outcome
+    : { ...outcome, body: noted(outcome.body, outcome.note) };
+  return JSON.stringify(
+    provider.batch.result(item.customId, item.line, result),
+  );
 }
 
 // =============================================================================
@@ -1985,23 +1783,20 @@ function limiterNameFor(provider: Provider, ep: Endpoint): string {
     ? createHash("sha256").update(ep.apiKey).digest("hex").slice(0, 16)
     : "no-key";
   const base = new URL(ep.url("/v1/messages")).host;
-  return `${provider}:${base}:${hash}`;
+  return `${provider.name}:${base}:${hash}`;
 }
 
 async function runBatch(
   o: RunOptions,
-  shared: (
-    name: string,
-  ) => Promise<(options: RateLimiterOptions) => RedisRateLimiter>,
+  shared: SharedLimits,
 ): Promise<number> {
   // 1. Read & validate: the whole input, before anything is sent.
   const { provider, ids, paths } = await validate(o.input, o.shard);
-  if (o.provider && o.provider !== provider) {
+  if (o.provider && o.provider !== provider.name) {
     throw new UsageError(
-      `--provider ${o.provider} but the input is in the ${provider} batch format`,
+      `--provider ${o.provider} but the input is in the ${provider.name} batch format`,
     );
   }
-  const count = ids.length;
   if (o.dryRun) {
     const all = (): boolean => true;
     await checkFits(o.input, all, windowsFor(o.limits, o.windowMs), o.shard);
@@ -2016,65 +1811,146 @@ async function runBatch(
     );
     return 0;
   }
-  // 2. Plan: endpoint, limits, and what earlier runs already finished.
-  const ep = endpoint(o, provider);
-  const prior = scanOutput(o.output, ids);
-  const { journal, entries, ignored } = Journal.open(
-    `${o.output}.journal`,
-    ids,
-  );
-  const work = planWork(count, prior, entries, o.retryErrored ?? false);
-  const gate = new SendGate();
-  const limits: RateLimiterOptions = {
-    windows: windowsFor(o.limits, o.windowMs).map(({ key, limit, ms }) => ({
-      key,
-      limit,
-      ms,
-    })),
-    ...(o.marginMs !== undefined ? { marginMs: o.marginMs } : {}),
-  };
-  const f = rateLimitedFetch({
-    limiter: o.redis
-      ? (await shared(o.limiterName ?? limiterNameFor(provider, ep)))(limits)
-      : limits,
-    concurrency: o.concurrency,
-    retry: {
-      retries: o.retries,
-      maxRetryAfterMs: MAX_RETRY_AFTER_MS,
-      // Once stopping, nothing is retried: an attempt that fails then is
-      // no result, and the line runs again next time.
-      shouldRetry: (e) => (gate.stopping || isStop(e) ? false : undefined),
+  // 2. Plan; 3–5. execute, record, emit; 6. report.
+  const batch = await BatchRun.plan(o, provider, ids, shared);
+  batch.announce(paths);
+  await batch.execute();
+  return batch.conclude();
+}
+
+/** Opens the limits shared through `--redis` under a name. */
+type SharedLimits = (
+  name: string,
+) => Promise<(options: RateLimiterOptions) => RedisRateLimiter>;
+
+/** A line to send, with its index among the run's lines. */
+type Todo = Item & { index: number };
+
+/**
+ * One batch run from its plan on: the fetch under the limits, the journal
+ * and the ordered output; then sending, recording and the final word.
+ */
+class BatchRun {
+  readonly o: RunOptions;
+  readonly provider: Provider;
+  readonly ep: Endpoint;
+  readonly work: Work;
+  readonly journal: Journal;
+  readonly output: OrderedOutput;
+  readonly f: RateLimitedFetch;
+  readonly gate: SendGate;
+  readonly count: number;
+  #ignored: number;
+  #hardStop = new AbortController();
+  #stopping: "signal" | "fatal" | undefined;
+  #fatal: { why: string; outcome: Outcome; line: number } | undefined;
+  #interruptedBy: string | undefined;
+  #signals = 0;
+  #finished = 0; // results recorded in this run
+  #errors = 0;
+  #startedAt = performance.now();
+  #lastProgress = 0;
+
+  private constructor(
+    o: RunOptions,
+    provider: Provider,
+    planned: {
+      ep: Endpoint;
+      work: Work;
+      journal: Journal;
+      ignored: number;
+      output: OrderedOutput;
+      f: RateLimitedFetch;
+      gate: SendGate;
+      count: number;
     },
-    learn: { windowMs: o.windowMs },
-    perModel: o.perModel ?? "learned",
-    // The send hook: once the run is stopping, nothing more goes out.
-    fetch: gate.send(globalThis.fetch),
-  });
-  let output: OrderedOutput | undefined;
-  try {
-    await checkFits(
-      o.input,
-      work.needs,
-      windowsFor(o.limits, o.windowMs),
-      o.shard,
-    );
-    output = new OrderedOutput(o.output, work, journal);
-    output.flush(); // results journaled by an earlier run that are next in order
-  } catch (e) {
-    journal.close();
-    if (work.toSend === count && !existsSync(o.output)) {
-      rmSync(journal.path, { force: true }); // nothing was there: leave nothing
-    }
-    throw e;
+  ) {
+    this.o = o;
+    this.provider = provider;
+    this.ep = planned.ep;
+    this.work = planned.work;
+    this.journal = planned.journal;
+    this.#ignored = planned.ignored;
+    this.output = planned.output;
+    this.f = planned.f;
+    this.gate = planned.gate;
+    this.count = planned.count;
   }
-  const available = count - work.toSend;
-  if (!o.quiet) {
+
+  /** Stage 2: the endpoint, the limits, and what earlier runs already finished. */
+  static async plan(
+    o: RunOptions,
+    provider: Provider,
+    ids: string[],
+    shared: SharedLimits,
+  ): Promise<BatchRun> {
+    const ep = endpoint(o, provider);
+    const count = ids.length;
+    const prior = scanOutput(o.output, ids);
+    const { journal, entries, ignored } = Journal.open(
+      `${o.output}.journal`,
+      ids,
+    );
+    const work = planWork(count, prior, entries, o.retryErrored ?? false);
+    const gate = new SendGate();
+    const windows = windowsFor(o.limits, o.windowMs);
+    const limits: RateLimiterOptions = {
+      windows: windows.map(({ key, limit, ms }) => ({ key, limit, ms })),
+      ...(o.marginMs !== undefined ? { marginMs: o.marginMs } : {}),
+    };
+    const f = rateLimitedFetch({
+      limiter: o.redis
+        ? (await shared(o.limiterName ?? limiterNameFor(provider, ep)))(limits)
+        : limits,
+      concurrency: o.concurrency,
+      retry: {
+        retries: o.retries,
+        maxRetryAfterMs: MAX_RETRY_AFTER_MS,
+        // Once stopping, nothing is retried: an attempt that fails then is
+        // no result, and the line runs again next time.
+        shouldRetry: (e) => (gate.stopping || isStop(e) ? false : undefined),
+      },
+      learn: { windowMs: o.windowMs },
+      perModel: o.perModel ?? "learned",
+      // The send hook: once the run is stopping, nothing more goes out.
+      fetch: gate.send(globalThis.fetch),
+    });
+    let output: OrderedOutput;
+    try {
+      await checkFits(o.input, work.needs, windows, o.shard);
+      output = new OrderedOutput(o.output, work, journal);
+      output.flush(); // results journaled by an earlier run that are next in order
+    } catch (e) {
+      journal.close();
+      if (work.toSend === count && !existsSync(o.output)) {
+        rmSync(journal.path, { force: true }); // nothing was there: leave nothing
+      }
+      throw e;
+    }
+    return new BatchRun(o, provider, {
+      ep,
+      work,
+      journal,
+      ignored,
+      output,
+      f,
+      gate,
+      count,
+    });
+  }
+
+  /** Says what is to run, and what it found from earlier runs. */
+  announce(paths: Set<string>): void {
+    const { o, work, count } = this;
+    if (o.quiet) return;
+    const prior = work.prior;
+    const available = count - work.toSend;
     const from = [
       available && prior.done ? `${prior.done} in the output` : "",
       work.journaled.size ? `${work.journaled.size} in the journal` : "",
     ].filter(Boolean).join(", ");
     o.err(
-      `paceline: ${work.toSend} of ${count} ${provider} requests to run${
+      `paceline: ${work.toSend} of ${count} ${this.provider.name} requests to run${
         available
           ? ` (${available} already have results${from ? `: ${from}` : ""})`
           : ""
@@ -2091,148 +1967,196 @@ async function runBatch(
         }); paceline runs it as is, OpenAI's Batch API would want one file per endpoint\n`,
       );
     }
-    if (ignored) {
+    if (this.#ignored) {
       o.err(
-        `paceline: ${ignored} torn line(s) in ${journal.path} ignored (a crash mid-write); those requests run again\n`,
+        `paceline: ${this.#ignored} torn line(s) in ${this.journal.path} ignored (a crash mid-write); those requests run again\n`,
       );
     }
   }
 
-  // 3–5. Execute, record, emit.
-  const hardStop = new AbortController();
-  let stopping: "signal" | "fatal" | undefined;
-  let fatal: { why: string; outcome: Outcome; line: number } | undefined;
-  const stop = (why: "signal" | "fatal"): void => {
-    stopping ??= why;
-    gate.stop();
-  };
-  let signalCount = 0;
-  let interruptedBy: string | undefined;
-  const onSignal = (name?: unknown): void => {
-    if (++signalCount === 1) {
-      interruptedBy = typeof name === "string" ? name : "a signal";
-      f.stats.note(`interrupted by ${interruptedBy}`);
-      stop("signal");
-      if (!o.quiet) {
-        o.err(
-          "\npaceline: stopping: finishing requests in flight (again to abort them)\n",
-        );
+  /** Stages 3–5: send every line that needs it, record each result, emit in order. */
+  async execute(): Promise<void> {
+    const o = this.o;
+    const onSignal = (name?: unknown): void => this.#onSignal(name);
+    if (o.signals !== false) {
+      process.on("SIGINT", onSignal);
+      process.on("SIGTERM", onSignal);
+    }
+    const ticker = setInterval(() => {
+      this.#progress();
+      // The report's charts: each window's use, also while nothing is sent.
+      if (o.report) this.f.stats.sample({ windows: windowLoads(this.f) });
+    }, Math.min(this.#interval(), 1000));
+    try {
+      // Unordered: a line sleeping in backoff holds nothing back; order is
+      // restored by the output stage, from the journal. The pool is larger
+      // than the in-flight bound (`--concurrency`, enforced by the fetch) so
+      // lines waiting out a backoff do not idle the connection slots.
+      const results = mapConcurrentUnordered(
+        this.#todo(),
+        (item, _i, signal) => this.#send(item, signal),
+        { concurrency: Math.max(o.concurrency * 2, 16) },
+      );
+      for await (const { value: { item, outcome } } of results) {
+        this.#record(item, outcome);
       }
-    } else hardStop.abort(new Error("interrupted"));
-  };
-  if (o.signals !== false) {
-    process.on("SIGINT", onSignal);
-    process.on("SIGTERM", onSignal);
+    } finally {
+      clearInterval(ticker);
+      if (o.signals !== false) {
+        process.off("SIGINT", onSignal);
+        process.off("SIGTERM", onSignal);
+      }
+      this.output.close();
+      if (this.output.next === this.count) this.journal.remove();
+      else this.journal.close();
+    }
   }
-  async function* todo(): AsyncGenerator<Item & { index: number }> {
+
+  /** The lines that need a request, read lazily; none once stopping. */
+  async *#todo(): AsyncGenerator<Todo> {
     let i = -1;
-    for await (const [line, text] of lines(o.input, o.shard)) {
-      if (stopping) return;
+    for await (const [line, text] of lines(this.o.input, this.o.shard)) {
+      if (this.#stopping) return;
       if (text.trim() === "") continue;
-      if (!work.needs(++i)) continue;
+      if (!this.work.needs(++i)) continue;
       yield { ...parseLine(line, text, {}), index: i };
     }
   }
-  const startedAt = performance.now();
-  let finished = 0; // results recorded in this run
-  let errors = 0;
-  let lastProgress = 0;
-  const interval = o.isTTY ? 200 : o.progressMs ?? 3000;
-  const progress = (final = false): void => {
+
+  /** Sends one line through the gate. */
+  async #send(
+    item: Todo,
+    signal: AbortSignal,
+  ): Promise<{ item: Todo; outcome: Outcome | undefined }> {
+    const s = this.gate.open(AbortSignal.any([signal, this.#hardStop.signal]));
+    try {
+      const o = this.o;
+      return {
+        item,
+        outcome: await perform(
+          this.f,
+          this.provider,
+          this.ep,
+          item,
+          o.stream,
+          s,
+        ),
+      };
+    } finally {
+      this.gate.close(s);
+    }
+  }
+
+  /** Journals one line's outcome and hands it to the ordered output; a fatal one stops the run. */
+  #record(item: Todo, outcome: Outcome | undefined): void {
+    if (!outcome) return; // never sent, or aborted: no result
+    // Stopping: a failure a retry could have cured is no result.
+    if (this.#stopping && retryable(outcome)) return;
+    const why = fatalOf(outcome);
+    if (why) {
+      // Not a result: fix the cause and run again.
+      if (!this.#fatal) {
+        this.f.stats.note(`stopped at line ${item.line}: ${why}`);
+      }
+      this.#fatal ??= { why, outcome, line: item.line };
+      this.#stop("fatal");
+      return;
+    }
+    const line = resultLine(this.provider, item, outcome);
+    const stored = this.journal.append(item.index, !outcome.ok, line);
+    this.#finished++;
+    if (!outcome.ok) this.#errors++;
+    this.output.put(item.index, stored);
+    this.#progress();
+  }
+
+  #stop(why: "signal" | "fatal"): void {
+    this.#stopping ??= why;
+    this.gate.stop();
+  }
+
+  /** First signal: finish what is in flight. Second: abort it. */
+  #onSignal(name?: unknown): void {
+    if (++this.#signals > 1) {
+      this.#hardStop.abort(new Error("interrupted"));
+      return;
+    }
+    this.#interruptedBy = typeof name === "string" ? name : "a signal";
+    this.f.stats.note(`interrupted by ${this.#interruptedBy}`);
+    this.#stop("signal");
+    if (!this.o.quiet) {
+      this.o.err(
+        "\npaceline: stopping: finishing requests in flight (again to abort them)\n",
+      );
+    }
+  }
+
+  #interval(): number {
+    return this.o.isTTY ? 200 : this.o.progressMs ?? 3000;
+  }
+
+  #progress(final = false): void {
+    const o = this.o;
     if (o.quiet) return;
     const now = performance.now();
-    if (!final && now - lastProgress < interval) return;
-    lastProgress = now;
+    if (!final && now - this.#lastProgress < this.#interval()) return;
+    this.#lastProgress = now;
     const line = progressLine(
-      finished,
-      work.toSend,
-      errors,
-      f.stats,
-      windowsNow(f),
-      startedAt,
+      this.#finished,
+      this.work.toSend,
+      this.#errors,
+      this.f.stats,
+      windowsNow(this.f),
+      this.#startedAt,
       o.windowMs,
     );
     if (o.isTTY) o.err(`\r\x1b[2K${line}${final ? "\n" : ""}`);
     else o.err(`${line}\n`);
-  };
-  const ticker = setInterval(() => {
-    progress();
-    // The report's charts: each window's use, also while nothing is sent.
-    if (o.report) {
-      const windows: Record<string, { used: number; limit: number }> = {};
-      for (const w of f.limiter.usage()) {
-        windows[`${w.key}/${w.ms}`] = { used: w.used, limit: w.limit };
-      }
-      for (const [model, l] of f.models) {
-        for (const w of l.usage()) {
-          windows[`${model}: ${w.key}/${w.ms}`] = {
-            used: w.used,
-            limit: w.limit,
-          };
-        }
-      }
-      f.stats.sample({ windows });
-    }
-  }, Math.min(interval, 1000));
-  try {
-    // Unordered: a line sleeping in backoff holds nothing back; order is
-    // restored by the output stage, from the journal. The pool is larger
-    // than the in-flight bound (`--concurrency`, enforced by the fetch) so
-    // lines waiting out a backoff do not idle the connection slots.
-    const results = mapConcurrentUnordered(
-      todo(),
-      async (item, _i, signal) => {
-        const s = gate.open(AbortSignal.any([signal, hardStop.signal]));
-        try {
-          return {
-            item,
-            outcome: await perform(f, provider, ep, item, o.stream, s),
-          };
-        } finally {
-          gate.close(s);
-        }
-      },
-      { concurrency: Math.max(o.concurrency * 2, 16) },
-    );
-    for await (const { value: { item, outcome } } of results) {
-      if (!outcome) continue; // never sent, or aborted: no result
-      // Stopping: a failure a retry could have cured is no result.
-      if (stopping && retryable(outcome)) continue;
-      const why = fatalOf(outcome);
-      if (why) {
-        // Not a result: fix the cause and run again.
-        if (!fatal) f.stats.note(`stopped at line ${item.line}: ${why}`);
-        fatal ??= { why, outcome, line: item.line };
-        stop("fatal");
-        continue;
-      }
-      const line = resultLine(provider, item, outcome);
-      const stored = journal.append(item.index, !outcome.ok, line);
-      finished++;
-      if (!outcome.ok) errors++;
-      output.put(item.index, stored);
-      progress();
-    }
-  } finally {
-    clearInterval(ticker);
-    if (o.signals !== false) {
-      process.off("SIGINT", onSignal);
-      process.off("SIGTERM", onSignal);
-    }
-    output.close();
-    if (output.next === count) journal.remove();
-    else journal.close();
   }
 
-  // 6. Report.
-  const complete = output.next === count;
-  const notRun = count - output.next - output.waiting;
-  progress(true);
-  if (!o.quiet) o.err(`\n${f.stats.report()}\n`);
-  if (o.report) {
+  /** Stage 6: the stats, the report page, and the exit code with its message. */
+  conclude(): number {
+    const { o, output, count } = this;
+    const complete = output.next === count;
+    const notRun = count - output.next - output.waiting;
+    this.#progress(true);
+    if (!o.quiet) o.err(`\n${this.f.stats.report()}\n`);
+    if (o.report) this.#writeReport(complete, notRun);
+    const kept = `${output.next} of ${count} in order in ${o.output}${
+      output.waiting ? `, ${output.waiting} more in ${this.journal.path}` : ""
+    }`;
+    if (this.#fatal) {
+      o.err(this.#fatalMessage(this.#fatal, kept));
+      return 3;
+    }
+    if (!complete) {
+      if (!o.quiet) {
+        o.err(
+          `\npaceline: interrupted. Results kept: ${kept}; ${notRun} line${
+            notRun === 1 ? "" : "s"
+          } not run${
+            this.#interruptedBy ? ` (stopped by ${this.#interruptedBy})` : ""
+          }. Run the same command again to resume: only lines without a result are sent.\n`,
+        );
+      }
+      return 130;
+    }
+    if (!o.quiet) {
+      o.err(
+        `\npaceline: ${count} results (${output.errored} errored) in ${o.output}${
+          output.errored ? "; --retry-errored runs the errored ones again" : ""
+        }\n`,
+      );
+    }
+    return output.errored ? 1 : 0;
+  }
+
+  #writeReport(complete: boolean, notRun: number): void {
+    const { o, output, count } = this;
+    const fatal = this.#fatal;
     writeFileSync(
-      o.report,
-      renderReport(f.stats, {
+      o.report!,
+      renderReport(this.f.stats, {
         title: o.input.split(/[\\/]/).pop() ?? o.input,
         concurrency: o.concurrency,
         lang: o.lang,
@@ -2240,52 +2164,30 @@ async function runBatch(
           ? `stopped at line ${fatal.line}: ${fatal.why}`
           : !complete
           ? `interrupted by ${
-            interruptedBy ?? "a stop"
+            this.#interruptedBy ?? "a stop"
           }: ${output.next} of ${count} lines in the output, ${notRun} not run; run the same command again to resume`
           : undefined,
       }),
     );
     if (!o.quiet) o.err(`paceline: report in ${o.report}\n`);
   }
-  const kept = `${output.next} of ${count} in order in ${o.output}${
-    output.waiting ? `, ${output.waiting} more in ${journal.path}` : ""
-  }`;
-  if (fatal) {
-    const detail = scrub(fatal.outcome.message ?? "", ep.apiKey);
-    o.err(
-      `\npaceline: stopped at line ${fatal.line}: ${fatal.why}.\n${
-        detail ? `  server: ${detail}\n` : ""
-      }Nothing more was sent; those refusals were not recorded as results. Results kept: ${kept}.\n` +
-        `${
-          fatal.outcome.redis
-            ? "Bring Redis back"
-            : fatal.outcome.quota
-            ? "Raise the spend limit or add credit"
-            : `Check the key in ${ep.keyVar}`
-        }, then run the same command again: only lines without a result are sent.\n`,
-    );
-    return 3;
+
+  #fatalMessage(
+    fatal: { why: string; outcome: Outcome; line: number },
+    kept: string,
+  ): string {
+    const detail = scrub(fatal.outcome.message ?? "", this.ep.apiKey);
+    return `\npaceline: stopped at line ${fatal.line}: ${fatal.why}.\n${
+      detail ? `  server: ${detail}\n` : ""
+    }Nothing more was sent; those refusals were not recorded as results. Results kept: ${kept}.\n` +
+      `${
+        fatal.outcome.redis
+          ? "Bring Redis back"
+          : fatal.outcome.quota
+          ? "Raise the spend limit or add credit"
+          : `Check the key in ${this.ep.keyVar}`
+      }, then run the same command again: only lines without a result are sent.\n`;
   }
-  if (!complete) {
-    if (!o.quiet) {
-      o.err(
-        `\npaceline: interrupted. Results kept: ${kept}; ${notRun} line${
-          notRun === 1 ? "" : "s"
-        } not run${
-          interruptedBy ? ` (stopped by ${interruptedBy})` : ""
-        }. Run the same command again to resume: only lines without a result are sent.\n`,
-      );
-    }
-    return 130;
-  }
-  if (!o.quiet) {
-    o.err(
-      `\npaceline: ${count} results (${output.errored} errored) in ${o.output}${
-        output.errored ? "; --retry-errored runs the errored ones again" : ""
-      }\n`,
-    );
-  }
-  return output.errored ? 1 : 0;
 }
 
 const TOPICS_EN = [
@@ -2389,42 +2291,366 @@ function langFromEnv(): Lang {
   return /^zh/i.test(l) ? "zh" : "en";
 }
 
-/** Every flag of `paceline run`, for did-you-mean. */
-const RUN_FLAGS = [
-  "--output",
-  "--provider",
-  "--base-url",
-  "--rpm",
-  "--rpd",
-  "--itpm",
-  "--otpm",
-  "--tpm",
-  "--tpd",
-  "--per-model",
-  "--per-key",
-  "--redis",
-  "--limiter-name",
-  "--shard",
-  "--concurrency",
-  "--retries",
-  "--stream",
-  "--quiet",
-  "--window-ms",
-  "--margin-ms",
-  "--progress-ms",
-  "--retry-errored",
-  "--report",
-  "--lang",
-  "--dry-run",
-  "--help",
+// =============================================================================
+// Command line: every flag of `paceline run` once, in one table
+// =============================================================================
+
+/** What the flags of `paceline run` give, before defaults for the rest. */
+type RunFlags = Partial<RunOptions> & {
+  limits: Record<string, number>;
+  /** `paceline demo --requests N`. */
+  requests?: number;
+};
+
+/** One flag: its name, its value's placeholder (none: a switch), its help, and how it is read. */
+interface Flag {
+  name: string;
+  short?: string;
+  /** The value's placeholder in the help; absent for a switch. */
+  arg?: string;
+  /** Help lines. */
+  help: string[];
+  /** Reads the value (a switch gets `""`) into `o`; throws a UsageError naming the flag. */
+  set(o: RunFlags, v: string, flag: string): void;
+}
+
+/** A limit flag: `--rpm N` and the like. */
+function limitFlag(name: string, help: string): Flag {
+  return {
+    name,
+    arg: "N",
+    help: [help],
+    set: (o, v, flag) => o.limits[name] = num(flag, v),
+  };
+}
+
+/** A flag whose value must match `pattern`; else `expected` is said. */
+function checked(
+  v: string,
+  flag: string,
+  pattern: RegExp,
+  expected: string,
+  show: (v: string) => string = (x) => x,
+): string {
+  if (!pattern.test(v)) {
+    throw new UsageError(
+      `${flag} needs ${expected}: received ${JSON.stringify(show(v))}`,
+    );
+  }
+  return v;
+}
+
+/** `--per-model` and `--per-key`: whose limits the given ones are. */
+function perFlag(name: string, value: "all" | false, help: string[]): Flag {
+  return {
+    name,
+    help,
+    set(o) {
+      if (o.perModel !== undefined) {
+        throw new UsageError("--per-model and --per-key exclude each other");
+      }
+      o.perModel = value;
+    },
+  };
+}
+
+const RUN_FLAGS: Flag[] = [
+  {
+    name: "output",
+    short: "o",
+    arg: "FILE",
+    help: [
+      "results file (default: <input>.results.jsonl); an existing",
+      "partial file is checked and resumed",
+    ],
+    set: (o, v, flag) => o.output = checked(v, flag, /./, "a file name"),
+  },
+  {
+    name: "provider",
+    arg: "P",
+    help: [
+      `${
+        providers.map((p) => p.name).join(" | ")
+      } (default: from the input format)`,
+    ],
+    set(o, v, flag) {
+      const names = providers.map((p) => p.name);
+      if (!names.includes(v)) {
+        throw new UsageError(
+          `${flag} must be ${names.join(" or ")}: received ${
+            JSON.stringify(v)
+          }`,
+        );
+      }
+      o.provider = v;
+    },
+  },
+  {
+    name: "base-url",
+    arg: "URL",
+    help: [
+      "API base URL (relays); default ANTHROPIC_BASE_URL /",
+      "OPENAI_BASE_URL, else the provider's",
+    ],
+    set: (o, v, flag) =>
+      o.baseURL = checked(v, flag, /^https?:\/\//, "an http(s) URL"),
+  },
+  limitFlag("rpm", "requests per minute"),
+  limitFlag("rpd", "requests per day"),
+  limitFlag("itpm", "input tokens per minute"),
+  limitFlag("otpm", "output tokens per minute"),
+  limitFlag("tpm", "tokens (input + output) per minute"),
+  {
+    ...limitFlag("tpd", "tokens (input + output) per day"),
+    help: [
+      "tokens (input + output) per day",
+      "limits you do not give are learned from response",
+      "headers, for each model (the provider's limits are per model)",
+    ],
+  },
+  perFlag("per-model", "all", [
+    "the limits given apply to each model separately",
+    "(default: to all requests together, as a relay's might)",
+  ]),
+  perFlag("per-key", false, [
+    "everything for the key as a whole, learned limits too",
+  ]),
+  {
+    name: "redis",
+    arg: "URL",
+    help: [
+      "share the limits (given, learned, pauses) with every",
+      "process on this key through Redis (needs npm install redis;",
+      "Bun uses its built-in client)",
+    ],
+    set: (o, v, flag) =>
+      o.redis = checked(
+        v,
+        flag,
+        /^rediss?:\/\//,
+        "a redis:// or rediss:// URL",
+        redactURL,
+      ),
+  },
+  {
+    name: "limiter-name",
+    arg: "NAME",
+    help: [
+      "the shared limits' name (default: provider, base URL and",
+      "a hash of the key; never the key)",
+    ],
+    set: (o, v, flag) =>
+      o.limiterName = checked(v, flag, /^[^{}]+$/, "a name without braces"),
+  },
+  {
+    name: "shard",
+    arg: "K/N",
+    help: [
+      "run only share K of N (line i goes to shard i mod N + 1);",
+      "N processes cover the file exactly once, each with its own",
+      "output (default <input>.shard-K-of-N.results.jsonl) and resume",
+    ],
+    set(o, v, flag) {
+      const m = /^(\d+)\/(\d+)$/.exec(v);
+      const k = Number(m?.[1]);
+      const n = Number(m?.[2]);
+      if (!m || !(n >= 1) || !(k >= 1) || k > n) {
+        throw new UsageError(
+          `${flag} needs K/N with 1 <= K <= N (e.g. 2/4): received ${
+            JSON.stringify(v)
+          }`,
+        );
+      }
+      o.shard = { k, n };
+    },
+  },
+  {
+    name: "concurrency",
+    arg: "N",
+    help: ["most requests in flight (default 8)"],
+    set: (o, v, flag) => o.concurrency = num(flag, v),
+  },
+  {
+    name: "retries",
+    arg: "N",
+    help: ["retries per request (default 5)"],
+    set: (o, v, flag) => o.retries = num(flag, v, 0),
+  },
+  {
+    name: "stream",
+    help: [
+      "use streaming requests (Messages and chat completions;",
+      "other endpoints are sent whole)",
+    ],
+    set: (o) => o.stream = true,
+  },
+  {
+    name: "quiet",
+    help: ["no progress output"],
+    set: (o) => o.quiet = true,
+  },
+  {
+    name: "window-ms",
+    arg: "N",
+    help: ['length of a "minute" (default 60000; for simulators)'],
+    set: (o, v, flag) => o.windowMs = num(flag, v),
+  },
+  {
+    name: "margin-ms",
+    arg: "N",
+    help: [
+      "extra time each request is counted in its windows",
+      "(default 0.5 % of the window, at most 1000; 0 = exact)",
+    ],
+    set: (o, v, flag) => o.marginMs = num(flag, v, 0),
+  },
+  {
+    name: "progress-ms",
+    arg: "N",
+    help: [
+      "progress line interval when stderr is not a terminal",
+      "(default 3000)",
+    ],
+    set: (o, v, flag) => o.progressMs = num(flag, v),
+  },
+  {
+    name: "retry-errored",
+    help: [
+      "also redo lines whose recorded result is errored (e.g. 5xx",
+      "after all retries); the output is rewritten in input order",
+    ],
+    set: (o) => o.retryErrored = true,
+  },
+  {
+    name: "report",
+    arg: "FILE.html",
+    help: [
+      "write a self-contained page: each limit's use over",
+      "time, 429s and retries, latency, totals, and which",
+      "limit bound the run",
+    ],
+    set: (o, v, flag) =>
+      o.report = checked(v, flag, /^[^-]/, "a file name (e.g. run.html)"),
+  },
+  {
+    name: "lang",
+    arg: "zh|en",
+    help: ["the report's language (default from LANG)"],
+    set(o, v, flag) {
+      if (v !== "en" && v !== "zh") {
+        throw new UsageError(
+          `${flag} must be en or zh: received ${JSON.stringify(v)}`,
+        );
+      }
+      o.lang = v;
+    },
+  },
+  {
+    name: "dry-run",
+    help: [
+      "validate and plan only: request and token totals (input",
+      "estimated, output at max_tokens) and the least time the",
+      "limits given allow, naming the binding limit (per model",
+      "with --per-model); sends nothing",
+    ],
+    set: (o) => o.dryRun = true,
+  },
 ];
 
-/** `--rpm=50` → `--rpm`, `50`: every flag takes both forms. */
-function splitEquals(args: string[]): string[] {
-  return args.flatMap((a) => {
-    const m = /^(--[a-z][a-z-]*)=([\s\S]*)$/.exec(a);
-    return m ? [m[1]!, m[2]!] : [a];
+/** The flags of `paceline demo`. */
+const DEMO_FLAGS: Flag[] = [
+  {
+    name: "requests",
+    arg: "N",
+    help: ["how many requests (default 200)"],
+    set: (o, v, flag) => o.requests = num(flag, v),
+  },
+  { name: "quiet", help: ["no progress output"], set: (o) => o.quiet = true },
+];
+
+/** The help lines of a flag table. */
+function flagHelp(flags: Flag[]): string {
+  const out: string[] = [];
+  for (const f of flags) {
+    const left = `  ${f.short ? `-${f.short}, ` : ""}--${f.name}${
+      f.arg ? ` ${f.arg}` : ""
+    }`;
+    f.help.forEach((line, i) => {
+      const head = i === 0 ? left : "";
+      out.push(
+        `${head.padEnd(25)}${
+          head.length > 24 && i === 0 ? "\n" + " ".repeat(25) : ""
+        }${line}`,
+      );
+    });
+  }
+  return out.join("\n");
+}
+
+/**
+ * Reads `args` against a flag table with `node:util`'s `parseArgs` (it runs
+ * in Deno and Bun too): `--flag value` and `--flag=value` alike. Returns
+ * the flags given and the positional arguments; `help` when `-h`/`--help`
+ * is among them.
+ */
+function readFlags(
+  args: string[],
+  flags: Flag[],
+  command: string,
+): { o: RunFlags; positionals: string[]; help: boolean } {
+  const options: Record<
+    string,
+    { type: "string" | "boolean"; short?: string }
+  > = {
+    help: { type: "boolean", short: "h" },
+  };
+  for (const f of flags) {
+    options[f.name] = {
+      type: f.arg ? "string" : "boolean",
+      ...(f.short ? { short: f.short } : {}),
+    };
+  }
+  const { tokens } = parseArgs({
+    args,
+    options,
+    allowPositionals: true,
+    strict: false,
+    tokens: true,
   });
+  const o: RunFlags = { limits: {} };
+  const positionals: string[] = [];
+  let help = false;
+  const byName = new Map(flags.map((f) => [f.name, f]));
+  for (const t of tokens) {
+    if (t.kind === "positional") positionals.push(t.value);
+    if (t.kind !== "option") continue;
+    if (t.name === "help") {
+      help = true;
+      continue;
+    }
+    const flag = byName.get(t.name);
+    if (!flag) {
+      const near = didYouMean(
+        t.rawName,
+        flags.map((f) => `--${f.name}`).concat("--help"),
+      );
+      throw new UsageError(
+        `unknown option ${t.rawName}${
+          near ? `; did you mean ${near}?` : ""
+        } (see paceline ${command} --help)`,
+      );
+    }
+    if (!flag.arg && t.value !== undefined) {
+      throw new UsageError(
+        `${t.rawName} takes no value: received ${JSON.stringify(t.value)}`,
+      );
+    }
+    if (flag.arg && t.value === undefined) {
+      throw new UsageError(`${t.rawName} needs ${flag.arg}: received nothing`);
+    }
+    flag.set(o, t.value ?? "", t.rawName);
+  }
+  return { o, positionals, help };
 }
 
 /** The known flag closest to a misspelt one (at most 2 edits away), if any. */
@@ -2469,7 +2695,7 @@ export async function main(argv: string[], io: {
     if (
       !command || command === "--help" || command === "-h" || command === "help"
     ) {
-      io.out(HELP);
+      io.out(helpText());
       return command ? 0 : 2;
     }
     if (command === "--version" || command === "-v") {
@@ -2477,176 +2703,38 @@ export async function main(argv: string[], io: {
       return 0;
     }
     if (command === "demo") {
-      let requests = 200;
-      let quiet = false;
-      for (let i = 0; i < rest.length; i++) {
-        if (rest[i] === "--requests") requests = num("--requests", rest[++i]);
-        else if (rest[i] === "--quiet") quiet = true;
-        else throw new UsageError(`unknown option for demo: ${rest[i]}`);
+      const { o, positionals, help } = readFlags(rest, DEMO_FLAGS, "demo");
+      if (help) {
+        io.out(helpText());
+        return 0;
       }
-      return await demo(requests, { ...io, quiet, lang: langFromEnv() });
+      if (positionals.length) {
+        throw new UsageError(
+          `demo takes no arguments: received ${positionals[0]}`,
+        );
+      }
+      return await demo(o.requests ?? 200, {
+        ...io,
+        quiet: o.quiet ?? false,
+        lang: langFromEnv(),
+      });
     }
     if (command !== "run") {
       throw new UsageError(
         `unknown command ${JSON.stringify(command)}; see --help`,
       );
     }
-    let input: string | undefined;
-    const o: Partial<RunOptions> & { limits: Record<string, number> } = {
-      limits: {},
-    };
-    const args = splitEquals(rest);
-    for (let i = 0; i < args.length; i++) {
-      const a = args[i]!;
-      const next = () => args[++i];
-      switch (a) {
-        case "-h":
-        case "--help":
-          io.out(HELP);
-          return 0;
-        case "-o":
-        case "--output":
-          o.output = next();
-          if (!o.output) throw new UsageError(`${a} needs a file name`);
-          break;
-        case "--provider": {
-          const v = next();
-          if (v !== "anthropic" && v !== "openai") {
-            throw new UsageError(
-              `--provider must be anthropic or openai: received ${
-                JSON.stringify(v)
-              }`,
-            );
-          }
-          o.provider = v;
-          break;
-        }
-        case "--base-url":
-          o.baseURL = next();
-          if (!o.baseURL || !/^https?:\/\//.test(o.baseURL)) {
-            throw new UsageError(
-              `--base-url needs an http(s) URL: received ${
-                JSON.stringify(o.baseURL)
-              }`,
-            );
-          }
-          break;
-        case "--rpm":
-        case "--rpd":
-        case "--itpm":
-        case "--otpm":
-        case "--tpm":
-        case "--tpd":
-          o.limits[a.slice(2)] = num(a, next());
-          break;
-        case "--concurrency":
-          o.concurrency = num(a, next());
-          break;
-        case "--retries":
-          o.retries = num(a, next(), 0);
-          break;
-        case "--window-ms":
-          o.windowMs = num(a, next());
-          break;
-        case "--margin-ms":
-          o.marginMs = num(a, next(), 0);
-          break;
-        case "--progress-ms":
-          o.progressMs = num(a, next());
-          break;
-        case "--stream":
-          o.stream = true;
-          break;
-        case "--retry-errored":
-          o.retryErrored = true;
-          break;
-        case "--dry-run":
-          o.dryRun = true;
-          break;
-        case "--redis":
-          o.redis = next();
-          if (!o.redis || !/^rediss?:\/\//.test(o.redis)) {
-            throw new UsageError(
-              `--redis needs a redis:// or rediss:// URL: received ${
-                JSON.stringify(o.redis && redactURL(o.redis))
-              }`,
-            );
-          }
-          break;
-        case "--limiter-name":
-          o.limiterName = next();
-          if (!o.limiterName || /[{}]/.test(o.limiterName)) {
-            throw new UsageError(
-              `--limiter-name needs a name without braces: received ${
-                JSON.stringify(o.limiterName)
-              }`,
-            );
-          }
-          break;
-        case "--shard": {
-          const v = next();
-          const m = /^(\d+)\/(\d+)$/.exec(v ?? "");
-          const k = Number(m?.[1]);
-          const n = Number(m?.[2]);
-          if (!m || !(n >= 1) || !(k >= 1) || k > n) {
-            throw new UsageError(
-              `--shard needs K/N with 1 <= K <= N (e.g. 2/4): received ${
-                JSON.stringify(v)
-              }`,
-            );
-          }
-          o.shard = { k, n };
-          break;
-        }
-        case "--report":
-          o.report = next();
-          if (!o.report || o.report.startsWith("-")) {
-            throw new UsageError(
-              `--report needs a file name (e.g. run.html): received ${
-                JSON.stringify(o.report)
-              }`,
-            );
-          }
-          break;
-        case "--lang": {
-          const v = next();
-          if (v !== "en" && v !== "zh") {
-            throw new UsageError(
-              `--lang must be en or zh: received ${JSON.stringify(v)}`,
-            );
-          }
-          o.lang = v;
-          break;
-        }
-        case "--per-model":
-        case "--per-key":
-          if (o.perModel !== undefined) {
-            throw new UsageError(
-              "--per-model and --per-key exclude each other",
-            );
-          }
-          o.perModel = a === "--per-model" ? "all" : false;
-          break;
-        case "--quiet":
-          o.quiet = true;
-          break;
-        default:
-          if (a.startsWith("-")) {
-            const near = didYouMean(a, RUN_FLAGS);
-            throw new UsageError(
-              `unknown option ${a}${
-                near ? `; did you mean ${near}?` : ""
-              } (see paceline run --help)`,
-            );
-          }
-          if (input) {
-            throw new UsageError(
-              `one input file, please: got ${input} and ${a}`,
-            );
-          }
-          input = a;
-      }
+    const { o, positionals, help } = readFlags(rest, RUN_FLAGS, "run");
+    if (help) {
+      io.out(helpText());
+      return 0;
     }
+    if (positionals.length > 1) {
+      throw new UsageError(
+        `one input file, please: got ${positionals.join(" and ")}`,
+      );
+    }
+    const input = positionals[0];
     if (!input) throw new UsageError("run needs an input file; see --help");
     if (o.redis && o.perModel === "all") {
       throw new UsageError(

@@ -2,23 +2,61 @@
  * paceline: call rate-limited HTTP APIs (above all LLM APIs) as fast as the
  * provider allows, without 429 storms and with results in input order.
  *
- * One self-contained file with no imports, in sections:
+ * One self-contained file with no imports. Its sections, in order, and every
+ * export in each (functions and values first, then types):
  *
- * - **Time**: the {@linkcode Clock} interface, {@linkcode systemClock} and a
- *   deterministic {@linkcode ManualClock} for tests.
- * - **Mutex**: a FIFO promise {@linkcode Mutex} whose waiters can abort.
- * - **RateLimiter**: an exact sliding-window log over several windows at once
- *   (requests, tokens, input/output tokens; per second, minute or day), with
- *   weighted costs, FIFO waiters and {@linkcode Permit}s that settle to the
- *   real usage.
- * - **Retry**: {@linkcode backoff}, {@linkcode parseRetryAfter} (every form
- *   of server-told wait) and {@linkcode retry}, with {@linkcode RetryError},
- *   {@linkcode QuotaError} and {@linkcode HttpError}.
- * - **Concurrency**: {@linkcode mapConcurrent} and its settled and streaming
- *   variants: bounded, ordered, lazy, abortable.
- * - **Stats**, **Fetch** and **Clients**: {@linkcode rateLimitedFetch} (a
- *   `fetch` for the official SDKs), {@linkcode Stats}, and the thin
- *   {@linkcode anthropic} and {@linkcode openai} clients.
+ * 1. **Time**: {@linkcode systemClock}, {@linkcode ManualClock};
+ *    {@linkcode Clock}.
+ * 2. **Mutex**: {@linkcode Mutex} (FIFO, abortable waiters); {@linkcode Lock}.
+ *    (The fetch's in-flight slots are an internal `Semaphore` here too.)
+ * 3. **RateLimiter**: {@linkcode RateLimiter} (an exact sliding-window log
+ *    over several windows at once, weighted costs, FIFO waiters),
+ *    {@linkcode Permit} (settles to the real usage); {@linkcode WindowSpec},
+ *    {@linkcode Cost}, {@linkcode RateLimiterOptions},
+ *    {@linkcode WindowUsage}, {@linkcode AcquireOptions}.
+ * 4. **Shared limits**: {@linkcode RedisRateLimiter} (one key's limits
+ *    shared by many processes through your own Redis client),
+ *    {@linkcode RedisLimiterError}; {@linkcode RedisEval},
+ *    {@linkcode RedisRateLimiterOptions}.
+ * 5. **Retry**: {@linkcode backoff}, {@linkcode parseRetryAfter} (every form
+ *    of server-told wait), {@linkcode retry}, {@linkcode RetryError},
+ *    {@linkcode QuotaError}, {@linkcode HttpError}; {@linkcode Jitter},
+ *    {@linkcode BackoffOptions}, {@linkcode HeadersLike},
+ *    {@linkcode ParseRetryAfterOptions}, {@linkcode RetryInfo},
+ *    {@linkcode RetryOptions}.
+ * 6. **Concurrency**: {@linkcode mapConcurrent},
+ *    {@linkcode mapConcurrentSettled}, {@linkcode mapConcurrentIterable},
+ *    {@linkcode mapConcurrentUnordered} (bounded, ordered, lazy,
+ *    abortable); {@linkcode MapProgress}, {@linkcode MapOptions},
+ *    {@linkcode MapIterableOptions}, {@linkcode MapInput}, {@linkcode MapFn},
+ *    {@linkcode Indexed}.
+ * 7. **Stats**: {@linkcode Stats}; {@linkcode StatsSnapshot},
+ *    {@linkcode TimelinePoint}, {@linkcode StatsOptions},
+ *    {@linkcode Percentiles}.
+ * 8. **Providers** (everything paceline knows about each API family, in one
+ *    description each): {@linkcode anthropicProvider},
+ *    {@linkcode openaiProvider}, {@linkcode providers},
+ *    {@linkcode providerOf}, {@linkcode estimateTokens},
+ *    {@linkcode outputCapOf}, {@linkcode estimateCost}, {@linkcode usageOf};
+ *    {@linkcode Provider}, {@linkcode ProviderEndpoint},
+ *    {@linkcode LimitHeaders}, {@linkcode StreamAssembler},
+ *    {@linkcode BatchFormat}, {@linkcode BatchOutcome},
+ *    {@linkcode ProviderMatch}, {@linkcode UsageOptions}.
+ * 9. **Fetch**: {@linkcode rateLimitedFetch} (a `fetch` for the official
+ *    SDKs), {@linkcode windowLoads}, {@linkcode SseParser};
+ *    {@linkcode RateLimitedFetchOptions}, {@linkcode RateLimitedFetch},
+ *    {@linkcode SseEvent}. The request path's parts, in the order a request
+ *    meets them: `normalizeRequest`, `ModelLanes`, `Admission`,
+ *    `learnLimits`, `readResponse`, wired by `RequestPath`.
+ * 10. **Clients**: {@linkcode anthropic}, {@linkcode openai},
+ *    {@linkcode assembleStream}; {@linkcode ClientOptions},
+ *    {@linkcode AnthropicOptions}, {@linkcode AnthropicClient},
+ *    {@linkcode AnthropicRequest}, {@linkcode AnthropicMessage},
+ *    {@linkcode AnthropicContentBlock}, {@linkcode AnthropicStreamEvent},
+ *    {@linkcode AnthropicStream}, {@linkcode Conversation},
+ *    {@linkcode OpenAIClient}, {@linkcode ChatRequest},
+ *    {@linkcode ChatCompletion}, {@linkcode ChatChunk},
+ *    {@linkcode ChatStream}.
  *
  * @example A batch of prompts, in input order, within the limits
  * ```ts
@@ -3148,14 +3186,6 @@ function parseGoDuration(value: string): number | undefined {
   return total;
 }
 
-const ANTHROPIC_BUCKETS = [
-  "requests",
-  "tokens",
-  "input-tokens",
-  "output-tokens",
-];
-const OPENAI_BUCKETS = ["requests", "tokens"];
-
 function parseResets(
   get: (name: string) => string | undefined,
   now: number,
@@ -3169,24 +3199,11 @@ function parseResets(
       zero.push(wait);
     }
   };
-  for (const b of ANTHROPIC_BUCKETS) {
-    const reset = get(`anthropic-ratelimit-${b}-reset`);
+  // The providers' own headers (see Providers).
+  for (const h of LIMIT_HEADERS) {
+    const reset = get(h.reset);
     if (reset === undefined) continue;
-    const t = parseRfc3339(reset);
-    add(
-      t === undefined ? undefined : Math.max(0, t - now),
-      get(`anthropic-ratelimit-${b}-remaining`),
-    );
-  }
-  for (const b of OPENAI_BUCKETS) {
-    const reset = get(`x-ratelimit-reset-${b}`);
-    if (reset === undefined) continue;
-    // OpenAI: Go durations. Azure: whole seconds.
-    const secs = parseDecimal(reset);
-    add(
-      secs !== undefined ? secs * 1000 : parseGoDuration(reset),
-      get(`x-ratelimit-remaining-${b}`),
-    );
+    add(resetWait(h, reset, now), get(h.remaining));
   }
   const ietf = get("ratelimit");
   if (ietf !== undefined) {
@@ -3212,6 +3229,20 @@ function parseResets(
   }
   const pick = zero.length ? zero : all;
   return pick.length ? Math.max(...pick) : undefined;
+}
+
+/** The wait a provider's reset header tells: a time (RFC 3339), or a Go duration or seconds (Azure). */
+function resetWait(
+  h: LimitHeaders,
+  reset: string,
+  now: number,
+): number | undefined {
+  if (h.resetAs === "time") {
+    const t = parseRfc3339(reset);
+    return t === undefined ? undefined : Math.max(0, t - now);
+  }
+  const secs = parseDecimal(reset);
+  return secs !== undefined ? secs * 1000 : parseGoDuration(reset);
 }
 
 /**
@@ -3504,15 +3535,6 @@ const RETRY_OPTIONS = new Set([
 ]);
 
 /** Quota and billing codes that a retry can never fix. */
-const QUOTA_CODES = new Set([
-  "enforced_spend_limit_reached",
-  "insufficient_quota",
-  "credit_balance_exhausted",
-  "organization_spend_limit_exceeded",
-  "project_spend_limit_exceeded",
-  "organization_usage_limit_exceeded",
-]);
-
 const NETWORK_CODES = new Set([
   "ECONNRESET",
   "ECONNREFUSED",
@@ -5239,8 +5261,786 @@ export class Stats {
 }
 
 // =============================================================================
-// Fetch
+// Providers
 // =============================================================================
+
+/**
+ * One endpoint of an API family: its path, how a request to it is costed,
+ * and what its body cannot do without.
+ *
+ * @example
+ * ```ts
+ * import { anthropicProvider } from "./mod.ts";
+ *
+ * const [messages] = anthropicProvider.endpoints;
+ * if (messages?.path !== "/v1/messages" || !messages.streams) throw new Error();
+ * ```
+ */
+export interface ProviderEndpoint {
+  /** The path as the provider's batch files name it, e.g. `/v1/chat/completions`. */
+  readonly path: string;
+  /** The body field a request cannot do without. */
+  readonly needs: "messages" | "input" | "prompt";
+  /** Other body fields the API insists on. */
+  readonly requires: readonly string[];
+  /** The body fields that cap output tokens, the first one set wins. */
+  readonly outputCaps: readonly string[];
+  /** Output tokens when no cap is set (the API's own default); 0 for endpoints with no output. */
+  readonly defaultOutput: number;
+  /** Whether responses can stream (`"stream": true`). */
+  readonly streams: boolean;
+  /** The estimated input tokens of a request body (see {@linkcode estimateTokens}). */
+  inputTokens(body: Record<string, unknown>): number;
+}
+
+/**
+ * The response headers that tell one window's limit, what is left of it,
+ * and when it resets.
+ *
+ * @example
+ * ```ts
+ * import { openaiProvider } from "./mod.ts";
+ *
+ * const requests = openaiProvider.limitHeaders.find((h) => h.key === "requests");
+ * if (requests?.remaining !== "x-ratelimit-remaining-requests") throw new Error();
+ * ```
+ */
+export interface LimitHeaders {
+  /** The limiter key they describe: `requests`, `tokens`, `inputTokens` or `outputTokens`. */
+  readonly key: string;
+  /** The header with the window's limit. */
+  readonly limit: string;
+  /** The header with what is left of it. */
+  readonly remaining: string;
+  /** The header with its reset: a time (RFC 3339) or a wait (a Go duration or seconds). */
+  readonly reset: string;
+  /** How the reset header is written. */
+  readonly resetAs: "time" | "wait";
+  /** Not learned when any of these headers is present (they describe the same capacity more exactly). */
+  readonly unless?: readonly string[];
+}
+
+/**
+ * Folds the events of one streamed response into the body the same request
+ * would have returned whole.
+ *
+ * @example
+ * ```ts
+ * import { openaiProvider } from "./mod.ts";
+ *
+ * const a = openaiProvider.assembler();
+ * a.add({ id: "c1", model: "m", choices: [{ delta: { content: "Hi" } }] });
+ * a.add("[DONE]");
+ * const body = a.result() as { choices: { message: { content: string } }[] };
+ * if (!a.complete || body.choices[0]?.message.content !== "Hi") throw new Error();
+ * ```
+ */
+export interface StreamAssembler {
+  /**
+   * Adds one event's data: parsed JSON, or the raw text when it is not JSON.
+   * Throws an {@linkcode HttpError} for an error event.
+   */
+  add(data: unknown): void;
+  /** Whether the stream's end marker arrived (a stream without it was cut short). */
+  readonly complete: boolean;
+  /** The whole-response body assembled so far. */
+  result(): Record<string, unknown>;
+}
+
+/**
+ * How one batch line format is read and written: the provider's own batch
+ * file format (`paceline run` reads it and writes results like the
+ * provider's Batch API does).
+ *
+ * @example
+ * ```ts
+ * import { anthropicProvider } from "./mod.ts";
+ *
+ * const line = anthropicProvider.batch.result("q1", 1, { ok: true, status: 200, body: { content: [] } });
+ * if ((line as { result: { type: string } }).result.type !== "succeeded") throw new Error();
+ * ```
+ */
+export interface BatchFormat {
+  /** The format's name, for messages. */
+  readonly name: string;
+  /** The line field that holds the request body: `params` or `body`. */
+  readonly bodyField: string;
+  /**
+   * The endpoint path a line is for; throws a `RangeError` whose message
+   * names the bad field.
+   */
+  pathOf(line: Record<string, unknown>): string;
+  /** The result line for one request's outcome. */
+  result(customId: string, line: number, outcome: BatchOutcome): unknown;
+}
+
+/**
+ * What became of one batch request, for {@linkcode BatchFormat.result}.
+ *
+ * @example
+ * ```ts
+ * import type { BatchOutcome } from "./mod.ts";
+ *
+ * const failed: BatchOutcome = { ok: false, status: 0, errorType: "network_error", message: "reset" };
+ * if (failed.ok) throw new Error();
+ * ```
+ */
+export interface BatchOutcome {
+  /** Whether it succeeded. */
+  ok: boolean;
+  /** The HTTP status; 0 when no response came. */
+  status?: number;
+  /** The response body (parsed JSON, or its text). */
+  body?: unknown;
+  /** The provider's request id. */
+  requestId?: string;
+  /** The error type, when there is no response body to carry it. */
+  errorType?: string;
+  /** A human-readable error message. */
+  message?: string;
+}
+
+/**
+ * Everything paceline knows about one API family, in one place:
+ * `rateLimitedFetch`, the thin clients and `paceline run` read it, and
+ * nothing provider-specific is written anywhere else.
+ *
+ * @example Which provider and endpoint a URL belongs to
+ * ```ts
+ * import { providerOf } from "./mod.ts";
+ *
+ * const found = providerOf("https://relay.example.com/v1/chat/completions");
+ * if (found?.provider.name !== "openai" || found.endpoint.needs !== "messages") throw new Error();
+ * ```
+ */
+export interface Provider {
+  /** The name `paceline run --provider` takes. */
+  readonly name: string;
+  /** The environment variable the API key comes from. */
+  readonly keyVar: string;
+  /** The environment variable a base URL comes from. */
+  readonly baseURLVar: string;
+  /** The provider's own base URL. */
+  readonly baseURL: string;
+  /** The endpoints, most specific path first. */
+  readonly endpoints: readonly ProviderEndpoint[];
+  /** The full URL of an endpoint `path` (as in {@linkcode ProviderEndpoint.path}) under `base`. */
+  url(base: string, path: string): string;
+  /** The headers of every request: content type, version, and the key's header when a key is given. */
+  headers(apiKey: string | undefined): Record<string, string>;
+  /** The rate-limit headers its responses carry. */
+  readonly limitHeaders: readonly LimitHeaders[];
+  /** HTTP status for each error type that can arrive inside a 200 stream. */
+  readonly errorStatus: Readonly<Record<string, number>>;
+  /** Error codes that mean the account's quota or credit is spent: never retried. */
+  readonly quotaCodes: readonly string[];
+  /** The real cost in a response body's `usage`, or `undefined` when it has none in this shape. */
+  usage(body: unknown, options?: UsageOptions): Cost | undefined;
+  /**
+   * The event data field holding a body whose usage counts (Anthropic's
+   * `message_start` carries `message`, OpenAI's `response.completed`
+   * `response`); without it, the event data itself.
+   */
+  readonly usageInEvent: string;
+  /** The body to send for a streamed request (usage included). */
+  streamBody(body: Record<string, unknown>): Record<string, unknown>;
+  /** The last event of a whole stream (`message_stop`, `[DONE]`): a stream without it was cut short. */
+  readonly streamEnd: string;
+  /** A new assembler for one streamed response; `headers` go into the errors it throws. */
+  assembler(headers?: Headers): StreamAssembler;
+  /** The batch file format. */
+  readonly batch: BatchFormat;
+}
+
+/** Tokens charged per image or document part (its bytes are not text). */
+const MEDIA_TOKENS = 1600;
+
+function textOfContent(content: unknown, add: (text: string) => void): number {
+  if (typeof content === "string") {
+    add(content);
+    return 0;
+  }
+  let media = 0;
+  if (Array.isArray(content)) {
+    for (const part of content) {
+      if (typeof part === "string") add(part);
+      else if (part && typeof part === "object") {
+        const p = part as Record<string, unknown>;
+        if (typeof p.text === "string") add(p.text);
+        else if (
+          p.type === "image" || p.type === "image_url" ||
+          p.type === "document" || p.type === "input_image" ||
+          p.type === "input_file"
+        ) {
+          media += MEDIA_TOKENS;
+        } else if (p.content !== undefined) {
+          const inner = textOfContent(p.content, add);
+          media += inner;
+        } else if (p.input !== undefined) add(JSON.stringify(p.input));
+      }
+    }
+  }
+  return media;
+}
+
+/**
+ * Counts an embeddings/moderations `input` or a completions `prompt`: a
+ * string, a list of strings, a token array, a list of token arrays, or
+ * multimodal parts. Returns the tokens, media included.
+ */
+function textOrTokens(value: unknown): number {
+  let n = 0;
+  const add = (t: string): void => {
+    n += estimateTokens(t);
+  };
+  if (typeof value === "string") add(value);
+  else if (Array.isArray(value)) {
+    if (value.length && typeof value[0] === "number") return value.length;
+    for (const v of value) {
+      if (typeof v === "string") add(v);
+      else if (Array.isArray(v)) n += v.length;
+      else n += textOfContent([v], add);
+    }
+  }
+  return n;
+}
+
+/** Input tokens of a conversation: `system` (or `instructions`), each message (4 each), tools, 4 per request. */
+function conversationTokens(
+  system: unknown,
+  messages: unknown,
+  tools: unknown,
+): number {
+  let n = 4;
+  const add = (t: string): void => {
+    n += estimateTokens(t);
+  };
+  let media = textOfContent(system, add);
+  if (Array.isArray(messages)) {
+    for (const m of messages) {
+      n += 4;
+      media += textOfContent((m as { content?: unknown } | null)?.content, add);
+    }
+  }
+  n += media;
+  if (Array.isArray(tools)) add(JSON.stringify(tools));
+  return n;
+}
+
+/** Input tokens of a Responses request: `instructions`, then `input` as a string or items. */
+function responsesTokens(b: Record<string, unknown>): number {
+  let n = 4;
+  const add = (t: string): void => {
+    n += estimateTokens(t);
+  };
+  let media = textOfContent(b.instructions, add);
+  if (typeof b.input === "string") add(b.input);
+  else if (Array.isArray(b.input)) {
+    for (const item of b.input) {
+      n += 4;
+      const it = item as Record<string, unknown> | null;
+      if (it?.content !== undefined) media += textOfContent(it.content, add);
+      else if (typeof it?.output === "string") add(it.output);
+      else if (typeof it?.arguments === "string") add(it.arguments);
+    }
+  }
+  n += media;
+  if (Array.isArray(b.tools)) add(JSON.stringify(b.tools));
+  return n;
+}
+
+/** A finite, non-negative number, else `undefined`. */
+function count(v: unknown): number | undefined {
+  return typeof v === "number" && Number.isFinite(v) && v >= 0 ? v : undefined;
+}
+
+/** The `usage` object of a body, if it has one. */
+function usageField(body: unknown): Record<string, unknown> | undefined {
+  const u = (body as { usage?: unknown } | null)?.usage;
+  return u && typeof u === "object" ? u as Record<string, unknown> : undefined;
+}
+
+/** An error event inside a 200 stream, as the error a whole response would have been. */
+function streamError(
+  provider: Provider,
+  error: { type?: string; message?: string } | undefined,
+  data: unknown,
+  headers: Headers | undefined,
+  fallbackType?: string,
+): HttpError {
+  return new HttpError(provider.errorStatus[error?.type ?? ""] ?? 500, {
+    type: error?.type ?? fallbackType,
+    message: `${error?.message ?? "error"} (in the stream)`,
+    requestId: headers?.get("request-id") ?? headers?.get("x-request-id") ??
+      undefined,
+    headers,
+    body: data,
+  });
+}
+
+/** An endpoint that takes an `input` and answers with no output tokens. */
+function inputOnly(path: string): ProviderEndpoint {
+  return {
+    path,
+    needs: "input",
+    requires: [],
+    outputCaps: [],
+    defaultOutput: 0,
+    streams: false,
+    inputTokens: (b) => textOrTokens(b.input),
+  };
+}
+
+/** A stream that ended without its end marker. */
+function cutShort(marker: string, headers: Headers | undefined): HttpError {
+  return new HttpError(502, {
+    type: "incomplete_stream",
+    message: `The stream ended before ${marker}`,
+    headers,
+  });
+}
+
+/** Anthropic Messages events folded into the message (the last usage wins: it is cumulative). */
+class AnthropicAssembler implements StreamAssembler {
+  complete = false;
+  #message: Record<string, unknown> = {};
+  #blocks: Record<string, unknown>[] = [];
+  #usage: Record<string, unknown> = {};
+  #headers: Headers | undefined;
+
+  constructor(headers?: Headers) {
+    this.#headers = headers;
+  }
+
+  add(data: unknown): void {
+    const e = data as Record<string, unknown> | null;
+    if (!e || typeof e !== "object") return;
+    if (e.type === "error") {
+      throw streamError(
+        anthropicProvider,
+        e.error as { type?: string; message?: string },
+        e,
+        this.#headers,
+      );
+    } else if (e.type === "message_start") {
+      this.#message = { ...(e.message as object) };
+      this.#usage = { ...usageField(e.message) };
+    } else if (e.type === "content_block_start") {
+      this.#blocks[e.index as number] = { ...(e.content_block as object) };
+    } else if (e.type === "content_block_delta") {
+      const block = this.#blocks[e.index as number];
+      const d = e.delta as Record<string, unknown> | undefined;
+      for (const k of ["text", "partial_json", "thinking"]) {
+        if (block && typeof d?.[k] === "string") {
+          block[k] = String(block[k] ?? "") + d[k];
+        }
+      }
+    } else if (e.type === "message_delta") {
+      Object.assign(this.#message, e.delta as object);
+      Object.assign(this.#usage, e.usage as object);
+    } else if (e.type === "message_stop") this.complete = true;
+  }
+
+  result(): Record<string, unknown> {
+    return { ...this.#message, content: this.#blocks, usage: this.#usage };
+  }
+}
+
+/** OpenAI chat completion chunks folded into a `chat.completion`. */
+class ChatAssembler implements StreamAssembler {
+  complete = false;
+  #head: Record<string, unknown> | undefined;
+  #text = "";
+  #finish: unknown = null;
+  #usage: unknown;
+  #headers: Headers | undefined;
+
+  constructor(headers?: Headers) {
+    this.#headers = headers;
+  }
+
+  add(data: unknown): void {
+    if (data === "[DONE]") {
+      this.complete = true;
+      return;
+    }
+    const c = data as Record<string, unknown> | null;
+    if (!c || typeof c !== "object") return;
+    if (c.error) {
+      const error = c.error as { type?: string; message?: string };
+      throw streamError(
+        openaiProvider,
+        error,
+        c,
+        this.#headers,
+        "server_error",
+      );
+    }
+    this.#head ??= {
+      id: c.id,
+      object: "chat.completion",
+      created: c.created,
+      model: c.model,
+    };
+    const choice = (c.choices as {
+      delta?: { content?: string };
+      finish_reason?: unknown;
+    }[] | undefined)?.[0];
+    if (choice?.delta?.content) this.#text += choice.delta.content;
+    if (choice?.finish_reason) this.#finish = choice.finish_reason;
+    if (c.usage) this.#usage = c.usage;
+  }
+
+  result(): Record<string, unknown> {
+    return {
+      ...this.#head,
+      choices: [{
+        index: 0,
+        message: { role: "assistant", content: this.#text },
+        finish_reason: this.#finish,
+      }],
+      usage: this.#usage,
+    };
+  }
+}
+
+/** A failed line's error object from the outcome, when its body carries none. */
+function outcomeError(o: BatchOutcome, fallback: string): {
+  type: string;
+  message: string | undefined;
+} {
+  return { type: o.errorType ?? fallback, message: o.message };
+}
+
+/**
+ * The Anthropic Messages API. Limits per the `anthropic-ratelimit-*`
+ * headers (requests, input and output tokens, and `tokens`, the tighter of
+ * the two); cache reads are not charged unless asked (see
+ * {@linkcode UsageOptions}); batch lines `{"custom_id", "params"}`, results
+ * `{"custom_id", "result": {"type": "succeeded" | "errored", …}}`.
+ *
+ * @example
+ * ```ts
+ * import { anthropicProvider } from "./mod.ts";
+ *
+ * const url = anthropicProvider.url("https://relay.example.com", "/v1/messages");
+ * if (url !== "https://relay.example.com/v1/messages") throw new Error(url);
+ * if (anthropicProvider.headers("k")["x-api-key"] !== "k") throw new Error();
+ * ```
+ */
+export const anthropicProvider: Provider = {
+  name: "anthropic",
+  keyVar: "ANTHROPIC_API_KEY",
+  baseURLVar: "ANTHROPIC_BASE_URL",
+  baseURL: "https://api.anthropic.com",
+  endpoints: [{
+    path: "/v1/messages",
+    needs: "messages",
+    requires: ["max_tokens"],
+    outputCaps: ["max_tokens", "max_completion_tokens"],
+    defaultOutput: 4096,
+    streams: true,
+    inputTokens: (b) => conversationTokens(b.system, b.messages, b.tools),
+  }],
+  // The base is the host (the SDK's convention); a trailing /v1 is tolerated.
+  url: (base, path) =>
+    `${base}${/\/v1$/.test(base) ? "" : "/v1"}${path.replace(/^\/v1/, "")}`,
+  headers(apiKey) {
+    const h: Record<string, string> = {
+      "content-type": "application/json",
+      "anthropic-version": "2023-06-01",
+    };
+    if (apiKey !== undefined) h["x-api-key"] = apiKey;
+    return h;
+  },
+  limitHeaders: [
+    ["requests", "requests"],
+    ["inputTokens", "input-tokens"],
+    ["outputTokens", "output-tokens"],
+    ["tokens", "tokens"],
+  ].map(([key, b]) => ({
+    key: key!,
+    limit: `anthropic-ratelimit-${b}-limit`,
+    remaining: `anthropic-ratelimit-${b}-remaining`,
+    reset: `anthropic-ratelimit-${b}-reset`,
+    resetAs: "time" as const,
+    // "tokens" is the tighter of input and output: learn those instead.
+    ...(key === "tokens"
+      ? {
+        unless: [
+          "anthropic-ratelimit-input-tokens-limit",
+          "anthropic-ratelimit-output-tokens-limit",
+        ],
+      }
+      : {}),
+  })),
+  errorStatus: {
+    invalid_request_error: 400,
+    authentication_error: 401,
+    billing_error: 402,
+    permission_error: 403,
+    not_found_error: 404,
+    conflict_error: 409,
+    request_too_large: 413,
+    rate_limit_error: 429,
+    api_error: 500,
+    timeout_error: 504,
+    overloaded_error: 529,
+  },
+  quotaCodes: ["enforced_spend_limit_reached"],
+  usage(body, options = {}) {
+    const u = usageField(body);
+    if (!u) return undefined;
+    const out: Cost = {};
+    const input = count(u.input_tokens);
+    if (input !== undefined) {
+      out.inputTokens = input + (count(u.cache_creation_input_tokens) ?? 0) +
+        (options.cacheReadCounts ? count(u.cache_read_input_tokens) ?? 0 : 0);
+    }
+    const output = count(u.output_tokens);
+    if (output !== undefined) out.outputTokens = output;
+    return input === undefined && output === undefined ? undefined : out;
+  },
+  usageInEvent: "message",
+  streamBody: (body) => ({ ...body, stream: true }),
+  streamEnd: "message_stop",
+  assembler: (headers) => new AnthropicAssembler(headers),
+  batch: {
+    name: 'Anthropic batch ("params")',
+    bodyField: "params",
+    pathOf: () => "/v1/messages",
+    result(customId, _line, o) {
+      const body = o.body;
+      const result = o.ok ? { type: "succeeded", message: body } : {
+        type: "errored",
+        error: body && typeof body === "object" && "error" in body
+          ? body
+          : { type: "error", error: outcomeError(o, "api_error") },
+      };
+      return { custom_id: customId, result };
+    },
+  },
+};
+
+/**
+ * OpenAI and OpenAI-compatible APIs: chat completions, Responses, legacy
+ * completions, embeddings and moderations. Limits per the
+ * `x-ratelimit-*-requests` / `-tokens` headers; batch lines
+ * `{"custom_id", "method", "url", "body"}`, results
+ * `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`.
+ *
+ * @example
+ * ```ts
+ * import { openaiProvider } from "./mod.ts";
+ *
+ * const url = openaiProvider.url("https://api.openai.com/v1", "/v1/embeddings");
+ * if (url !== "https://api.openai.com/v1/embeddings") throw new Error(url);
+ * ```
+ */
+export const openaiProvider: Provider = {
+  name: "openai",
+  keyVar: "OPENAI_API_KEY",
+  baseURLVar: "OPENAI_BASE_URL",
+  baseURL: "https://api.openai.com/v1",
+  endpoints: [
+    {
+      path: "/v1/chat/completions",
+      needs: "messages",
+      requires: [],
+      outputCaps: ["max_tokens", "max_completion_tokens"],
+      defaultOutput: 4096,
+      streams: true,
+      inputTokens: (b) => conversationTokens(b.system, b.messages, b.tools),
+    },
+    {
+      path: "/v1/responses",
+      needs: "input",
+      requires: [],
+      outputCaps: ["max_output_tokens"],
+      defaultOutput: 4096,
+      streams: false,
+      inputTokens: responsesTokens,
+    },
+    {
+      path: "/v1/completions",
+      needs: "prompt",
+      requires: [],
+      outputCaps: ["max_tokens"],
+      defaultOutput: 16, // the API's own default
+      streams: false,
+      inputTokens: (b) => textOrTokens(b.prompt) + 4,
+    },
+    inputOnly("/v1/embeddings"),
+    inputOnly("/v1/moderations"),
+  ],
+  // The base ends in /v1 (the SDK's convention).
+  url: (base, path) => `${base}${path.replace(/^\/v1/, "")}`,
+  headers(apiKey) {
+    const h: Record<string, string> = { "content-type": "application/json" };
+    if (apiKey !== undefined) h["authorization"] = `Bearer ${apiKey}`;
+    return h;
+  },
+  limitHeaders: ["requests", "tokens"].map((key) => ({
+    key,
+    limit: `x-ratelimit-limit-${key}`,
+    remaining: `x-ratelimit-remaining-${key}`,
+    reset: `x-ratelimit-reset-${key}`,
+    resetAs: "wait" as const,
+  })),
+  errorStatus: {
+    invalid_request_error: 400,
+    rate_limit_error: 429,
+    server_error: 500,
+  },
+  quotaCodes: [
+    "insufficient_quota",
+    "credit_balance_exhausted",
+    "organization_spend_limit_exceeded",
+    "project_spend_limit_exceeded",
+    "organization_usage_limit_exceeded",
+  ],
+  usage(body) {
+    const u = usageField(body);
+    if (!u) return undefined;
+    // Chat, completions and embeddings: prompt/completion; Responses: input/output.
+    const chat = u.prompt_tokens !== undefined ||
+      u.completion_tokens !== undefined;
+    const input = count(chat ? u.prompt_tokens : u.input_tokens);
+    const output = count(chat ? u.completion_tokens : u.output_tokens);
+    if (input === undefined && output === undefined) return undefined;
+    const out: Cost = {};
+    if (input !== undefined) out.inputTokens = input;
+    if (output !== undefined) out.outputTokens = output;
+    return out;
+  },
+  usageInEvent: "response",
+  streamBody: (body) => ({
+    ...body,
+    stream: true,
+    stream_options: {
+      include_usage: true,
+      ...(body.stream_options as object | undefined),
+    },
+  }),
+  streamEnd: "[DONE]",
+  assembler: (headers) => new ChatAssembler(headers),
+  batch: {
+    name: 'OpenAI batch ("body")',
+    bodyField: "body",
+    pathOf(line) {
+      const paths = openaiProvider.endpoints.map((e) => e.path);
+      if (typeof line.url !== "string" || !paths.includes(line.url)) {
+        throw new RangeError(
+          `"url" must be one of ${paths.join(", ")}: received ${
+            JSON.stringify(line.url)
+          }`,
+        );
+      }
+      if (line.method !== undefined && line.method !== "POST") {
+        throw new RangeError(
+          `"method" must be "POST": received ${JSON.stringify(line.method)}`,
+        );
+      }
+      return line.url;
+    },
+    result: (customId, line, o) => ({
+      id: `batch_req_${line}`,
+      custom_id: customId,
+      response: o.status
+        ? {
+          status_code: o.status,
+          request_id: o.requestId ?? null,
+          body: o.body,
+        }
+        : null,
+      error: o.status ? null : {
+        code: o.errorType ?? "network_error",
+        message: o.message,
+      },
+    }),
+  },
+};
+
+/**
+ * Every provider paceline knows, in the order a URL is matched against
+ * their endpoints.
+ *
+ * @example
+ * ```ts
+ * import { providers } from "./mod.ts";
+ *
+ * if (providers.map((p) => p.name).join() !== "anthropic,openai") throw new Error();
+ * ```
+ */
+export const providers: readonly Provider[] = [
+  anthropicProvider,
+  openaiProvider,
+];
+
+/** Every provider's limit headers, in order. */
+const LIMIT_HEADERS: readonly LimitHeaders[] = providers.flatMap((p) =>
+  p.limitHeaders
+);
+/** Every provider's event fields that hold a body with usage. */
+const USAGE_IN_EVENT: readonly string[] = providers.map((p) => p.usageInEvent);
+/** Every provider's quota codes. */
+const QUOTA_CODES = new Set(providers.flatMap((p) => p.quotaCodes));
+
+/** The last URL matched, and its match: the SDKs send one URL over and over. */
+let lastMatch: [string, ProviderMatch | undefined] = ["", undefined];
+
+/**
+ * A provider and the endpoint of one request, as {@linkcode providerOf} finds them.
+ *
+ * @example
+ * ```ts
+ * import { type ProviderMatch, providerOf } from "./mod.ts";
+ *
+ * const m: ProviderMatch | undefined = providerOf("https://api.anthropic.com/v1/messages");
+ * if (m?.endpoint.path !== "/v1/messages") throw new Error();
+ * ```
+ */
+export interface ProviderMatch {
+  /** The provider. */
+  provider: Provider;
+  /** The endpoint the URL's path ends in. */
+  endpoint: ProviderEndpoint;
+}
+
+/**
+ * The provider and endpoint a URL is for: the first endpoint (providers in
+ * the order of {@linkcode providers}, each most specific path first) that
+ * the URL's path ends with, `/v1` aside, so relays under any prefix match.
+ *
+ * @param url A request URL.
+ * @returns The match, or `undefined` for a URL no provider describes.
+ *
+ * @example
+ * ```ts
+ * import { providerOf } from "./mod.ts";
+ *
+ * if (providerOf("https://relay.example.com/openai/v1/embeddings?x=1")?.endpoint.path !== "/v1/embeddings") {
+ *   throw new Error();
+ * }
+ * if (providerOf("https://example.com/v1/files") !== undefined) throw new Error();
+ * ```
+ */
+export function providerOf(url: string): ProviderMatch | undefined {
+  if (lastMatch[0] === url) return lastMatch[1];
+  const q = url.indexOf("?");
+  const path = q < 0 ? url : url.slice(0, q);
+  let found: ProviderMatch | undefined;
+  search: for (const provider of providers) {
+    for (const endpoint of provider.endpoints) {
+      if (path.endsWith(endpoint.path.slice(3))) { // "/v1" aside
+        found = { provider, endpoint };
+        break search;
+      }
+    }
+  }
+  lastMatch = [url, found];
+  return found;
+}
 
 /**
  * A conservative token estimate for text, used to charge input tokens before
@@ -5287,35 +6087,33 @@ export function estimateTokens(text: string): number {
   return Math.ceil(n);
 }
 
-/** Tokens charged per image or document part (its bytes are not text). */
-const MEDIA_TOKENS = 1600;
-
-function textOfContent(content: unknown, add: (text: string) => void): number {
-  if (typeof content === "string") {
-    add(content);
-    return 0;
+/**
+ * The output tokens a request may produce: its first output cap that is
+ * set (a finite number ≥ 0), else the endpoint's default.
+ *
+ * @param endpoint The endpoint (see {@linkcode providerOf}).
+ * @param body The request body.
+ * @returns The cap.
+ *
+ * @example
+ * ```ts
+ * import { outputCapOf, providerOf } from "./mod.ts";
+ *
+ * const { endpoint } = providerOf("https://api.openai.com/v1/completions")!;
+ * if (outputCapOf(endpoint, { prompt: "x" }) !== 16) throw new Error();
+ * ```
+ */
+export function outputCapOf(
+  endpoint: ProviderEndpoint,
+  body: Record<string, unknown>,
+): number {
+  let value: unknown;
+  for (const cap of endpoint.outputCaps) {
+    value = body[cap];
+    if (value !== undefined && value !== null) break;
   }
-  let media = 0;
-  if (Array.isArray(content)) {
-    for (const part of content) {
-      if (typeof part === "string") add(part);
-      else if (part && typeof part === "object") {
-        const p = part as Record<string, unknown>;
-        if (typeof p.text === "string") add(p.text);
-        else if (
-          p.type === "image" || p.type === "image_url" ||
-          p.type === "document" || p.type === "input_image" ||
-          p.type === "input_file"
-        ) {
-          media += MEDIA_TOKENS;
-        } else if (p.content !== undefined) {
-          const inner = textOfContent(p.content, add);
-          media += inner;
-        } else if (p.input !== undefined) add(JSON.stringify(p.input));
-      }
-    }
-  }
-  return media;
+  const max = Number(value ?? endpoint.defaultOutput);
+  return Number.isFinite(max) && max >= 0 ? max : endpoint.defaultOutput;
 }
 
 /**
@@ -5361,96 +6159,14 @@ function textOfContent(content: unknown, add: (text: string) => void): number {
  * ```
  */
 export function estimateCost(url: string, body: unknown): Cost {
-  const kind = ENDPOINT_KIND.exec(url.split("?")[0]!)?.[1];
-  if (!kind || !body || typeof body !== "object") return { requests: 1 };
+  const found = providerOf(url);
+  if (!found || !body || typeof body !== "object") return { requests: 1 };
   const b = body as Record<string, unknown>;
-  let n = 0;
-  const add = (t: string): void => {
-    n += estimateTokens(t);
+  return {
+    requests: 1,
+    inputTokens: found.endpoint.inputTokens(b),
+    outputTokens: outputCapOf(found.endpoint, b),
   };
-  // (`n += f()` would read n before f adds to it.)
-  if (kind === "embeddings" || kind === "moderations") {
-    const media = textOrTokens(b.input, add, (k) => n += k);
-    return { requests: 1, inputTokens: n + media, outputTokens: 0 };
-  }
-  if (kind === "completions") {
-    textOrTokens(b.prompt, add, (k) => n += k);
-    return {
-      requests: 1,
-      inputTokens: n + 4,
-      outputTokens: maxOut(b.max_tokens, 16),
-    };
-  }
-  n = 4;
-  let media = 0;
-  let max: unknown;
-  if (kind === "responses") {
-    media += textOfContent(b.instructions, add);
-    if (typeof b.input === "string") add(b.input);
-    else if (Array.isArray(b.input)) {
-      for (const item of b.input) {
-        n += 4;
-        const it = item as Record<string, unknown> | null;
-        if (it?.content !== undefined) media += textOfContent(it.content, add);
-        else if (typeof it?.output === "string") add(it.output);
-        else if (typeof it?.arguments === "string") add(it.arguments);
-      }
-    }
-    max = b.max_output_tokens;
-  } else {
-    media += textOfContent(b.system, add);
-    if (Array.isArray(b.messages)) {
-      for (const m of b.messages) {
-        n += 4;
-        media += textOfContent(
-          (m as { content?: unknown } | null)?.content,
-          add,
-        );
-      }
-    }
-    max = b.max_tokens ?? b.max_completion_tokens;
-  }
-  n += media;
-  if (Array.isArray(b.tools)) add(JSON.stringify(b.tools));
-  return { requests: 1, inputTokens: n, outputTokens: maxOut(max, 4096) };
-}
-
-/** The endpoint a URL path names, for {@linkcode estimateCost}. */
-const ENDPOINT_KIND =
-  /\/(messages|chat\/completions|responses|completions|embeddings|moderations)$/;
-
-function maxOut(value: unknown, fallback: number): number {
-  const max = Number(value ?? fallback);
-  return Number.isFinite(max) && max >= 0 ? max : fallback;
-}
-
-/**
- * Counts an embeddings/moderations `input` or a completions `prompt`: a
- * string, a list of strings, a token array, a list of token arrays, or
- * multimodal parts. Texts go to `add`, token counts to `tokens`; returns
- * the media tokens.
- */
-function textOrTokens(
-  value: unknown,
-  add: (text: string) => void,
-  tokens: (n: number) => void,
-): number {
-  if (typeof value === "string") {
-    add(value);
-    return 0;
-  }
-  if (!Array.isArray(value)) return 0;
-  if (value.length && typeof value[0] === "number") {
-    tokens(value.length);
-    return 0;
-  }
-  let media = 0;
-  for (const v of value) {
-    if (typeof v === "string") add(v);
-    else if (Array.isArray(v)) tokens(v.length);
-    else media += textOfContent([v], add);
-  }
-  return media;
 }
 
 /**
@@ -5499,27 +6215,16 @@ export function usageOf(
   body: unknown,
   options: UsageOptions = {},
 ): Cost | undefined {
-  const u = (body as { usage?: Record<string, unknown> } | null)?.usage;
-  if (!u || typeof u !== "object") return undefined;
-  const num = (v: unknown): number | undefined =>
-    typeof v === "number" && Number.isFinite(v) && v >= 0 ? v : undefined;
-  const out: Cost = {};
-  const prompt = num(u.prompt_tokens);
-  const completion = num(u.completion_tokens);
-  if (prompt !== undefined || completion !== undefined) {
-    if (prompt !== undefined) out.inputTokens = prompt;
-    if (completion !== undefined) out.outputTokens = completion;
-    return out;
+  for (const provider of providers) {
+    const cost = provider.usage(body, options);
+    if (cost) return cost;
   }
-  const input = num(u.input_tokens);
-  if (input !== undefined) {
-    out.inputTokens = input + (num(u.cache_creation_input_tokens) ?? 0) +
-      (options.cacheReadCounts ? num(u.cache_read_input_tokens) ?? 0 : 0);
-  }
-  const output = num(u.output_tokens);
-  if (output !== undefined) out.outputTokens = output;
-  return Object.keys(out).length ? out : undefined;
+  return undefined;
 }
+
+// =============================================================================
+// Fetch
+// =============================================================================
 
 /**
  * One server-sent event.
@@ -5728,15 +6433,6 @@ const FETCH_OPTIONS = new Set([
   "maxModels",
 ]);
 
-const LEARN_HEADERS: [string, string][] = [
-  ["anthropic-ratelimit-requests", "requests"],
-  ["anthropic-ratelimit-input-tokens", "inputTokens"],
-  ["anthropic-ratelimit-output-tokens", "outputTokens"],
-  ["anthropic-ratelimit-tokens", "tokens"],
-  ["x-ratelimit-limit-requests", "requests"],
-  ["x-ratelimit-limit-tokens", "tokens"],
-];
-
 /**
  * Wraps `fetch` so every call waits its turn: at most `concurrency` in
  * flight, within every rate window, retried per {@linkcode retry}. It has
@@ -5785,7 +6481,40 @@ const LEARN_HEADERS: [string, string][] = [
 export function rateLimitedFetch(
   options: RateLimitedFetchOptions = {},
 ): RateLimitedFetch {
-  checkOptions(options, FETCH_OPTIONS, "rateLimitedFetch");
+  const settings = fetchSettings(options);
+  const path = new RequestPath(settings);
+  const wrapped = (
+    input: RequestInfo | URL,
+    init?: RequestInit,
+  ): Promise<Response> => path.call(input, init);
+  return Object.assign(wrapped, {
+    limiter: settings.limiter,
+    stats: settings.stats,
+    models: path.lanes.models,
+  }) as RateLimitedFetch;
+}
+
+/** {@linkcode RateLimitedFetchOptions}, checked, with every default filled in. */
+interface FetchSettings {
+  limiter: RateLimiter;
+  stats: Stats;
+  clock: Clock;
+  concurrency: number;
+  /** Checked retry options without a signal; `undefined`: send each request once. */
+  retry: CheckedRetryOptions | undefined;
+  estimate: (url: string, body: unknown) => Cost;
+  usage: (body: unknown) => Cost | undefined;
+  /** The learned windows' length; `undefined`: learning is off. */
+  learnMs: number | undefined;
+  adaptiveMargin: boolean;
+  fetch: typeof fetch;
+  lanes: LaneOptions;
+}
+
+/** Checks the options of {@linkcode rateLimitedFetch}; throws naming the bad one. */
+function fetchSettings(options: RateLimitedFetchOptions): FetchSettings {
+  const where = "rateLimitedFetch";
+  checkOptions(options, FETCH_OPTIONS, where);
   const {
     concurrency = 16,
     retry: retryOptions = {},
@@ -5797,20 +6526,21 @@ export function rateLimitedFetch(
   } = options;
   const usage = options.usage ??
     ((b: unknown) => usageOf(b, { cacheReadCounts }));
-  checkCount(concurrency, "concurrency", "rateLimitedFetch");
+  checkCount(concurrency, "concurrency", where);
   const baseFetch = options.fetch ?? globalThis.fetch;
   if (typeof baseFetch !== "function") {
-    throw new TypeError("rateLimitedFetch 'fetch' must be a function");
+    throw new TypeError(`${where} 'fetch' must be a function`);
   }
   for (const [name, f] of [["estimate", estimate], ["usage", usage]] as const) {
     if (typeof f !== "function") {
       throw new TypeError(
-        `rateLimitedFetch '${name}' must be a function: received ${typeof f}`,
+        `${where} '${name}' must be a function: received ${typeof f}`,
       );
     }
   }
+  const stats = options.stats ?? new Stats(clock);
   // Validated once here; each call only adds its signal.
-  const checkedRetry = retryOptions === false ? undefined : checkRetryOptions({
+  const retry = retryOptions === false ? undefined : checkRetryOptions({
     ...retryOptions,
     clock,
     onRetry: (info) => {
@@ -5818,6 +6548,29 @@ export function rateLimitedFetch(
       retryOptions.onRetry?.(info);
     },
   });
+  const learnMs = typeof learn === "object" ? learn.windowMs ?? 60_000 : 60_000;
+  checkPositive(learnMs, "learn.windowMs", where);
+  const { limiter, lanes } = laneSettings(options, clock);
+  return {
+    limiter,
+    stats,
+    clock,
+    concurrency,
+    retry,
+    estimate,
+    usage,
+    learnMs: learn === false ? undefined : learnMs,
+    adaptiveMargin,
+    fetch: baseFetch,
+    lanes,
+  };
+}
+
+/** The key's limiter and how model lanes are made, from `limiter`, `perModel` and `maxModels`. */
+function laneSettings(
+  options: RateLimitedFetchOptions,
+  clock: Clock,
+): { limiter: RateLimiter; lanes: LaneOptions } {
   const perModel = options.perModel ?? "learned";
   if (perModel !== "learned" && perModel !== "all" && perModel !== false) {
     throw new TypeError(
@@ -5828,386 +6581,483 @@ export function rateLimitedFetch(
   }
   const maxModels = options.maxModels ?? 64;
   checkCount(maxModels, "maxModels", "rateLimitedFetch");
+  const given = options.limiter;
   /** With perModel "all": the given windows, copied for each model. */
   let template: WindowSpec[] = [];
   let limiter: RateLimiter;
   if (perModel === "all") {
-    if (options.limiter instanceof RateLimiter) {
+    if (given instanceof RateLimiter) {
       throw new TypeError(
         `rateLimitedFetch 'perModel: "all"' copies the limits in 'limiter' for each model: pass limiter options, not a RateLimiter instance`,
       );
     }
-    template = new RateLimiter({ clock, ...options.limiter }).usage().map((
-      w,
-    ) => ({ key: w.key, limit: w.limit, ms: w.ms, marginMs: w.marginMs }));
+    template = new RateLimiter({ clock, ...given }).usage().map((w) => ({
+      key: w.key,
+      limit: w.limit,
+      ms: w.ms,
+      marginMs: w.marginMs,
+    }));
     limiter = new RateLimiter({ clock });
   } else {
-    limiter = options.limiter instanceof RateLimiter
-      ? options.limiter
-      : new RateLimiter({ clock, ...options.limiter });
+    limiter = given instanceof RateLimiter
+      ? given
+      : new RateLimiter({ clock, ...given });
   }
-  const stats = options.stats ?? new Stats(clock);
-  const slots = new Semaphore(concurrency);
-  const learnMs = typeof learn === "object" ? learn.windowMs ?? 60_000 : 60_000;
-  checkPositive(learnMs, "learn.windowMs", "rateLimitedFetch");
-  /** The keys the user gave limits for: never learned. */
-  const userKeys = new Set(
-    perModel === "all"
-      ? template.map((w) => w.key)
-      : limiter.usage().map((w) => w.key),
-  );
-  /** A model's limiter: the given windows with "all", and the given default margin. */
-  const modelLimiter = (model: string): RateLimiter => {
-    const o: RateLimiterOptions = {
+  const marginMs = given instanceof RateLimiter ? undefined : given?.marginMs;
+  return {
+    limiter,
+    lanes: {
+      perModel,
+      maxModels,
       clock,
-      windows: template,
-      ...(options.limiter instanceof RateLimiter ||
-          options.limiter?.marginMs === undefined
-        ? {}
-        : { marginMs: options.limiter.marginMs }),
-    };
-    // A shared key's models are shared too: same Redis, one name per model.
-    return limiter instanceof RedisRateLimiter
-      ? deriveRedis(limiter, model, o)
-      : new RateLimiter(o);
+      // The keys the user gave limits for: never learned.
+      userKeys: new Set(
+        (perModel === "all" ? template : limiter.usage()).map((w) => w.key),
+      ),
+      modelLimiter(model) {
+        const o: RateLimiterOptions = {
+          clock,
+          windows: template,
+          ...(marginMs === undefined ? {} : { marginMs }),
+        };
+        // A shared key's models are shared too: same Redis, one name per model.
+        return limiter instanceof RedisRateLimiter
+          ? deriveRedis(limiter, model, o)
+          : new RateLimiter(o);
+      },
+    },
   };
-  const newLane = (l: RateLimiter): Lane => ({
-    limiter: l,
-    margins: new MarginTuner(l, clock),
-    inflight: {},
-  });
+}
+
+/**
+ * Request normalisation: what one call sends on every attempt. The SDKs
+ * pass a URL string and a string body: that common case skips building a
+ * `Request` and copying the body.
+ */
+interface OutgoingRequest {
+  url: string;
+  /** Everything but the signal. */
+  init: RequestInit;
+  signal: AbortSignal | undefined;
+  /** The body parsed as JSON, when it is JSON. */
+  json: unknown;
+  /** False for a `ReadableStream` body: it can be sent only once. */
+  replayable: boolean;
+}
+
+async function normalizeRequest(
+  input: RequestInfo | URL,
+  init: RequestInit | undefined,
+): Promise<OutgoingRequest> {
+  const signal = init?.signal ??
+    (input instanceof Request ? input.signal : undefined) ?? undefined;
+  let url: string;
+  let sendInit: RequestInit;
+  let body: string | ArrayBuffer | ReadableStream<Uint8Array> | undefined;
+  let text: string | undefined;
+  if (
+    (typeof input === "string" || input instanceof URL) &&
+    (init?.body === undefined || init?.body === null ||
+      typeof init.body === "string")
+  ) {
+    url = String(input);
+    body = init?.body ?? undefined;
+    text = body as string | undefined;
+    sendInit = { ...init, body };
+  } else {
+    const request = new Request(input, init);
+    const streaming = init?.body instanceof ReadableStream ||
+      (init?.body === undefined && input instanceof Request &&
+        input.body !== null);
+    if (request.body && !streaming) {
+      body = await request.arrayBuffer();
+      text = new TextDecoder().decode(body);
+    } else if (request.body) body = request.body;
+    url = request.url;
+    sendInit = {
+      method: request.method,
+      headers: request.headers,
+      body,
+      redirect: request.redirect,
+      ...(body instanceof ReadableStream ? { duplex: "half" } : {}),
+    } as RequestInit;
+  }
+  return {
+    url,
+    init: sendInit,
+    signal,
+    json: text === undefined ? undefined : parseJSONBody(text),
+    replayable: !(body instanceof ReadableStream),
+  };
+}
+
+/** The JSON in a text that looks like an object or array; `undefined` if it is not JSON. */
+function parseJSONBody(text: string): unknown {
+  if (!/^\s*[[{]/.test(text)) return undefined;
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
+
+/** One set of windows of a {@linkcode rateLimitedFetch}: the key's, or a model's. */
+interface Lane {
+  limiter: RateLimiter;
+  margins: MarginTuner;
+  /** Estimated amounts of requests sent and not yet answered, per key (for learning). */
+  inflight: Record<string, number>;
+}
+
+/** How {@linkcode ModelLanes} makes a model's lane. */
+interface LaneOptions {
+  perModel: "learned" | "all" | false;
+  maxModels: number;
+  clock: Clock;
+  /** Keys the user gave limits for: never learned. */
+  userKeys: Set<string>;
+  /** A new limiter for one model's windows. */
+  modelLimiter(model: string): RateLimiter;
+}
+
+/**
+ * Model lanes: the key's windows, and each model's own (providers limit
+ * per model), at most `maxModels` of them, least recently used dropped
+ * first when idle.
+ */
+class ModelLanes {
   /** The whole key's windows: the given limits (and, without a model, the learned ones). */
-  const keyLane = newLane(limiter);
-  /** Each model's windows, least recently used first. */
-  const lanes = new Map<string, Lane>();
-  const models = new Map<string, RateLimiter>();
-  let overflow: Lane | undefined;
-  const laneFor = (model: string): Lane => {
-    let lane = lanes.get(model);
+  readonly key: Lane;
+  /** Each model's limiter, least recently used first. */
+  readonly models: Map<string, RateLimiter> = new Map();
+  #lanes = new Map<string, Lane>();
+  #overflow: Lane | undefined;
+  #options: LaneOptions;
+
+  constructor(key: RateLimiter, options: LaneOptions) {
+    this.#options = options;
+    this.key = this.#newLane(key);
+  }
+
+  /** The lane a request body goes through: its model's, or the key's. */
+  of(json: unknown): Lane {
+    const model = (json as { model?: unknown } | undefined)?.model;
+    return this.#options.perModel !== false && typeof model === "string" &&
+        model
+      ? this.#model(model)
+      : this.key;
+  }
+
+  #newLane(limiter: RateLimiter): Lane {
+    return {
+      limiter,
+      margins: new MarginTuner(limiter, this.#options.clock),
+      inflight: {},
+    };
+  }
+
+  #model(model: string): Lane {
+    let lane = this.#lanes.get(model);
     if (lane) {
-      lanes.delete(model); // most recently used goes last
-      lanes.set(model, lane);
+      this.#lanes.delete(model); // most recently used goes last
+      this.#lanes.set(model, lane);
       return lane;
     }
-    if (lanes.size >= maxModels) {
-      let idle: string | undefined;
-      for (const [name, l] of lanes) {
-        if (
-          l.limiter.pending === 0 &&
-          l.limiter.usage().every((w) => w.used === 0)
-        ) {
-          idle = name;
-          break;
-        }
-      }
+    if (this.#lanes.size >= this.#options.maxModels) {
+      const idle = this.#idle();
       if (idle === undefined) {
-        return overflow ??= newLane(modelLimiter("(other models)"));
+        return this.#overflow ??= this.#newLane(
+          this.#options.modelLimiter("(other models)"),
+        );
       }
-      lanes.delete(idle);
-      models.delete(idle);
+      this.#lanes.delete(idle);
+      this.models.delete(idle);
     }
-    lane = newLane(modelLimiter(model));
-    lanes.set(model, lane);
-    models.delete(model);
-    models.set(model, lane.limiter);
+    lane = this.#newLane(this.#options.modelLimiter(model));
+    this.#lanes.set(model, lane);
+    this.models.delete(model);
+    this.models.set(model, lane.limiter);
     return lane;
-  };
-  /** Requests waiting for a slot or a permit, and sent (in flight): for the timeline. */
-  let waiting = 0;
-  let active = 0;
-  let windowsSampled = -Infinity;
-  const observe = (now: number): void => {
-    if (now - windowsSampled < 250) {
-      stats.sample({ inFlight: active, queued: waiting });
-      return;
-    }
-    windowsSampled = now;
-    const windows: Record<string, { used: number; limit: number }> = {};
-    for (const w of limiter.usage()) {
-      windows[`${w.key}/${w.ms}`] = { used: w.used, limit: w.limit };
-    }
-    for (const [model, l] of models) {
-      for (const w of l.usage()) {
-        windows[`${model}: ${w.key}/${w.ms}`] = {
-          used: w.used,
-          limit: w.limit,
-        };
-      }
-    }
-    stats.sample({ inFlight: active, queued: waiting, windows });
-  };
-  const track = (lane: Lane, cost: Cost, sign: 1 | -1): void => {
-    const inflight = lane.inflight;
-    for (const k of Object.keys(cost)) {
-      inflight[k] = (inflight[k] ?? 0) + sign * cost[k]!;
-    }
-    if (cost.tokens === undefined) {
-      inflight.tokens = (inflight.tokens ?? 0) +
-        sign * ((cost.inputTokens ?? 0) + (cost.outputTokens ?? 0));
-    }
-  };
+  }
 
-  const learnFrom = (h: Headers, lane: Lane): void => {
-    if (learn === false) return;
-    const limiter = lane.limiter;
-    let windows: WindowUsage[] | undefined; // read once, refreshed after changes
-    const find = (key: string): WindowUsage | undefined => {
-      windows ??= limiter.usage();
-      return windows.find((u) => u.key === key && u.ms === learnMs) ??
-        windows.find((u) => u.key === key);
-    };
-    for (const [prefix, key] of LEARN_HEADERS) {
-      const openai = prefix.startsWith("x-");
-      const v = h.get(openai ? prefix : `${prefix}-limit`);
-      if (v === null) continue;
-      const limit = Number(v);
-      if (!(limit > 0) || !Number.isFinite(limit)) continue;
+  /** The least recently used model with nothing in its windows and nobody waiting. */
+  #idle(): string | undefined {
+    for (const [name, l] of this.#lanes) {
       if (
-        key === "tokens" && (h.has("anthropic-ratelimit-input-tokens-limit") ||
-          h.has("anthropic-ratelimit-output-tokens-limit"))
-      ) continue; // Anthropic's "tokens" is the most restrictive of the two
-      if (!userKeys.has(key)) {
-        const w = find(key);
-        const learned = w?.ms === learnMs ? w : undefined;
-        if (!learned || learned.limit !== limit) {
-          limiter.setLimit(key, limit, learnMs);
-          // A new window has not seen the requests still in flight; the
-          // server will count them, so charge them now.
-          if (!learned && lane.inflight[key]) {
-            limiter.record({ [key]: lane.inflight[key] });
-          }
-          windows = undefined;
-        }
-      }
-      // Others sharing the key: their usage shows as lower remaining.
-      const r = h.get(
-        openai
-          ? prefix.replace("-limit-", "-remaining-")
-          : `${prefix}-remaining`,
-      );
-      const remaining = r === null ? NaN : Number(r);
-      if (!(remaining >= 0)) continue;
+        l.limiter.pending === 0 && l.limiter.usage().every((w) => w.used === 0)
+      ) return name;
+    }
+    return undefined;
+  }
+}
+
+/**
+ * Header learning: limits the user did not give, from the providers'
+ * limit headers (every provider's, as relays mix them), as windows of
+ * `learnMs`; and capacity used by others sharing the key, when `remaining`
+ * is lower than our own log says.
+ */
+function learnLimits(
+  h: Headers,
+  lane: Lane,
+  userKeys: Set<string>,
+  learnMs: number,
+): void {
+  const limiter = lane.limiter;
+  let windows: WindowUsage[] | undefined; // read once, refreshed after changes
+  const find = (key: string): WindowUsage | undefined => {
+    windows ??= limiter.usage();
+    return windows.find((u) => u.key === key && u.ms === learnMs) ??
+      windows.find((u) => u.key === key);
+  };
+  for (const header of LIMIT_HEADERS) {
+    const v = h.get(header.limit);
+    if (v === null) continue;
+    const limit = Number(v);
+    if (!(limit > 0) || !Number.isFinite(limit)) continue;
+    if (header.unless?.some((name) => h.has(name))) continue;
+    const key = header.key;
+    if (!userKeys.has(key)) {
       const w = find(key);
-      if (!w) continue;
-      const gap = (w.limit - w.used) - remaining;
-      // Anthropic rounds token counts to the nearest thousand.
-      const noise = key !== "requests" && remaining % 1000 === 0 ? 500 : 0;
-      if (gap > noise) {
-        limiter.record({ [key]: gap });
+      const learned = w?.ms === learnMs ? w : undefined;
+      if (!learned || learned.limit !== limit) {
+        limiter.setLimit(key, limit, learnMs);
+        // A new window has not seen the requests still in flight; the
+        // server will count them, so charge them now.
+        if (!learned && lane.inflight[key]) {
+          limiter.record({ [key]: lane.inflight[key] });
+        }
         windows = undefined;
       }
     }
-  };
+    // Others sharing the key: their usage shows as lower remaining.
+    const r = h.get(header.remaining);
+    const remaining = r === null ? NaN : Number(r);
+    if (!(remaining >= 0)) continue;
+    const w = find(key);
+    if (!w) continue;
+    const gap = (w.limit - w.used) - remaining;
+    // Anthropic rounds token counts to the nearest thousand.
+    const noise = key !== "requests" && remaining % 1000 === 0 ? 500 : 0;
+    if (gap > noise) {
+      limiter.record({ [key]: gap });
+      windows = undefined;
+    }
+  }
+}
 
-  const wrapped = async (
-    input: RequestInfo | URL,
-    init?: RequestInit,
-  ): Promise<Response> => {
-    stats.call();
-    const signal = init?.signal ??
-      (input instanceof Request ? input.signal : undefined) ?? undefined;
-    // What each attempt sends. The SDKs pass a URL string and a string
-    // body: that common case skips building a Request and copying the body.
-    let url: string;
-    let sendInit: RequestInit;
-    let body: string | ArrayBuffer | ReadableStream<Uint8Array> | undefined;
-    let text: string | undefined;
+/**
+ * The load of every window of a {@linkcode rateLimitedFetch}, labelled
+ * `key/ms`, a model's prefixed with `model: ` — the labels of
+ * {@linkcode TimelinePoint.windows}.
+ *
+ * @param f The fetch (or its limiter and model limiters).
+ * @returns Each window's use and limit, by label.
+ *
+ * @example
+ * ```ts
+ * import { rateLimitedFetch, windowLoads } from "./mod.ts";
+ *
+ * const f = rateLimitedFetch({ limiter: { rpm: 50 }, fetch: () => Promise.resolve(new Response("ok")) });
+ * await f("https://example.com/");
+ * if (windowLoads(f)["requests/60000"]?.used !== 1) throw new Error();
+ * ```
+ */
+export function windowLoads(
+  f: Pick<RateLimitedFetch, "limiter" | "models">,
+): Record<string, { used: number; limit: number }> {
+  const out: Record<string, { used: number; limit: number }> = {};
+  for (const w of f.limiter.usage()) {
+    out[`${w.key}/${w.ms}`] = { used: w.used, limit: w.limit };
+  }
+  for (const [model, l] of f.models) {
+    for (const w of l.usage()) {
+      out[`${model}: ${w.key}/${w.ms}`] = { used: w.used, limit: w.limit };
+    }
+  }
+  return out;
+}
+
+/** Requests waiting for a slot or a permit, and sent: the timeline's gauge. */
+class FlightGauge {
+  waiting = 0;
+  active = 0;
+  #windowsSampled = -Infinity;
+  #stats: Stats;
+  #lanes: ModelLanes;
+
+  constructor(stats: Stats, lanes: ModelLanes) {
+    this.#stats = stats;
+    this.#lanes = lanes;
+  }
+
+  /** Samples the gauge; the windows' load at most every 250 ms. */
+  observe(now: number): void {
+    if (now - this.#windowsSampled < 250) {
+      this.#stats.sample({ inFlight: this.active, queued: this.waiting });
+      return;
+    }
+    this.#windowsSampled = now;
+    this.#stats.sample({
+      inFlight: this.active,
+      queued: this.waiting,
+      windows: windowLoads({
+        limiter: this.#lanes.key.limiter,
+        models: this.#lanes.models,
+      }),
+    });
+  }
+}
+
+/**
+ * Admission: one attempt's hold on capacity: an in-flight slot, then the
+ * model's permit, then the key's, then the model's pause, re-stamped so
+ * the windows count from the send. It is the one owner of the slot:
+ * {@linkcode Admission.release} returns it once, whatever path ends the
+ * attempt.
+ */
+class Admission {
+  /** When the attempt began waiting, and when it was sent. */
+  readonly queuedAt: number;
+  sentAt = 0;
+  #path: RequestPath;
+  #lane: Lane;
+  #cost: Cost;
+  #state: "queued" | "waiting" | "sent" | "done" = "queued";
+  #permit: Permit | undefined;
+  #modelPermit: Permit | undefined;
+
+  constructor(path: RequestPath, lane: Lane, cost: Cost) {
+    this.#path = path;
+    this.#lane = lane;
+    this.#cost = cost;
+    this.queuedAt = path.clock.now();
+  }
+
+  /** Waits for a slot and the permits; an aborted or failed wait holds nothing. */
+  async admit(signal: AbortSignal | undefined): Promise<void> {
+    const { gauge, clock, lanes } = this.#path;
+    gauge.waiting++;
+    gauge.observe(this.queuedAt);
     try {
-      if (
-        (typeof input === "string" || input instanceof URL) &&
-        (init?.body === undefined || init?.body === null ||
-          typeof init.body === "string")
-      ) {
-        url = String(input);
-        body = init?.body ?? undefined;
-        text = body as string | undefined;
-        sendInit = { ...init, body };
-      } else {
-        const request = new Request(input, init);
-        const streaming = init?.body instanceof ReadableStream ||
-          (init?.body === undefined && input instanceof Request &&
-            input.body !== null);
-        if (request.body && !streaming) {
-          body = await request.arrayBuffer();
-          text = new TextDecoder().decode(body);
-        } else if (request.body) body = request.body;
-        url = request.url;
-        sendInit = {
-          method: request.method,
-          headers: request.headers,
-          body,
-          redirect: request.redirect,
-          ...(body instanceof ReadableStream ? { duplex: "half" } : {}),
-        } as RequestInit;
+      await this.#path.slots.acquire(signal);
+    } catch (error) {
+      gauge.waiting--;
+      throw error;
+    }
+    this.#state = "waiting";
+    const lane = this.#lane;
+    try {
+      if (lane !== lanes.key) {
+        this.#modelPermit = await lane.limiter.acquire(this.#cost, { signal });
       }
+      this.#permit = await lanes.key.limiter.acquire(this.#cost, { signal });
+      // A 429 paused this model while we waited for the key's windows:
+      // wait out the pause too, then count from the send.
+      const paused = lane.limiter.pausedUntil - clock.now();
+      if (lane !== lanes.key && paused > 0) {
+        await clock.sleep(paused, signal);
+        restampPermit(this.#permit);
+      }
+      // Held while the key's windows made us wait: it counts from now.
+      if (this.#modelPermit && clock.now() > this.#modelPermit.at) {
+        restampPermit(this.#modelPermit);
+      }
+      // Aborted while it waited: never sent, so it uses nothing.
+      if (signal?.aborted) throw signal.reason;
+    } catch (error) {
+      this.settle(zeroOf(this.#cost), false);
+      this.release();
+      throw signal?.aborted ? signal.reason : error;
+    }
+  }
+
+  /** Marks the request sent: it counts as in flight from now. */
+  send(): void {
+    const gauge = this.#path.gauge;
+    this.sentAt = this.#path.clock.now();
+    this.#state = "sent";
+    gauge.waiting--;
+    gauge.active++;
+    gauge.observe(this.sentAt);
+  }
+
+  /** Settles the permits to what the request really used. */
+  settle(seen: Cost, count = true): void {
+    this.#permit?.settle(seen);
+    this.#modelPermit?.settle(seen);
+    if (count) {
+      this.#path.stats.tokens(seen.inputTokens ?? 0, seen.outputTokens ?? 0);
+    }
+  }
+
+  /** Returns the slot (once). */
+  release(): void {
+    const state = this.#state;
+    if (state === "done" || state === "queued") return;
+    if (state === "waiting") this.#path.gauge.waiting--;
+    else this.#path.gauge.active--;
+    this.#state = "done";
+    this.#path.slots.release();
+  }
+
+  /** Records the attempt in the stats. */
+  record(status: number, kind?: string): void {
+    const now = this.#path.clock.now();
+    this.#path.stats.attempt(
+      this.sentAt - this.queuedAt,
+      now - this.sentAt,
+      status,
+      kind,
+    );
+  }
+}
+
+/**
+ * The wiring of {@linkcode rateLimitedFetch}: normalise the request, pick
+ * its lane, admit, send, learn from the headers, read the response, retry.
+ */
+class RequestPath {
+  readonly clock: Clock;
+  readonly stats: Stats;
+  readonly slots: Semaphore;
+  readonly lanes: ModelLanes;
+  readonly gauge: FlightGauge;
+  #s: FetchSettings;
+
+  constructor(settings: FetchSettings) {
+    this.#s = settings;
+    this.clock = settings.clock;
+    this.stats = settings.stats;
+    this.slots = new Semaphore(settings.concurrency);
+    this.lanes = new ModelLanes(settings.limiter, settings.lanes);
+    this.gauge = new FlightGauge(this.stats, this.lanes);
+  }
+
+  /** One call of the wrapped fetch, retries included. */
+  async call(
+    input: RequestInfo | URL,
+    init: RequestInit | undefined,
+  ): Promise<Response> {
+    const stats = this.stats;
+    stats.call();
+    let request: OutgoingRequest;
+    try {
+      request = await normalizeRequest(input, init);
     } catch (error) {
       stats.end(false, "invalid");
       throw error;
     }
-    let parsed: unknown = undefined;
-    if (text !== undefined && /^\s*[[{]/.test(text)) {
-      try {
-        parsed = JSON.parse(text);
-      } catch {
-        parsed = undefined;
-      }
-    }
-    const cost = estimate(url, parsed);
-    const replayable = !(body instanceof ReadableStream);
-    const model = (parsed as { model?: unknown } | undefined)?.model;
-    const lane = perModel !== false && typeof model === "string" && model
-      ? laneFor(model)
-      : keyLane;
-    const attempt = async (): Promise<Response> => {
-      const t0 = clock.now();
-      waiting++;
-      observe(t0);
-      try {
-        await slots.acquire(signal);
-      } catch (error) {
-        waiting--;
-        throw error;
-      }
-      // Holding a slot: waiting for permits, then sent (in flight), then done.
-      let state: "waiting" | "sent" | "done" = "waiting";
-      const release = (): void => {
-        if (state === "done") return;
-        if (state === "waiting") waiting--;
-        else active--;
-        state = "done";
-        slots.release();
-      };
-      let permit: Permit;
-      let modelPermit: Permit | undefined;
-      try {
-        if (lane !== keyLane) {
-          modelPermit = await lane.limiter.acquire(cost, { signal });
-        }
-        permit = await limiter.acquire(cost, { signal });
-        // A 429 paused this model while we waited for the key's windows:
-        // wait out the pause too, then count from the send.
-        const paused = lane.limiter.pausedUntil - clock.now();
-        if (lane !== keyLane && paused > 0) {
-          try {
-            await clock.sleep(paused, signal);
-          } catch (error) {
-            permit.settle(zeroOf(cost));
-            throw signal?.aborted ? signal.reason : error;
-          }
-          restampPermit(permit);
-        }
-        // Held while the key's windows made us wait: it counts from now.
-        if (modelPermit && clock.now() > modelPermit.at) {
-          restampPermit(modelPermit);
-        }
-      } catch (error) {
-        modelPermit?.settle(zeroOf(cost)); // an aborted waiter uses nothing
-        release();
-        throw error;
-      }
-      const settle = (seen: Cost): void => {
-        permit.settle(seen);
-        modelPermit?.settle(seen);
-        stats.tokens(seen.inputTokens ?? 0, seen.outputTokens ?? 0);
-      };
-      const quiet = (): void => {
-        lane.margins.ok();
-        if (lane !== keyLane) keyLane.margins.ok();
-      };
-      if (signal?.aborted) {
-        // Aborted while it waited: never sent, so it uses nothing.
-        permit.settle(zeroOf(cost));
-        modelPermit?.settle(zeroOf(cost));
-        release();
-        throw signal.reason;
-      }
-      const sent = clock.now();
-      state = "sent";
-      waiting--;
-      active++;
-      observe(sent);
-      let response: Response;
-      track(lane, cost, 1);
-      try {
-        response = await baseFetch(url, { ...sendInit, signal });
-      } catch (error) {
-        track(lane, cost, -1);
-        release();
-        stats.attempt(
-          sent - t0,
-          clock.now() - sent,
-          0,
-          signal?.aborted ? "aborted" : "network",
-        );
-        throw error;
-      }
-      track(lane, cost, -1);
-      learnFrom(response.headers, lane);
-      const type = response.headers.get("content-type") ?? "";
-      if (response.ok && type.includes("text/event-stream") && response.body) {
-        return observeStream(response, (seen) => {
-          release();
-          if (seen) settle(seen);
-          stats.attempt(sent - t0, clock.now() - sent, response.status);
-          quiet();
-        }, usage);
-      }
-      let text: string | undefined;
-      if (type.includes("json") && response.body) {
-        try {
-          text = await response.text();
-        } catch (error) {
-          release();
-          stats.attempt(sent - t0, clock.now() - sent, 0, "network");
-          throw error;
-        }
-      }
-      release();
-      let json: unknown = undefined;
-      if (text !== undefined) {
-        try {
-          json = JSON.parse(text);
-        } catch {
-          json = undefined;
-        }
-      }
-      let kind: string | undefined;
-      if (response.ok) {
-        const seen = json === undefined ? undefined : usage(json);
-        if (seen) settle(seen);
-        quiet();
-      } else if (response.status === 429) {
-        if (quotaCode(json)) kind = "quota";
-        else {
-          const told = parseRetryAfter(response.headers);
-          if (told !== undefined) {
-            lane.limiter.pauseUntil(clock.now() + told);
-            // Limits shared through Redis: the server's wait holds every
-            // process on the key, whatever the model.
-            if (limiter instanceof RedisRateLimiter && lane !== keyLane) {
-              limiter.pauseUntil(clock.now() + told);
-            }
-          }
-          let widened = false;
-          if (adaptiveMargin) {
-            widened = lane.margins.widen();
-            if (lane !== keyLane) widened = keyLane.margins.widen() || widened;
-          }
-          stats.unexpected429(widened);
-        }
-      }
-      stats.attempt(sent - t0, clock.now() - sent, response.status, kind);
-      if (text === undefined) return response;
-      return new Response(text, {
-        status: response.status,
-        statusText: response.statusText,
-        headers: response.headers,
-      });
-    };
+    const cost = this.#s.estimate(request.url, request.json);
+    const lane = this.lanes.of(request.json);
+    const retry = this.#s.retry;
     try {
-      const response = checkedRetry === undefined || !replayable
-        ? await attempt()
-        : await retryChecked(attempt, { ...checkedRetry, signal });
+      const response = retry === undefined || !request.replayable
+        ? await this.#attempt(request, lane, cost)
+        : await retryChecked(
+          () => this.#attempt(request, lane, cost),
+          { ...retry, signal: request.signal },
+        );
       stats.end(response.ok);
       return response;
     } catch (error) {
@@ -6218,19 +7068,151 @@ export function rateLimitedFetch(
         stats.end(false);
         return error.response;
       }
-      stats.end(false, signal?.aborted ? "aborted" : undefined);
+      stats.end(false, request.signal?.aborted ? "aborted" : undefined);
       throw error;
     }
-  };
-  return Object.assign(wrapped, { limiter, stats, models }) as RateLimitedFetch;
+  }
+
+  /** One attempt: admit, send, and read the response. */
+  async #attempt(
+    request: OutgoingRequest,
+    lane: Lane,
+    cost: Cost,
+  ): Promise<Response> {
+    const admission = new Admission(this, lane, cost);
+    const signal = request.signal;
+    await admission.admit(signal);
+    admission.send();
+    let response: Response;
+    track(lane, cost, 1);
+    try {
+      response = await this.#s.fetch(request.url, { ...request.init, signal });
+    } catch (error) {
+      track(lane, cost, -1);
+      admission.release();
+      admission.record(0, signal?.aborted ? "aborted" : "network");
+      throw error;
+    }
+    track(lane, cost, -1);
+    if (this.#s.learnMs !== undefined) {
+      learnLimits(
+        response.headers,
+        lane,
+        this.#s.lanes.userKeys,
+        this.#s.learnMs,
+      );
+    }
+    return readResponse(this, request.url, response, admission, lane);
+  }
+
+  /** A success: usage settles the permits, and the margins may narrow. */
+  succeeded(admission: Admission, lane: Lane, seen: Cost | undefined): void {
+    if (seen) admission.settle(seen);
+    lane.margins.ok();
+    if (lane !== this.lanes.key) this.lanes.key.margins.ok();
+  }
+
+  /** The real cost in a body, by the `usage` option. */
+  usage(body: unknown): Cost | undefined {
+    return this.#s.usage(body);
+  }
+
+  /**
+   * A rate-limit 429 the limiter admitted: pause the lane for the
+   * server-told wait and widen the margins (our view of the window is off).
+   */
+  rateLimited(response: Response, lane: Lane): void {
+    const told = parseRetryAfter(response.headers);
+    const key = this.lanes.key;
+    if (told !== undefined) {
+      const until = this.clock.now() + told;
+      lane.limiter.pauseUntil(until);
+      // Limits shared through Redis: the server's wait holds every
+      // process on the key, whatever the model.
+      if (key.limiter instanceof RedisRateLimiter && lane !== key) {
+        key.limiter.pauseUntil(until);
+      }
+    }
+    let widened = false;
+    if (this.#s.adaptiveMargin) {
+      widened = lane.margins.widen();
+      if (lane !== key) widened = key.margins.widen() || widened;
+    }
+    this.stats.unexpected429(widened);
+  }
 }
 
-/** One set of windows of a {@linkcode rateLimitedFetch}: the key's, or a model's. */
-interface Lane {
-  limiter: RateLimiter;
-  margins: MarginTuner;
-  /** Estimated amounts of requests sent and not yet answered, per key. */
-  inflight: Record<string, number>;
+/** Adds (or removes) a request's estimate to its lane's in-flight amounts. */
+function track(lane: Lane, cost: Cost, sign: 1 | -1): void {
+  const inflight = lane.inflight;
+  for (const k of Object.keys(cost)) {
+    inflight[k] = (inflight[k] ?? 0) + sign * cost[k]!;
+  }
+  if (cost.tokens === undefined) {
+    inflight.tokens = (inflight.tokens ?? 0) +
+      sign * ((cost.inputTokens ?? 0) + (cost.outputTokens ?? 0));
+  }
+}
+
+/**
+ * Response reading: an SSE stream passes through, watched for usage; a
+ * JSON body is read once, settled from, and handed back as a new
+ * `Response`; a 429 pauses and widens unless it is a quota 429.
+ */
+async function readResponse(
+  path: RequestPath,
+  url: string,
+  response: Response,
+  admission: Admission,
+  lane: Lane,
+): Promise<Response> {
+  const type = response.headers.get("content-type") ?? "";
+  if (response.ok && type.includes("text/event-stream") && response.body) {
+    return observeStream(response, providerOf(url)?.provider, path, (seen) => {
+      admission.release();
+      admission.record(response.status);
+      path.succeeded(admission, lane, seen);
+    });
+  }
+  let text: string | undefined;
+  if (type.includes("json") && response.body) {
+    try {
+      text = await response.text();
+    } catch (error) {
+      admission.release();
+      admission.record(0, "network");
+      throw error;
+    }
+  }
+  admission.release();
+  const json = text === undefined ? undefined : parseJSON(text);
+  let kind: string | undefined;
+  if (response.ok) {
+    path.succeeded(
+      admission,
+      lane,
+      json === undefined ? undefined : path.usage(json),
+    );
+  } else if (response.status === 429) {
+    if (quotaCode(json)) kind = "quota";
+    else path.rateLimited(response, lane);
+  }
+  admission.record(response.status, kind);
+  if (text === undefined) return response;
+  return new Response(text, {
+    status: response.status,
+    statusText: response.statusText,
+    headers: response.headers,
+  });
+}
+
+/** `JSON.parse`, or `undefined` for text that is not JSON. */
+function parseJSON(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
 }
 
 /** A cost of the same keys, all zero: settles a permit to nothing. */
@@ -6298,9 +7280,11 @@ class MarginTuner {
  */
 function observeStream(
   response: Response,
+  provider: Provider | undefined,
+  path: RequestPath,
   done: (seen: Cost | undefined) => void,
-  usage: (body: unknown) => Cost | undefined,
 ): Response {
+  const fields = provider ? [provider.usageInEvent] : USAGE_IN_EVENT;
   const reader = response.body!.getReader();
   const parser = new SseParser();
   const decoder = new TextDecoder();
@@ -6323,10 +7307,14 @@ function observeStream(
       // Anthropic: message_start holds input usage; message_delta the
       // cumulative output (take the last, do not sum). OpenAI: a final chunk.
       // Responses: response.completed holds the whole response.
-      const u = usage(
-        (data.message as Record<string, unknown> | undefined) ??
-          (data.response as Record<string, unknown> | undefined) ?? data,
-      );
+      let body: unknown = data;
+      for (const f of fields) {
+        if (data[f] !== undefined && data[f] !== null) {
+          body = data[f];
+          break;
+        }
+      }
+      const u = path.usage(body);
       if (u) seen = { ...seen, ...u };
     }
   };
@@ -6376,16 +7364,6 @@ function env(name: string): string | undefined {
     return undefined; // e.g. Deno without --allow-env
   }
 }
-
-/** HTTP status for an error type that arrives inside a 200 stream. */
-const STREAM_ERROR_STATUS: Record<string, number> = {
-  invalid_request_error: 400,
-  rate_limit_error: 429,
-  api_error: 500,
-  timeout_error: 504,
-  overloaded_error: 529,
-  server_error: 500,
-};
 
 /** A function that POSTs a JSON body to `url` through `f` (headers built once). */
 function poster(
@@ -6689,11 +7667,10 @@ export interface AnthropicOptions extends ClientOptions {
 
 function clientSetup(
   options: ClientOptions,
-  keyVar: string,
-  urlVar: string,
-  defaultURL: string,
-  where: string,
+  provider: Provider,
 ): { key: string | undefined; base: string; fetch: RateLimitedFetch } {
+  const { keyVar, baseURLVar: urlVar, baseURL: defaultURL, name: where } =
+    provider;
   const { apiKey, baseURL, headers: _h, ...fetchOptions } = options;
   const key = apiKey ?? env(keyVar);
   const base = (baseURL ?? env(urlVar) ?? defaultURL).replace(/\/+$/, "");
@@ -6753,24 +7730,17 @@ export function anthropic(options: AnthropicOptions = {}): AnthropicClient {
       }`,
     );
   }
-  const { key, base, fetch: f } = clientSetup(
-    options,
-    "ANTHROPIC_API_KEY",
-    "ANTHROPIC_BASE_URL",
-    "https://api.anthropic.com",
-    "anthropic",
-  );
-  const url = `${base}${/\/v1$/.test(base) ? "" : "/v1"}/messages`;
+  const p = anthropicProvider;
+  const { key, base, fetch: f } = clientSetup(options, p);
   const h: Record<string, string> = {
-    "content-type": "application/json",
+    ...p.headers(undefined),
     "anthropic-version": version,
-    ...headers,
   };
   if (key !== undefined) {
     if (auth === "bearer") h["authorization"] = `Bearer ${key}`;
     else h["x-api-key"] = key;
   }
-  const send = poster(f, url, h);
+  const send = poster(f, p.url(base, "/v1/messages"), { ...h, ...headers });
   const messages = async (
     body: AnthropicRequest,
     opts: { signal?: AbortSignal } = {},
@@ -6782,9 +7752,11 @@ export function anthropic(options: AnthropicOptions = {}): AnthropicClient {
     body: AnthropicRequest,
     opts: { signal?: AbortSignal } = {},
   ): AnthropicStream => {
-    let started: AsyncGenerator<AnthropicStreamEvent> | undefined;
-    let consumed = false;
-    const message: AnthropicMessage = {
+    const events = new AssembledStream<AnthropicStreamEvent>(
+      p,
+      () => send(p.streamBody({ ...body }), opts.signal),
+    );
+    const final = (): AnthropicMessage => ({
       id: "",
       type: "message",
       role: "assistant",
@@ -6792,120 +7764,136 @@ export function anthropic(options: AnthropicOptions = {}): AnthropicClient {
       content: [],
       stop_reason: null,
       usage: { input_tokens: 0, output_tokens: 0 },
-    };
-    async function* events(): AsyncGenerator<AnthropicStreamEvent> {
-      const response = await send({ ...body, stream: true }, opts.signal);
-      if (!response.ok) return failure(response);
-      let stopped = false;
-      for await (const e of sseEvents(response)) {
-        let data: AnthropicStreamEvent;
-        try {
-          data = JSON.parse(e.data);
-        } catch {
-          continue;
-        }
-        if (data.type === "error") {
-          const err = data.error as
-            | { type?: string; message?: string }
-            | undefined;
-          throw new HttpError(STREAM_ERROR_STATUS[err?.type ?? ""] ?? 500, {
-            type: err?.type,
-            message: `${err?.message ?? "error"} (in the stream)`,
-            requestId: response.headers.get("request-id") ?? undefined,
-            headers: response.headers,
-            body: data,
-          });
-        }
-        assemble(message, data);
-        if (data.type === "message_stop") stopped = true;
-        yield data;
-      }
-      if (!stopped) {
-        throw new HttpError(502, {
-          type: "incomplete_stream",
-          message: "The stream ended before message_stop",
-          headers: response.headers,
-        });
-      }
-    }
-    const drain = async (): Promise<void> => {
-      if (consumed) return;
-      consumed = true;
-      started ??= events();
-      for await (const _ of started);
-    };
+      ...events.result(),
+    } as unknown as AnthropicMessage);
     return {
-      [Symbol.asyncIterator]() {
-        if (consumed) throw new TypeError("anthropic stream: already consumed");
-        consumed = true;
-        return started ??= events();
-      },
+      [Symbol.asyncIterator]: () => events.iterate("anthropic"),
       async text() {
-        await drain();
-        return message.content.map((b) => b.text ?? "").join("");
+        await events.drain();
+        return final().content.map((b) => b.text ?? "").join("");
       },
       async finalMessage() {
-        await drain();
-        return message;
-      },
-    };
-  };
-  const conversation = (
-    defaults: Omit<AnthropicRequest, "messages">,
-  ): Conversation => {
-    const history: AnthropicRequest["messages"] = [];
-    return {
-      history,
-      async say(content, opts = {}) {
-        const turn = { role: "user" as const, content };
-        const reply = await messages(
-          { ...defaults, messages: [...history, turn] } as AnthropicRequest,
-          opts,
-        );
-        const text = reply.content.map((b) => b.text ?? "").join("");
-        history.push(turn, { role: "assistant", content: reply.content });
-        return text;
+        await events.drain();
+        return final();
       },
     };
   };
   return {
     messages,
     stream,
-    conversation,
+    conversation: (defaults) => conversation(messages, defaults),
     fetch: f,
     stats: f.stats,
     limiter: f.limiter,
   };
 }
 
-/** Folds one streaming event into the message being assembled. */
-function assemble(m: AnthropicMessage, e: AnthropicStreamEvent): void {
-  if (e.type === "message_start") {
-    const start = e.message as AnthropicMessage;
-    Object.assign(m, { ...start, content: [] });
-  } else if (e.type === "content_block_start") {
-    m.content[e.index as number] = {
-      ...(e.content_block as AnthropicContentBlock),
-    };
-  } else if (e.type === "content_block_delta") {
-    const block = m.content[e.index as number];
-    const d = e.delta as {
-      type?: string;
-      text?: string;
-      partial_json?: string;
-    };
-    if (block && typeof d.text === "string") {
-      block.text = (block.text ?? "") + d.text;
-    }
-    if (block && typeof d.partial_json === "string") {
-      block.partial_json = String(block.partial_json ?? "") + d.partial_json;
-    }
-  } else if (e.type === "message_delta") {
-    const d = e.delta as { stop_reason?: string | null } | undefined;
-    if (d?.stop_reason !== undefined) m.stop_reason = d.stop_reason;
-    const u = e.usage as Record<string, number> | undefined;
-    if (u) Object.assign(m.usage, u); // cumulative: the last one wins
+/** A multi-turn conversation over `messages`, keeping the history. */
+function conversation(
+  messages: AnthropicClient["messages"],
+  defaults: Omit<AnthropicRequest, "messages">,
+): Conversation {
+  const history: AnthropicRequest["messages"] = [];
+  return {
+    history,
+    async say(content, opts = {}) {
+      const turn = { role: "user" as const, content };
+      const reply = await messages(
+        { ...defaults, messages: [...history, turn] } as AnthropicRequest,
+        opts,
+      );
+      const text = reply.content.map((b) => b.text ?? "").join("");
+      history.push(turn, { role: "assistant", content: reply.content });
+      return text;
+    },
+  };
+}
+
+/**
+ * A streamed response, as the thin clients hand it out: its events to
+ * iterate once (each folded into the provider's assembler as it passes),
+ * or drained for the assembled result. An error event or a stream cut
+ * short throws an {@linkcode HttpError}.
+ */
+class AssembledStream<E> {
+  #provider: Provider;
+  #send: () => Promise<Response>;
+  #assembler: StreamAssembler | undefined;
+  #started: AsyncGenerator<E> | undefined;
+  #consumed = false;
+
+  constructor(provider: Provider, send: () => Promise<Response>) {
+    this.#provider = provider;
+    this.#send = send;
   }
+
+  /** The events, once. */
+  iterate(who: string): AsyncGenerator<E> {
+    if (this.#consumed) throw new TypeError(`${who} stream: already consumed`);
+    this.#consumed = true;
+    return this.#started ??= this.#events();
+  }
+
+  /** Reads the stream to its end (unless it is being or was iterated). */
+  async drain(): Promise<void> {
+    if (this.#consumed) return;
+    this.#consumed = true;
+    this.#started ??= this.#events();
+    for await (const _ of this.#started);
+  }
+
+  /** What was assembled so far. */
+  result(): Record<string, unknown> {
+    return this.#assembler?.result() ?? {};
+  }
+
+  async *#events(): AsyncGenerator<E> {
+    const response = await this.#send();
+    if (!response.ok) return failure(response);
+    const assembler = this.#assembler = this.#provider.assembler(
+      response.headers,
+    );
+    for await (const e of sseEvents(response)) {
+      const data = e.data === "[DONE]" ? e.data : parseJSON(e.data);
+      if (data === undefined) continue;
+      assembler.add(data);
+      if (data === "[DONE]") break;
+      yield data as E;
+    }
+    if (!assembler.complete) {
+      throw cutShort(this.#provider.streamEnd, response.headers);
+    }
+  }
+}
+
+/**
+ * Reads a streamed (SSE) response to its end and returns the body the
+ * same request would have returned whole, per the provider's assembler.
+ *
+ * @param provider The provider the request went to.
+ * @param response A successful streamed response.
+ * @returns The assembled body.
+ * @throws {HttpError} For an error event in the stream, or a stream cut short.
+ *
+ * @example
+ * ```ts
+ * import { assembleStream, openaiProvider } from "./mod.ts";
+ *
+ * const sse = 'data: {"id":"c1","choices":[{"delta":{"content":"Hi"}}]}\n\ndata: [DONE]\n\n';
+ * const body = await assembleStream(openaiProvider, new Response(sse));
+ * if ((body.choices as { message: { content: string } }[])[0]?.message.content !== "Hi") throw new Error();
+ * ```
+ */
+export async function assembleStream(
+  provider: Provider,
+  response: Response,
+): Promise<Record<string, unknown>> {
+  const stream = new AssembledStream<unknown>(
+    provider,
+    () => Promise.resolve(response),
+  );
+  await stream.drain();
+  return stream.result();
 }
 
 /** The server-sent events of a response body. */
@@ -7099,20 +8087,12 @@ export interface OpenAIClient {
  */
 export function openai(options: ClientOptions = {}): OpenAIClient {
   const { headers = {} } = options;
-  const { key, base, fetch: f } = clientSetup(
-    options,
-    "OPENAI_API_KEY",
-    "OPENAI_BASE_URL",
-    "https://api.openai.com/v1",
-    "openai",
-  );
-  const url = `${base}/chat/completions`;
-  const h: Record<string, string> = {
-    "content-type": "application/json",
+  const p = openaiProvider;
+  const { key, base, fetch: f } = clientSetup(options, p);
+  const send = poster(f, p.url(base, "/v1/chat/completions"), {
+    ...p.headers(key),
     ...headers,
-  };
-  if (key !== undefined) h["authorization"] = `Bearer ${key}`;
-  const send = poster(f, url, h);
+  });
   const chat = async (
     body: ChatRequest,
     opts: { signal?: AbortSignal } = {},
@@ -7122,66 +8102,18 @@ export function openai(options: ClientOptions = {}): OpenAIClient {
     body: ChatRequest,
     opts: { signal?: AbortSignal } = {},
   ): ChatStream => {
-    let started: AsyncGenerator<ChatChunk> | undefined;
-    let consumed = false;
-    let text = "";
-    async function* chunks(): AsyncGenerator<ChatChunk> {
-      const response = await send({
-        ...body,
-        stream: true,
-        stream_options: {
-          include_usage: true,
-          ...(body.stream_options as object | undefined),
-        },
-      }, opts.signal);
-      if (!response.ok) return failure(response);
-      let finished = false;
-      for await (const e of sseEvents(response)) {
-        if (e.data === "[DONE]") {
-          finished = true;
-          break;
-        }
-        let chunk: ChatChunk & { error?: { message?: string; type?: string } };
-        try {
-          chunk = JSON.parse(e.data);
-        } catch {
-          continue;
-        }
-        if (chunk.error) {
-          throw new HttpError(
-            STREAM_ERROR_STATUS[chunk.error.type ?? ""] ?? 500,
-            {
-              type: chunk.error.type ?? "server_error",
-              message: `${chunk.error.message ?? "error"} (in the stream)`,
-              headers: response.headers,
-              body: chunk,
-            },
-          );
-        }
-        text += chunk.choices?.[0]?.delta?.content ?? "";
-        yield chunk;
-      }
-      if (!finished) {
-        throw new HttpError(502, {
-          type: "incomplete_stream",
-          message: "The stream ended before [DONE]",
-          headers: response.headers,
-        });
-      }
-    }
+    const chunks = new AssembledStream<ChatChunk>(
+      p,
+      () => send(p.streamBody({ ...body }), opts.signal),
+    );
     return {
-      [Symbol.asyncIterator]() {
-        if (consumed) throw new TypeError("openai stream: already consumed");
-        consumed = true;
-        return started ??= chunks();
-      },
+      [Symbol.asyncIterator]: () => chunks.iterate("openai"),
       async text() {
-        if (!consumed) {
-          consumed = true;
-          started ??= chunks();
-          for await (const _ of started);
-        }
-        return text;
+        await chunks.drain();
+        const done = chunks.result() as {
+          choices?: { message: { content: string } }[];
+        };
+        return done.choices?.[0]?.message.content ?? "";
       },
     };
   };

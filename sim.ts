@@ -237,25 +237,6 @@ export type Kind =
   | "moderations";
 const ROUTE =
   /\/v1\/(messages(?:\/count_tokens)?|chat\/completions|responses|completions|embeddings|moderations)$/;
-const isText = (v: unknown): boolean =>
-  (typeof v === "string" && v !== "") ||
-  (Array.isArray(v) && v.length > 0);
-/** The field each endpoint cannot do without. */
-const REQUIRED: Record<
-  Kind,
-  { field: string; check: (v: unknown) => boolean }
-> = {
-  "messages": { field: "messages", check: Array.isArray },
-  "messages/count_tokens": { field: "messages", check: Array.isArray },
-  "chat/completions": { field: "messages", check: Array.isArray },
-  "responses": { field: "input", check: isText },
-  "completions": { field: "prompt", check: isText },
-  "embeddings": { field: "input", check: isText },
-  "moderations": { field: "input", check: isText },
-};
-const OUTPUTLESS = new Set<Kind>(["embeddings", "moderations"]);
-const STREAMS = new Set<Kind>(["messages", "chat/completions"]);
-
 /** Tokens of a `prompt`/`input` value: a string, strings, token arrays, or parts. */
 function textOrTokens(v: unknown): number {
   if (typeof v === "string") return countTokens(v);
@@ -448,20 +429,60 @@ class Meter {
 export async function startSimulator(
   options: SimulatorOptions = {},
 ): Promise<Simulator> {
-  const {
-    port = 0,
-    host = "127.0.0.1",
-    apiKey,
-    limits = {},
-    mode = "sliding",
-    outputCounting = "actual",
-    faults = {},
-    quotaAfter,
-    latency = {},
-    seed = 1,
-    retryAfterMs = false,
-    roundTokenRemaining = false,
-  } = options;
+  const sim = new SimServer(checkSimOptions(options));
+  const sockets = new Set<Socket>();
+  const server = createServer((req, res) => {
+    sim.handle(req, res).catch((error) => {
+      if (!res.headersSent) {
+        res.writeHead(500, { "content-type": "application/json" });
+        res.end(
+          JSON.stringify({
+            type: "error",
+            error: { type: "api_error", message: String(error) },
+          }),
+        );
+      } else res.destroy();
+    });
+  });
+  server.on("connection", (s: Socket) => {
+    sockets.add(s);
+    s.on("close", () => sockets.delete(s));
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(
+      options.port ?? 0,
+      options.host ?? "127.0.0.1",
+      () => resolve(),
+    );
+  });
+  const address = server.address() as { port: number };
+  return {
+    url: `http://${options.host ?? "127.0.0.1"}:${address.port}`,
+    close: () =>
+      new Promise<void>((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+    stats: () => structuredClone(sim.stats),
+    reset: () => sim.reset(),
+  };
+}
+
+/** The options with defaults filled in. */
+type SimSettings =
+  & Required<
+    Omit<
+      SimulatorOptions,
+      "apiKey" | "quotaAfter" | "perClientFaults" | "port" | "host"
+    >
+  >
+  & Pick<SimulatorOptions, "apiKey" | "quotaAfter" | "perClientFaults">
+  & { windowMs: number };
+
+/** Checks the options of {@linkcode startSimulator}; throws naming the bad one. */
+function checkSimOptions(options: SimulatorOptions): SimSettings {
+  const limits = options.limits ?? {};
   const windowMs = limits.windowMs ?? 60_000;
   if (!(windowMs > 0)) {
     throw new RangeError(
@@ -484,6 +505,7 @@ export async function startSimulator(
       }
     }
   }
+  const mode = options.mode ?? "sliding";
   if (mode !== "sliding" && mode !== "bucket") {
     throw new TypeError(
       `startSimulator 'mode' must be "sliding" or "bucket": received ${
@@ -491,72 +513,174 @@ export async function startSimulator(
       }`,
     );
   }
-  const clock = () => performance.now();
-  let random = prng(seed);
+  return {
+    apiKey: options.apiKey,
+    limits,
+    modelLimits,
+    mode,
+    outputCounting: options.outputCounting ?? "actual",
+    faults: options.faults ?? {},
+    quotaAfter: options.quotaAfter,
+    latency: options.latency ?? {},
+    seed: options.seed ?? 1,
+    retryAfterMs: options.retryAfterMs ?? false,
+    roundTokenRemaining: options.roundTokenRemaining ?? false,
+    perClientFaults: options.perClientFaults,
+    windowMs,
+  };
+}
+
+/** The counters of a fresh simulator. */
+function newStats(): SimStats {
+  return {
+    received: 0,
+    accepted: 0,
+    rateLimited: { requests: 0, inputTokens: 0, outputTokens: 0, tokens: 0 },
+    rejected: { auth: 0, invalid: 0, notFound: 0, quota: 0 },
+    faults: {
+      error500: 0,
+      overloaded529: 0,
+      unavailable503: 0,
+      reset: 0,
+      slowHeaders: 0,
+      midStreamError: 0,
+      truncatedStream: 0,
+    },
+    maxInWindow: { requests: 0, inputTokens: 0, outputTokens: 0, tokens: 0 },
+    acceptedAt: { first: -1, last: -1 },
+    usage: { inputTokens: 0, outputTokens: 0 },
+    perClient: {},
+    completed: [],
+    log: [],
+    logAt: [],
+  };
+}
+
+/** One request being answered: what its route's handler needs. */
+interface Exchange {
+  id: string;
+  kind: Kind;
+  body: Record<string, unknown>;
+  res: ServerResponse;
+  /** The windows it counts against. */
+  meters: Partial<Record<Dim, Meter>>;
+  input: number;
+  maxTokens: number;
+  words: string[];
+  text: string;
+  stop: "end_turn" | "max_tokens";
+  model: string;
+  /** Latency before the answer (spread over the events of a stream). */
+  delay: number;
+  /** Whether this stream breaks halfway: with an error event, or cut. */
+  breaks: "error" | "cut" | undefined;
+  /** Counts the exchange as completed (usage, per client). */
+  done(): void;
+}
+
+/** The simulator's state and request handling: one route table, one pipeline. */
+class SimServer {
+  stats: SimStats = newStats();
+  #s: SimSettings;
+  #random: () => number;
   /** The windows of each model in `modelLimits`, and of all others (""). */
-  let meterSets: Map<string, Partial<Record<Dim, Meter>>>;
-  let stats: SimStats;
-  let seq = 0;
-  const init = (): void => {
-    random = prng(seed);
-    meterSets = new Map();
+  #meterSets = new Map<string, Partial<Record<Dim, Meter>>>();
+  #seq = 0;
+
+  constructor(settings: SimSettings) {
+    this.#s = settings;
+    this.#random = prng(settings.seed);
+    this.reset();
+  }
+
+  /** Clears windows, counters and the PRNG. */
+  reset(): void {
+    const s = this.#s;
+    this.#random = prng(s.seed);
+    this.#meterSets = new Map();
     for (
-      const [model, l] of [
-        ["", limits],
-        ...Object.entries(modelLimits),
-      ] as const
+      const [model, l] of [["", s.limits], ...Object.entries(s.modelLimits)]
     ) {
       const meters: Partial<Record<Dim, Meter>> = {};
       for (const d of DIMS) {
-        const limit = l[d];
+        const limit = (l as SimLimits)[d];
         if (limit !== undefined) {
-          meters[d] = new Meter(limit, windowMs, mode === "bucket", clock());
+          meters[d] = new Meter(
+            limit,
+            s.windowMs,
+            s.mode === "bucket",
+            performance.now(),
+          );
         }
       }
-      meterSets.set(model, meters);
+      this.#meterSets.set(model as string, meters);
     }
-    stats = {
-      received: 0,
-      accepted: 0,
-      rateLimited: { requests: 0, inputTokens: 0, outputTokens: 0, tokens: 0 },
-      rejected: { auth: 0, invalid: 0, notFound: 0, quota: 0 },
-      faults: {
-        error500: 0,
-        overloaded529: 0,
-        unavailable503: 0,
-        reset: 0,
-        slowHeaders: 0,
-        midStreamError: 0,
-        truncatedStream: 0,
-      },
-      maxInWindow: { requests: 0, inputTokens: 0, outputTokens: 0, tokens: 0 },
-      acceptedAt: { first: -1, last: -1 },
-      usage: { inputTokens: 0, outputTokens: 0 },
-      perClient: {},
-      completed: [],
-      log: [],
-      logAt: [],
-    };
-  };
-  init();
+    this.stats = newStats();
+  }
 
-  const rateHeaders = (
-    now: number,
-    meters: Partial<Record<Dim, Meter>>,
-  ): Record<string, string> => {
+  /** Answers one HTTP request: route, auth, checks, faults, quota, limits, reply. */
+  async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const arrived = performance.now(); // a request counts when it arrives, as on real servers
+    this.stats.received++;
+    const id = `req_sim${String(++this.#seq).padStart(6, "0")}`;
+    const raw = await readBody(req);
+    const path = (req.url ?? "/").split("?")[0]!;
+    const kind = ROUTE.exec(path)?.[1] as Kind | undefined;
+    const reply = new Replier(this, res, id, kind);
+    if (req.method === "GET" && path === "/_sim/stats") {
+      // For a simulator in another process (benchmarks): its counters.
+      this.stats.received--;
+      res.writeHead(200, { "content-type": "application/json" });
+      res.end(JSON.stringify(this.stats));
+      return;
+    }
+    if (req.method !== "POST" || !kind) {
+      this.stats.rejected.notFound++;
+      return reply.error(
+        404,
+        "not_found_error",
+        `No route for ${req.method} ${path}`,
+      );
+    }
+    if (!this.#authorized(req)) return reply.unauthorized();
+    const route = ROUTES[kind];
+    const body = parseObject(raw);
+    const invalid = body === undefined
+      ? "body: invalid JSON"
+      : invalidFor(route, kind, body);
+    if (invalid !== undefined || body === undefined) {
+      this.stats.rejected.invalid++;
+      return reply.error(400, "invalid_request_error", invalid!);
+    }
+    if (typeof body.model === "string" && this.#meterSets.has(body.model)) {
+      reply.meters = this.#meterSets.get(body.model)!;
+    }
+    const input = inputTokensOf(body, kind);
+    if (kind === "messages/count_tokens") {
+      return reply.json(200, { input_tokens: input });
+    }
+    const client = clientOf(req, body);
+    if (await this.#scripted(client, reply)) return;
+    const x = this.#exchange(id, kind, body, res, reply.meters, input, client);
+    if (await this.#faulted(req, reply, x)) return;
+    if (this.#overQuota(reply)) return;
+    if (!this.#admit(x, arrived, reply)) return;
+    if (body.stream === true) return streamReply(this, x, route);
+    if (x.delay) await sleep(x.delay);
+    x.done();
+    return reply.json(200, route.reply(x));
+  }
+
+  /** The rate-limit headers of a set of windows: Anthropic's and OpenAI's names. */
+  rateHeaders(meters: Partial<Record<Dim, Meter>>): Record<string, string> {
+    const now = performance.now();
     const h: Record<string, string> = {};
     const wall = Date.now();
-    const names: [Dim, string, string | undefined][] = [
-      ["requests", "requests", "requests"],
-      ["tokens", "tokens", "tokens"],
-      ["inputTokens", "input-tokens", undefined],
-      ["outputTokens", "output-tokens", undefined],
-    ];
-    for (const [d, anthropic, openai] of names) {
+    for (const [d, anthropic, openai] of HEADER_NAMES) {
       const m = meters[d];
       if (!m) continue;
       let remaining = m.remaining(now);
-      if (roundTokenRemaining && d !== "requests") {
+      if (this.#s.roundTokenRemaining && d !== "requests") {
         remaining = Math.round(remaining / 1000) * 1000;
       }
       const resetMs = m.resetIn(now);
@@ -564,10 +688,7 @@ export async function startSimulator(
       h[`anthropic-ratelimit-${anthropic}-remaining`] = String(remaining);
       h[`anthropic-ratelimit-${anthropic}-reset`] = new Date(
         wall + Math.ceil(resetMs),
-      ).toISOString().replace(
-        /\.\d{3}Z$/,
-        "Z",
-      );
+      ).toISOString().replace(/\.\d{3}Z$/, "Z");
       if (openai) {
         h[`x-ratelimit-limit-${openai}`] = String(m.limit);
         h[`x-ratelimit-remaining-${openai}`] = String(remaining);
@@ -575,294 +696,196 @@ export async function startSimulator(
       }
     }
     return h;
-  };
+  }
 
-  const sockets = new Set<Socket>();
-  const server = createServer((req, res) => {
-    handle(req, res).catch((error) => {
-      if (!res.headersSent) {
-        res.writeHead(500, { "content-type": "application/json" });
-        res.end(
-          JSON.stringify({
-            type: "error",
-            error: { type: "api_error", message: String(error) },
-          }),
-        );
-      } else res.destroy();
-    });
-  });
-  server.on("connection", (s: Socket) => {
-    sockets.add(s);
-    s.on("close", () => sockets.delete(s));
-  });
+  /** The windows of a model with limits of its own, or of all others (`""`). */
+  meterSetOf(model: string): Partial<Record<Dim, Meter>> {
+    return this.#meterSets.get(model)!;
+  }
 
-  const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+  /** Logs an outcome (a status or a fault's name). */
+  log(outcome: string): void {
+    this.stats.logAt.push(performance.now());
+    this.stats.log.push(outcome);
+  }
 
-  async function handle(
-    req: IncomingMessage,
+  #authorized(req: IncomingMessage): boolean {
+    const apiKey = this.#s.apiKey;
+    if (apiKey === undefined) return true;
+    const auth = req.headers["authorization"];
+    const given = req.headers["x-api-key"] ??
+      (typeof auth === "string" && auth.startsWith("Bearer ")
+        ? auth.slice(7)
+        : undefined);
+    if (given === apiKey) return true;
+    this.stats.rejected.auth++;
+    return false;
+  }
+
+  /** A scripted fault for this client's attempt, if any: answered. */
+  async #scripted(
+    client: string | undefined,
+    reply: Replier,
+  ): Promise<boolean> {
+    if (client === undefined) return false;
+    const seen = this.stats.perClient[client] ??= { attempts: 0, succeeded: 0 };
+    seen.attempts++;
+    const scripted = this.#s.perClientFaults?.[client];
+    if (!scripted || seen.attempts > (scripted.times ?? Infinity)) return false;
+    if (scripted.delayMs) await sleep(scripted.delayMs);
+    const h: Record<string, string> = scripted.retryAfter === undefined
+      ? {}
+      : { "retry-after": scripted.retryAfter };
+    if (scripted.status === 529) {
+      reply.error(529, "overloaded_error", "Overloaded", h);
+    } else if (scripted.status === 429) {
+      reply.error(429, "rate_limit_error", "Scripted 429", h);
+    } else if (scripted.status) {
+      reply.error(scripted.status, "api_error", "Scripted fault", h);
+    } else return false;
+    return true;
+  }
+
+  /** The exchange's deterministic answer, before admission. */
+  #exchange(
+    id: string,
+    kind: Kind,
+    body: Record<string, unknown>,
     res: ServerResponse,
-  ): Promise<void> {
-    const arrived = clock(); // a request counts when it arrives, as on real servers
-    stats.received++;
-    const id = `req_sim${String(++seq).padStart(6, "0")}`;
-    const chunks: Uint8Array[] = [];
-    for await (const c of req) chunks.push(c as Uint8Array);
-    const raw = new TextDecoder().decode(concat(chunks));
-    const path = (req.url ?? "/").split("?")[0]!;
-    const kind = ROUTE.exec(path)?.[1] as Kind | undefined;
-    const openai = kind !== "messages" && kind !== "messages/count_tokens";
-    let meters = meterSets.get("")!;
-    const send = (
-      status: number,
-      body: unknown,
-      headers: Record<string, string> = {},
-    ): void => {
-      res.writeHead(status, {
-        "content-type": "application/json",
-        "request-id": id,
-        "x-request-id": id,
-        ...rateHeaders(clock(), meters),
-        ...headers,
-      });
-      res.end(JSON.stringify(body));
-      stats.logAt.push(clock());
-      stats.log.push(String(status));
-    };
-    const error = (
-      type: string,
-      message: string,
-      extra: Record<string, unknown> = {},
-    ) =>
-      openai
-        ? { error: { message, type, param: null, code: extra.code ?? type } }
-        : { type: "error", error: { type, message, ...extra }, request_id: id };
-
-    if (req.method === "GET" && path === "/_sim/stats") {
-      // For a simulator in another process (benchmarks): its counters.
-      stats.received--;
-      res.writeHead(200, { "content-type": "application/json" });
-      res.end(JSON.stringify(stats));
-      return;
-    }
-    if (req.method !== "POST" || !kind) {
-      stats.rejected.notFound++;
-      return send(
-        404,
-        error("not_found_error", `No route for ${req.method} ${path}`),
-      );
-    }
-    if (apiKey !== undefined) {
-      const auth = req.headers["authorization"];
-      const given = req.headers["x-api-key"] ??
-        (typeof auth === "string" && auth.startsWith("Bearer ")
-          ? auth.slice(7)
-          : undefined);
-      if (given !== apiKey) {
-        stats.rejected.auth++;
-        return send(
-          401,
-          openai
-            ? {
-              error: {
-                message: "Incorrect API key provided.",
-                type: "invalid_request_error",
-                param: null,
-                code: "invalid_api_key",
-              },
-            }
-            : error("authentication_error", "invalid x-api-key"),
-        );
-      }
-    }
-    let body: Record<string, unknown>;
-    const needs = REQUIRED[kind];
-    try {
-      body = JSON.parse(raw);
-      if (typeof body !== "object" || body === null) throw new Error();
-    } catch {
-      stats.rejected.invalid++;
-      return send(400, error("invalid_request_error", "body: invalid JSON"));
-    }
-    if (!needs.check(body[needs.field])) {
-      stats.rejected.invalid++;
-      return send(
-        400,
-        error("invalid_request_error", `${needs.field}: field required`),
-      );
-    }
-    if (typeof body.model === "string" && meterSets.has(body.model)) {
-      meters = meterSets.get(body.model)!;
-    }
-    const input = inputTokensOf(body, kind);
-    if (kind === "messages/count_tokens") {
-      return send(200, { input_tokens: input });
-    }
-    const maxTokens = OUTPUTLESS.has(kind) ? 0 : Number(
-      kind === "responses"
-        ? body.max_output_tokens ?? 4096
-        : kind === "completions"
-        ? body.max_tokens ?? 16
-        : body.max_tokens ?? body.max_completion_tokens ??
-          (openai ? 4096 : NaN),
-    );
-    if (!OUTPUTLESS.has(kind) && !(maxTokens >= 1)) {
-      stats.rejected.invalid++;
-      return send(
-        400,
-        error("invalid_request_error", "max_tokens: field required"),
-      );
-    }
-    if (body.stream === true && !STREAMS.has(kind)) {
-      stats.rejected.invalid++;
-      return send(
-        400,
-        error(
-          "invalid_request_error",
-          `stream: the simulator does not stream /v1/${kind}`,
-        ),
-      );
-    }
-    const client = (req.headers["x-client-request-id"] as string | undefined) ??
-      ((body.metadata as { user_id?: string } | undefined)?.user_id) ??
-      (typeof body.user === "string" ? body.user : undefined);
-    if (client !== undefined) {
-      const seen = stats.perClient[client] ??= { attempts: 0, succeeded: 0 };
-      seen.attempts++;
-      const scripted = options.perClientFaults?.[client];
-      if (scripted && seen.attempts <= (scripted.times ?? Infinity)) {
-        if (scripted.delayMs) await sleep(scripted.delayMs);
-        const h: Record<string, string> = scripted.retryAfter === undefined
-          ? {}
-          : { "retry-after": scripted.retryAfter };
-        if (scripted.status === 529) {
-          return send(529, error("overloaded_error", "Overloaded"), h);
-        }
-        if (scripted.status === 429) {
-          return send(429, error("rate_limit_error", "Scripted 429"), h);
-        }
-        if (scripted.status) {
-          return send(scripted.status, error("api_error", "Scripted fault"), h);
-        }
-      }
-    }
-
-    // Faults come first and do not count against the limits.
-    const draw = {
-      reset: random(),
-      e500: random(),
-      e529: random(),
-      e503: random(),
-      slow: random(),
-      mid: random(),
-      trunc: random(),
-    };
-    if (draw.reset < (faults.reset ?? 0)) {
-      stats.faults.reset++;
-      stats.logAt.push(clock());
-      stats.log.push("reset");
-      req.socket.destroy();
-      return;
-    }
-    if (draw.slow < (faults.slowHeaders ?? 0)) {
-      stats.faults.slowHeaders++;
-      await sleep(faults.slowHeadersMs ?? 200);
-    }
-    if (draw.e500 < (faults.error500 ?? 0)) {
-      stats.faults.error500++;
-      return send(500, error("api_error", "Internal server error"));
-    }
-    if (draw.e529 < (faults.overloaded529 ?? 0)) {
-      stats.faults.overloaded529++;
-      return send(529, error("overloaded_error", "Overloaded"));
-    }
-    if (draw.e503 < (faults.unavailable503 ?? 0)) {
-      stats.faults.unavailable503++;
-      return send(503, error("api_error", "Service unavailable"));
-    }
-    if (quotaAfter !== undefined && stats.accepted >= quotaAfter) {
-      stats.rejected.quota++;
-      return send(
-        429,
-        openai
-          ? {
-            error: {
-              message:
-                "You exceeded your current quota, please check your plan and billing details.",
-              type: "insufficient_quota",
-              param: null,
-              code: "insufficient_quota",
-            },
-          }
-          : error(
-            "rate_limit_error",
-            "You have reached your specified workspace API usage limits.",
-            {
-              details: { error_code: "enforced_spend_limit_reached" },
-            },
-          ),
-      );
-    }
-
-    // Deterministic output, then strict admission against every window.
-    const prompt = JSON.stringify(
-      body.messages ?? body.input ?? body.prompt,
-    ) + contentText(body.system ?? body.instructions);
+    meters: Partial<Record<Dim, Meter>>,
+    input: number,
+    client: string | undefined,
+  ): Exchange {
+    const route = ROUTES[kind];
+    const maxTokens = route.output ? route.maxTokens(body) : 0;
+    const prompt = JSON.stringify(body.messages ?? body.input ?? body.prompt) +
+      contentText(body.system ?? body.instructions);
     const outTokens = Math.min(maxTokens, 8 + (hash(prompt) % 40));
-    const outCharge = outputCounting === "max_tokens" ? maxTokens : outTokens;
+    const words = Array.from(
+      { length: outTokens },
+      (_, i) => WORDS[(hash(prompt) + i) % WORDS.length]!,
+    );
+    const latency = this.#s.latency;
+    const stats = this.stats;
+    return {
+      id,
+      kind,
+      body,
+      res,
+      meters,
+      input,
+      maxTokens,
+      words,
+      text: words.join(" "),
+      stop: outTokens >= maxTokens ? "max_tokens" : "end_turn",
+      model: typeof body.model === "string" ? body.model : "sim-model",
+      delay: (latency.baseMs ?? 0) +
+        (latency.perOutputTokenMs ?? 0) * outTokens,
+      breaks: undefined,
+      done() {
+        // Moderations report no usage; the others do, and it is counted.
+        if (kind !== "moderations") stats.usage.inputTokens += input;
+        stats.usage.outputTokens += outTokens;
+        if (client !== undefined) {
+          stats.perClient[client]!.succeeded++;
+          stats.completed.push(client);
+        }
+      },
+    };
+  }
+
+  /** Injected faults come first and do not count against the limits; true if one answered. */
+  async #faulted(
+    req: IncomingMessage,
+    reply: Replier,
+    x: Exchange,
+  ): Promise<boolean> {
+    const f = this.#s.faults;
+    const r = this.#random;
+    const draw = {
+      reset: r(),
+      e500: r(),
+      e529: r(),
+      e503: r(),
+      slow: r(),
+      mid: r(),
+      trunc: r(),
+    };
+    const faults = this.stats.faults;
+    if (draw.reset < (f.reset ?? 0)) {
+      faults.reset++;
+      this.log("reset");
+      req.socket.destroy();
+      return true;
+    }
+    if (draw.slow < (f.slowHeaders ?? 0)) {
+      faults.slowHeaders++;
+      await sleep(f.slowHeadersMs ?? 200);
+    }
+    if (draw.e500 < (f.error500 ?? 0)) {
+      faults.error500++;
+      reply.error(500, "api_error", "Internal server error");
+    } else if (draw.e529 < (f.overloaded529 ?? 0)) {
+      faults.overloaded529++;
+      reply.error(529, "overloaded_error", "Overloaded");
+    } else if (draw.e503 < (f.unavailable503 ?? 0)) {
+      faults.unavailable503++;
+      reply.error(503, "api_error", "Service unavailable");
+    } else {
+      if (x.body.stream === true) {
+        if (draw.mid < (f.midStreamError ?? 0)) x.breaks = "error";
+        else if (draw.trunc < (f.truncatedStream ?? 0)) x.breaks = "cut";
+      }
+      return false;
+    }
+    return true;
+  }
+
+  /** Past `quotaAfter` accepted requests: the non-retryable spend-limit 429. */
+  #overQuota(reply: Replier): boolean {
+    const { quotaAfter } = this.#s;
+    if (quotaAfter === undefined || this.stats.accepted < quotaAfter) {
+      return false;
+    }
+    this.stats.rejected.quota++;
+    reply.quota();
+    return true;
+  }
+
+  /** Strict admission against every window: charged, or refused with a 429. */
+  #admit(x: Exchange, now: number, reply: Replier): boolean {
+    const outTokens = x.words.length;
+    const outCharge = this.#s.outputCounting === "max_tokens"
+      ? x.maxTokens
+      : outTokens;
     const cost: Record<Dim, number> = {
       requests: 1,
-      inputTokens: input,
+      inputTokens: x.input,
       outputTokens: outCharge,
-      tokens: input + outCharge,
+      tokens: x.input + outCharge,
     };
-    const now = arrived;
     let wait = 0;
     let refusedBy: Dim | undefined;
     for (const d of DIMS) {
-      const m = meters[d];
-      if (!m) continue;
-      const w = m.waitFor(cost[d], now);
+      const w = x.meters[d]?.waitFor(cost[d], now) ?? 0;
       if (w > wait) {
         wait = w;
         refusedBy = d;
       }
     }
+    const stats = this.stats;
     if (refusedBy) {
       stats.rateLimited[refusedBy]++;
-      const tooBig = wait === Infinity;
-      const headers: Record<string, string> = {};
-      if (!tooBig) {
-        headers["retry-after"] = String(Math.max(1, Math.ceil(wait / 1000)));
-        if (retryAfterMs) headers["retry-after-ms"] = String(Math.ceil(wait));
-      }
-      const what = refusedBy === "requests"
-        ? "requests"
-        : refusedBy.replace("T", " t").toLowerCase();
-      return send(
-        429,
-        openai
-          ? {
-            error: {
-              message:
-                `Rate limit reached for ${what} per ${windowMs} ms. Please try again in ${
-                  (wait / 1000).toFixed(3)
-                }s.`,
-              type: refusedBy === "requests" ? "requests" : "tokens",
-              param: null,
-              code: "rate_limit_exceeded",
-            },
-          }
-          : error(
-            "rate_limit_error",
-            `This request would exceed the rate limit for your organization of ${
-              meters[refusedBy]!.limit
-            } ${what} per ${windowMs} ms.`,
-          ),
-        headers,
+      reply.rateLimited(
+        refusedBy,
+        wait,
+        this.#s.windowMs,
+        this.#s.retryAfterMs,
       );
+      return false;
     }
     for (const d of DIMS) {
-      const m = meters[d];
+      const m = x.meters[d];
       if (!m) continue;
       m.charge(cost[d], now);
       stats.maxInWindow[d] = Math.max(stats.maxInWindow[d], m.maxSeen);
@@ -870,299 +893,553 @@ export async function startSimulator(
     stats.accepted++;
     if (stats.acceptedAt.first < 0) stats.acceptedAt.first = now;
     stats.acceptedAt.last = now;
+    return true;
+  }
+}
 
-    const words = Array.from(
-      { length: outTokens },
-      (_, i) => WORDS[(hash(prompt) + i) % WORDS.length]!,
-    );
-    const text = words.join(" ");
-    const stop = outTokens >= maxTokens ? "max_tokens" : "end_turn";
-    const model = typeof body.model === "string" ? body.model : "sim-model";
-    const delay = (latency.baseMs ?? 0) +
-      (latency.perOutputTokenMs ?? 0) * outTokens;
-    const done = (): void => {
-      // Moderations report no usage; the others do, and it is counted.
-      if (kind !== "moderations") stats.usage.inputTokens += input;
-      stats.usage.outputTokens += outTokens;
-      if (client !== undefined) {
-        stats.perClient[client]!.succeeded++;
-        stats.completed.push(client);
-      }
-    };
+/** Rate-limit header names per window: Anthropic's, and OpenAI's where it has one. */
+const HEADER_NAMES: [Dim, string, string | undefined][] = [
+  ["requests", "requests", "requests"],
+  ["tokens", "tokens", "tokens"],
+  ["inputTokens", "input-tokens", undefined],
+  ["outputTokens", "output-tokens", undefined],
+];
 
-    if (body.stream === true) {
-      const mid = draw.mid < (faults.midStreamError ?? 0);
-      const trunc = !mid && draw.trunc < (faults.truncatedStream ?? 0);
-      if (mid) stats.faults.midStreamError++;
-      if (trunc) stats.faults.truncatedStream++;
-      res.writeHead(200, {
-        "content-type": "text/event-stream",
-        "cache-control": "no-cache",
-        "request-id": id,
-        "x-request-id": id,
-        ...rateHeaders(clock(), meters),
-      });
-      res.flushHeaders();
-      stats.logAt.push(clock());
-      stats.log.push(
-        mid ? "midStreamError" : trunc ? "truncatedStream" : "200",
-      );
-      const step = words.length ? delay / (words.length + 1) : 0;
-      const breakAt = mid || trunc
-        ? Math.max(1, Math.floor(words.length / 2))
-        : -1;
-      const write = (s: string) => res.write(s);
-      if (openai) {
-        const created = Math.floor(Date.now() / 1000);
-        const usage =
-          (body.stream_options as { include_usage?: boolean } | undefined)
-            ?.include_usage === true;
-        const chunk = (delta: unknown, finish: string | null) =>
-          `data: ${
-            JSON.stringify({
-              id: `chatcmpl-${id}`,
-              object: "chat.completion.chunk",
-              created,
-              model,
-              choices: [{
-                index: 0,
-                delta,
-                logprobs: null,
-                finish_reason: finish,
-              }],
-              ...(usage ? { usage: null } : {}),
-            })
-          }\n\n`;
-        write(chunk({ role: "assistant", content: "", refusal: null }, null));
-        for (let i = 0; i < words.length; i++) {
-          if (i === breakAt) {
-            if (mid) {
-              write(
-                `data: ${
-                  JSON.stringify({
-                    error: {
-                      message: "Overloaded",
-                      type: "server_error",
-                      code: null,
-                    },
-                  })
-                }\n\n`,
-              );
-              res.end();
-            } else await cut(res);
-            return;
-          }
-          if (step) await sleep(step);
-          write(chunk({ content: (i ? " " : "") + words[i] }, null));
-        }
-        write(chunk({}, stop === "end_turn" ? "stop" : "length"));
-        if (usage) {
-          write(
-            `data: ${
-              JSON.stringify({
-                id: `chatcmpl-${id}`,
-                object: "chat.completion.chunk",
-                created,
-                model,
-                choices: [],
-                usage: {
-                  prompt_tokens: input,
-                  completion_tokens: outTokens,
-                  total_tokens: input + outTokens,
-                },
-              })
-            }\n\n`,
-          );
-        }
-        write("data: [DONE]\n\n");
-        done();
-        res.end();
-        return;
-      }
-      const ev = (type: string, data: unknown) =>
-        write(`event: ${type}\ndata: ${JSON.stringify(data)}\n\n`);
-      ev("message_start", {
-        type: "message_start",
-        message: {
-          id: `msg_${id}`,
-          type: "message",
-          role: "assistant",
-          model,
-          content: [],
-          stop_reason: null,
-          stop_sequence: null,
-          usage: {
-            input_tokens: input,
-            output_tokens: 1,
-            cache_creation_input_tokens: 0,
-            cache_read_input_tokens: 0,
-          },
+/** Writes one request's non-streaming answers, in its provider's error shape. */
+class Replier {
+  meters: Partial<Record<Dim, Meter>>;
+  #sim: SimServer;
+  #res: ServerResponse;
+  #id: string;
+  #openai: boolean;
+
+  constructor(
+    sim: SimServer,
+    res: ServerResponse,
+    id: string,
+    kind: Kind | undefined,
+  ) {
+    this.#sim = sim;
+    this.#res = res;
+    this.#id = id;
+    // An unknown route gets OpenAI's error shape.
+    this.#openai = kind === undefined || ROUTES[kind].style === "openai";
+    this.meters = sim.meterSetOf("");
+  }
+
+  json(
+    status: number,
+    body: unknown,
+    headers: Record<string, string> = {},
+  ): void {
+    this.#res.writeHead(status, {
+      "content-type": "application/json",
+      "request-id": this.#id,
+      "x-request-id": this.#id,
+      ...this.#sim.rateHeaders(this.meters),
+      ...headers,
+    });
+    this.#res.end(JSON.stringify(body));
+    this.#sim.log(String(status));
+  }
+
+  error(
+    status: number,
+    type: string,
+    message: string,
+    headers: Record<string, string> = {},
+    extra: Record<string, unknown> = {},
+  ): void {
+    this.json(
+      status,
+      this.#openai
+        ? { error: { message, type, param: null, code: extra.code ?? type } }
+        : {
+          type: "error",
+          error: { type, message, ...extra },
+          request_id: this.#id,
         },
-      });
-      ev("content_block_start", {
-        type: "content_block_start",
-        index: 0,
-        content_block: { type: "text", text: "" },
-      });
-      ev("ping", { type: "ping" });
-      for (let i = 0; i < words.length; i++) {
-        if (i === breakAt) {
-          if (mid) {
-            ev("error", {
-              type: "error",
-              error: { type: "overloaded_error", message: "Overloaded" },
-            });
-            res.end();
-          } else await cut(res);
-          return;
-        }
-        if (step) await sleep(step);
-        ev("content_block_delta", {
-          type: "content_block_delta",
-          index: 0,
-          delta: { type: "text_delta", text: (i ? " " : "") + words[i] },
-        });
-      }
-      ev("content_block_stop", { type: "content_block_stop", index: 0 });
-      ev("message_delta", {
-        type: "message_delta",
-        delta: { stop_reason: stop, stop_sequence: null },
-        usage: { output_tokens: outTokens },
-      });
-      ev("message_stop", { type: "message_stop" });
-      done();
-      res.end();
-      return;
-    }
+      headers,
+    );
+  }
 
-    if (delay) await sleep(delay);
-    done();
-    const created = Math.floor(Date.now() / 1000);
-    const finish = stop === "end_turn" ? "stop" : "length";
-    const chatUsage = {
-      prompt_tokens: input,
-      completion_tokens: outTokens,
-      total_tokens: input + outTokens,
-    };
-    if (kind === "embeddings") {
-      const inputs = typeof body.input === "string" ||
-          typeof (body.input as unknown[])[0] === "number"
-        ? [body.input]
-        : body.input as unknown[];
-      const dims = Number(body.dimensions ?? 8);
-      return send(200, {
-        object: "list",
-        data: inputs.map((x, index) => ({
-          object: "embedding",
-          index,
-          embedding: vector(
-            Array.from(
-              { length: dims },
-              (_, i) =>
-                ((hash(`${JSON.stringify(x)}:${i}`) % 2000) - 1000) / 1000,
-            ),
-            body.encoding_format === "base64",
-          ),
-        })),
-        model,
-        usage: { prompt_tokens: input, total_tokens: input },
-      });
+  unauthorized(): void {
+    if (!this.#openai) {
+      return this.error(401, "authentication_error", "invalid x-api-key");
     }
-    if (kind === "moderations") {
-      const inputs = Array.isArray(body.input) ? body.input : [body.input];
-      return send(200, {
-        id: `modr-${id}`,
-        model,
+    this.json(401, {
+      error: {
+        message: "Incorrect API key provided.",
+        type: "invalid_request_error",
+        param: null,
+        code: "invalid_api_key",
+      },
+    });
+  }
+
+  quota(): void {
+    if (!this.#openai) {
+      return this.error(
+        429,
+        "rate_limit_error",
+        "You have reached your specified workspace API usage limits.",
+        {},
+        { details: { error_code: "enforced_spend_limit_reached" } },
+      );
+    }
+    this.json(429, {
+      error: {
+        message:
+          "You exceeded your current quota, please check your plan and billing details.",
+        type: "insufficient_quota",
+        param: null,
+        code: "insufficient_quota",
+      },
+    });
+  }
+
+  rateLimited(
+    refusedBy: Dim,
+    wait: number,
+    windowMs: number,
+    retryAfterMs: boolean,
+  ): void {
+    const headers: Record<string, string> = {};
+    if (wait !== Infinity) {
+      headers["retry-after"] = String(Math.max(1, Math.ceil(wait / 1000)));
+      if (retryAfterMs) headers["retry-after-ms"] = String(Math.ceil(wait));
+    }
+    const what = refusedBy === "requests"
+      ? "requests"
+      : refusedBy.replace("T", " t").toLowerCase();
+    if (!this.#openai) {
+      return this.error(
+        429,
+        "rate_limit_error",
+        `This request would exceed the rate limit for your organization of ${
+          this.meters[refusedBy]!.limit
+        } ${what} per ${windowMs} ms.`,
+        headers,
+      );
+    }
+    this.json(429, {
+      error: {
+        message:
+          `Rate limit reached for ${what} per ${windowMs} ms. Please try again in ${
+            (wait / 1000).toFixed(3)
+          }s.`,
+        type: refusedBy === "requests" ? "requests" : "tokens",
+        param: null,
+        code: "rate_limit_exceeded",
+      },
+    }, headers);
+  }
+}
+
+/** The whole request body. */
+async function readBody(req: IncomingMessage): Promise<string> {
+  const chunks: Uint8Array[] = [];
+  for await (const c of req) chunks.push(c as Uint8Array);
+  return new TextDecoder().decode(concat(chunks));
+}
+
+/** A JSON object, or `undefined` for anything else. */
+function parseObject(raw: string): Record<string, unknown> | undefined {
+  try {
+    const v = JSON.parse(raw);
+    return typeof v === "object" && v !== null ? v : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The logical request id: `x-client-request-id`, Anthropic `metadata.user_id`, or OpenAI `user`. */
+function clientOf(
+  req: IncomingMessage,
+  body: Record<string, unknown>,
+): string | undefined {
+  return (req.headers["x-client-request-id"] as string | undefined) ??
+    ((body.metadata as { user_id?: string } | undefined)?.user_id) ??
+    (typeof body.user === "string" ? body.user : undefined);
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** One endpoint the simulator serves: its checks, its answer, its stream. */
+interface Route {
+  /** Whose wire format: error bodies and auth failures follow it. */
+  style: "anthropic" | "openai";
+  /** Whether it answers with output tokens (embeddings and moderations do not). */
+  output: boolean;
+  /** The field a request cannot do without, and its check. */
+  needs: { field: string; check: (v: unknown) => boolean };
+  /** The request's output cap; NaN when a required one is missing. */
+  maxTokens(body: Record<string, unknown>): number;
+  /** The 200 body of a whole (non-streaming) answer. */
+  reply(x: Exchange): unknown;
+  /** Writes a streamed answer's events; absent: the route does not stream. */
+  stream?(x: Exchange, write: (s: string) => void): Generator<number, boolean>;
+}
+
+/** The reason a body is refused with a 400, or `undefined`. */
+function invalidFor(
+  route: Route,
+  kind: Kind,
+  body: Record<string, unknown>,
+): string | undefined {
+  if (!route.needs.check(body[route.needs.field])) {
+    return `${route.needs.field}: field required`;
+  }
+  if (kind === "messages/count_tokens") return undefined;
+  if (route.output && !(route.maxTokens(body) >= 1)) {
+    return "max_tokens: field required";
+  }
+  if (body.stream === true && !route.stream) {
+    return `stream: the simulator does not stream /v1/${kind}`;
+  }
+  return undefined;
+}
+
+const isText = (v: unknown): boolean =>
+  (typeof v === "string" && v !== "") ||
+  (Array.isArray(v) && v.length > 0);
+const needsMessages = { field: "messages", check: Array.isArray };
+const needsInput = { field: "input", check: isText };
+const noOutput = (): number => 0;
+
+function created(): number {
+  return Math.floor(Date.now() / 1000);
+}
+
+function chatUsage(x: Exchange): Record<string, number> {
+  return {
+    prompt_tokens: x.input,
+    completion_tokens: x.words.length,
+    total_tokens: x.input + x.words.length,
+  };
+}
+
+function finishReason(x: Exchange): string {
+  return x.stop === "end_turn" ? "stop" : "length";
+}
+
+/** Every route, by the path after `/v1/`. */
+const ROUTES: Record<Kind, Route> = {
+  "messages": {
+    style: "anthropic",
+    output: true,
+    needs: needsMessages,
+    maxTokens: (b) => Number(b.max_tokens ?? b.max_completion_tokens ?? NaN),
+    reply: (x) => ({
+      id: `msg_${x.id}`,
+      type: "message",
+      role: "assistant",
+      model: x.model,
+      content: [{ type: "text", text: x.text }],
+      stop_reason: x.stop,
+      stop_sequence: null,
+      usage: {
+        input_tokens: x.input,
+        output_tokens: x.words.length,
+        cache_creation_input_tokens: 0,
+        cache_read_input_tokens: 0,
+      },
+    }),
+    stream: messagesStream,
+  },
+  "messages/count_tokens": {
+    style: "anthropic",
+    output: false,
+    needs: needsMessages,
+    maxTokens: noOutput,
+    reply: (x) => ({ input_tokens: x.input }),
+  },
+  "chat/completions": {
+    style: "openai",
+    output: true,
+    needs: needsMessages,
+    maxTokens: (b) => Number(b.max_tokens ?? b.max_completion_tokens ?? 4096),
+    reply: (x) => ({
+      id: `chatcmpl-${x.id}`,
+      object: "chat.completion",
+      created: created(),
+      model: x.model,
+      choices: [{
+        index: 0,
+        message: { role: "assistant", content: x.text, refusal: null },
+        logprobs: null,
+        finish_reason: finishReason(x),
+      }],
+      usage: chatUsage(x),
+    }),
+    stream: chatStream,
+  },
+  "responses": {
+    style: "openai",
+    output: true,
+    needs: needsInput,
+    maxTokens: (b) => Number(b.max_output_tokens ?? 4096),
+    reply: (x) => ({
+      id: `resp_${x.id}`,
+      object: "response",
+      created_at: created(),
+      status: x.stop === "end_turn" ? "completed" : "incomplete",
+      incomplete_details: x.stop === "end_turn"
+        ? null
+        : { reason: "max_output_tokens" },
+      model: x.model,
+      output: [{
+        type: "message",
+        id: `msg_${x.id}`,
+        status: "completed",
+        role: "assistant",
+        content: [{ type: "output_text", text: x.text, annotations: [] }],
+      }],
+      usage: {
+        input_tokens: x.input,
+        input_tokens_details: { cached_tokens: 0 },
+        output_tokens: x.words.length,
+        output_tokens_details: { reasoning_tokens: 0 },
+        total_tokens: x.input + x.words.length,
+      },
+    }),
+  },
+  "completions": {
+    style: "openai",
+    output: true,
+    needs: { field: "prompt", check: isText },
+    maxTokens: (b) => Number(b.max_tokens ?? 16),
+    reply: (x) => ({
+      id: `cmpl-${x.id}`,
+      object: "text_completion",
+      created: created(),
+      model: x.model,
+      choices: [{
+        text: x.text,
+        index: 0,
+        logprobs: null,
+        finish_reason: finishReason(x),
+      }],
+      usage: chatUsage(x),
+    }),
+  },
+  "embeddings": {
+    style: "openai",
+    output: false,
+    needs: needsInput,
+    maxTokens: noOutput,
+    reply: embeddingsReply,
+  },
+  "moderations": {
+    style: "openai",
+    output: false,
+    needs: needsInput,
+    maxTokens: noOutput,
+    reply(x) {
+      const input = x.body.input;
+      const inputs = Array.isArray(input) ? input : [input];
+      return {
+        id: `modr-${x.id}`,
+        model: x.model,
         results: inputs.map(() => ({
           flagged: false,
           categories: { harassment: false, violence: false },
           category_scores: { harassment: 0.0001, violence: 0.0001 },
         })),
-      });
-    }
-    if (kind === "responses") {
-      return send(200, {
-        id: `resp_${id}`,
-        object: "response",
-        created_at: created,
-        status: stop === "end_turn" ? "completed" : "incomplete",
-        incomplete_details: stop === "end_turn"
-          ? null
-          : { reason: "max_output_tokens" },
-        model,
-        output: [{
-          type: "message",
-          id: `msg_${id}`,
-          status: "completed",
-          role: "assistant",
-          content: [{ type: "output_text", text, annotations: [] }],
-        }],
-        usage: {
-          input_tokens: input,
-          input_tokens_details: { cached_tokens: 0 },
-          output_tokens: outTokens,
-          output_tokens_details: { reasoning_tokens: 0 },
-          total_tokens: input + outTokens,
-        },
-      });
-    }
-    if (kind === "completions") {
-      return send(200, {
-        id: `cmpl-${id}`,
-        object: "text_completion",
-        created,
-        model,
-        choices: [{ text, index: 0, logprobs: null, finish_reason: finish }],
-        usage: chatUsage,
-      });
-    }
-    if (openai) {
-      return send(200, {
-        id: `chatcmpl-${id}`,
-        object: "chat.completion",
-        created,
-        model,
-        choices: [{
-          index: 0,
-          message: { role: "assistant", content: text, refusal: null },
-          logprobs: null,
-          finish_reason: finish,
-        }],
-        usage: chatUsage,
-      });
-    }
-    return send(200, {
-      id: `msg_${id}`,
+      };
+    },
+  },
+};
+
+function embeddingsReply(x: Exchange): unknown {
+  const body = x.body;
+  const inputs = typeof body.input === "string" ||
+      typeof (body.input as unknown[])[0] === "number"
+    ? [body.input]
+    : body.input as unknown[];
+  const dims = Number(body.dimensions ?? 8);
+  return {
+    object: "list",
+    data: inputs.map((v, index) => ({
+      object: "embedding",
+      index,
+      embedding: vector(
+        Array.from(
+          { length: dims },
+          (_, i) => ((hash(`${JSON.stringify(v)}:${i}`) % 2000) - 1000) / 1000,
+        ),
+        body.encoding_format === "base64",
+      ),
+    })),
+    model: x.model,
+    usage: { prompt_tokens: x.input, total_tokens: x.input },
+  };
+}
+
+/**
+ * Anthropic Messages events: message_start, a text block, a delta per word,
+ * message_delta with the cumulative usage, message_stop. Yields before each
+ * word (the caller paces them); returns false if the stream broke halfway.
+ */
+function* messagesStream(
+  x: Exchange,
+  write: (s: string) => void,
+): Generator<number, boolean> {
+  const ev = (type: string, data: unknown) =>
+    write(`event: ${type}\ndata: ${JSON.stringify(data)}\n\n`);
+  ev("message_start", {
+    type: "message_start",
+    message: {
+      id: `msg_${x.id}`,
       type: "message",
       role: "assistant",
-      model,
-      content: [{ type: "text", text }],
-      stop_reason: stop,
+      model: x.model,
+      content: [],
+      stop_reason: null,
       stop_sequence: null,
       usage: {
-        input_tokens: input,
-        output_tokens: outTokens,
+        input_tokens: x.input,
+        output_tokens: 1,
         cache_creation_input_tokens: 0,
         cache_read_input_tokens: 0,
       },
+    },
+  });
+  ev("content_block_start", {
+    type: "content_block_start",
+    index: 0,
+    content_block: { type: "text", text: "" },
+  });
+  ev("ping", { type: "ping" });
+  for (let i = 0; i < x.words.length; i++) {
+    if (i === breakAt(x)) {
+      if (x.breaks === "error") {
+        ev("error", {
+          type: "error",
+          error: { type: "overloaded_error", message: "Overloaded" },
+        });
+      }
+      return false;
+    }
+    yield i;
+    ev("content_block_delta", {
+      type: "content_block_delta",
+      index: 0,
+      delta: { type: "text_delta", text: (i ? " " : "") + x.words[i] },
     });
   }
-
-  await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(port, host, () => resolve());
+  ev("content_block_stop", { type: "content_block_stop", index: 0 });
+  ev("message_delta", {
+    type: "message_delta",
+    delta: { stop_reason: x.stop, stop_sequence: null },
+    usage: { output_tokens: x.words.length },
   });
-  const address = server.address() as { port: number };
-  return {
-    url: `http://${host}:${address.port}`,
-    close: () =>
-      new Promise<void>((resolve) => {
-        for (const s of sockets) s.destroy();
-        server.close(() => resolve());
-      }),
-    stats: () => structuredClone(stats),
-    reset: init,
-  };
+  ev("message_stop", { type: "message_stop" });
+  return true;
+}
+
+/** OpenAI chat chunks: a role chunk, one per word, the finish, the usage chunk if asked, `[DONE]`. */
+function* chatStream(
+  x: Exchange,
+  write: (s: string) => void,
+): Generator<number, boolean> {
+  const at = created();
+  const usage =
+    (x.body.stream_options as { include_usage?: boolean } | undefined)
+      ?.include_usage === true;
+  const chunk = (delta: unknown, finish: string | null) =>
+    `data: ${
+      JSON.stringify({
+        id: `chatcmpl-${x.id}`,
+        object: "chat.completion.chunk",
+        created: at,
+        model: x.model,
+        choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }],
+        ...(usage ? { usage: null } : {}),
+      })
+    }\n\n`;
+  write(chunk({ role: "assistant", content: "", refusal: null }, null));
+  for (let i = 0; i < x.words.length; i++) {
+    if (i === breakAt(x)) {
+      if (x.breaks === "error") {
+        write(
+          `data: ${
+            JSON.stringify({
+              error: {
+                message: "Overloaded",
+                type: "server_error",
+                code: null,
+              },
+            })
+          }\n\n`,
+        );
+      }
+      return false;
+    }
+    yield i;
+    write(chunk({ content: (i ? " " : "") + x.words[i] }, null));
+  }
+  write(chunk({}, finishReason(x)));
+  if (usage) {
+    write(
+      `data: ${
+        JSON.stringify({
+          id: `chatcmpl-${x.id}`,
+          object: "chat.completion.chunk",
+          created: at,
+          model: x.model,
+          choices: [],
+          usage: chatUsage(x),
+        })
+      }\n\n`,
+    );
+  }
+  write("data: [DONE]\n\n");
+  return true;
+}
+
+/** The word at which a breaking stream breaks (-1: it does not). */
+function breakAt(x: Exchange): number {
+  return x.breaks ? Math.max(1, Math.floor(x.words.length / 2)) : -1;
+}
+
+/** Writes a streamed answer: headers, then the route's events paced over the latency. */
+async function streamReply(
+  sim: SimServer,
+  x: Exchange,
+  route: Route,
+): Promise<void> {
+  const res = x.res;
+  if (x.breaks === "error") sim.stats.faults.midStreamError++;
+  if (x.breaks === "cut") sim.stats.faults.truncatedStream++;
+  res.writeHead(200, {
+    "content-type": "text/event-stream",
+    "cache-control": "no-cache",
+    "request-id": x.id,
+    "x-request-id": x.id,
+    ...sim.rateHeaders(x.meters),
+  });
+  res.flushHeaders();
+  sim.log(
+    x.breaks === "error"
+      ? "midStreamError"
+      : x.breaks === "cut"
+      ? "truncatedStream"
+      : "200",
+  );
+  const step = x.words.length ? x.delay / (x.words.length + 1) : 0;
+  const events = route.stream!(x, (s) => res.write(s));
+  for (let next = events.next();; next = events.next()) {
+    if (next.done) {
+      if (next.value) {
+        x.done();
+        res.end();
+      } else if (x.breaks === "error") res.end();
+      else await cut(res);
+      return;
+    }
+    if (step) await sleep(step);
+  }
 }
 
 /**
@@ -1296,37 +1573,8 @@ export function parseSimArgs(
         o.outputCounting = argv[++i] as "actual" | "max_tokens";
         break;
       case "--model-limit": {
-        // MODEL:rpm=8,itpm=1000 (a model name may itself hold colons)
-        const v = argv[++i] ?? "";
-        const eq = v.indexOf("=");
-        const colon = v.lastIndexOf(":", eq);
-        if (eq < 0 || colon <= 0) {
-          throw new RangeError(
-            `--model-limit needs MODEL:rpm=N[,itpm=N,otpm=N,tpm=N]: received ${
-              JSON.stringify(v)
-            }`,
-          );
-        }
-        const l: Omit<SimLimits, "windowMs"> = {};
-        const keys: Record<string, Dim> = {
-          rpm: "requests",
-          itpm: "inputTokens",
-          otpm: "outputTokens",
-          tpm: "tokens",
-        };
-        for (const part of v.slice(colon + 1).split(",")) {
-          const [k, n] = part.split("=");
-          const key = keys[k ?? ""];
-          if (!key) {
-            throw new RangeError(
-              `--model-limit: unknown limit ${
-                JSON.stringify(k)
-              } (rpm, itpm, otpm or tpm)`,
-            );
-          }
-          l[key] = num(`--model-limit ${k}`, n);
-        }
-        (o.modelLimits ??= {})[v.slice(0, colon)] = l;
+        const [model, l] = parseModelLimit(argv[++i] ?? "", num);
+        (o.modelLimits ??= {})[model] = l;
         break;
       }
       default:
@@ -1334,6 +1582,42 @@ export function parseSimArgs(
     }
   }
   return o;
+}
+
+/** `--model-limit MODEL:rpm=8,itpm=1000` (a model name may itself hold colons). */
+function parseModelLimit(
+  v: string,
+  num: (flag: string, v: string | undefined) => number,
+): [string, Omit<SimLimits, "windowMs">] {
+  const eq = v.indexOf("=");
+  const colon = v.lastIndexOf(":", eq);
+  if (eq < 0 || colon <= 0) {
+    throw new RangeError(
+      `--model-limit needs MODEL:rpm=N[,itpm=N,otpm=N,tpm=N]: received ${
+        JSON.stringify(v)
+      }`,
+    );
+  }
+  const l: Omit<SimLimits, "windowMs"> = {};
+  const keys: Record<string, Dim> = {
+    rpm: "requests",
+    itpm: "inputTokens",
+    otpm: "outputTokens",
+    tpm: "tokens",
+  };
+  for (const part of v.slice(colon + 1).split(",")) {
+    const [k, n] = part.split("=");
+    const key = keys[k ?? ""];
+    if (!key) {
+      throw new RangeError(
+        `--model-limit: unknown limit ${
+          JSON.stringify(k)
+        } (rpm, itpm, otpm or tpm)`,
+      );
+    }
+    l[key] = num(`--model-limit ${k}`, n);
+  }
+  return [v.slice(0, colon), l];
 }
 
 async function main(): Promise<void> {

@@ -80,7 +80,7 @@ step(
 step("build", () => run("npm", ["run", "--silent", "build"]));
 step("typecheck (tsc)", () => run(bin("tsc"), ["-p", "tsconfig.json"]));
 step(
-  "vitest (Node: mod_test.ts, sim_test.ts, fetch_test.ts, cli_test.ts, frameworks_test.ts, redis_test.ts, cli_redis_test.ts, report_test.ts)",
+  "vitest (Node: mod_test.ts, path_test.ts, sim_test.ts, fetch_test.ts, cli_test.ts, frameworks_test.ts, redis_test.ts, cli_redis_test.ts, report_test.ts)",
   () => run(bin("vitest"), ["run"]),
 );
 step(
@@ -90,6 +90,7 @@ step(
       "check",
       "mod.ts",
       "mod_test.ts",
+      "path_test.ts",
       "sim.ts",
       "cli.ts",
       "test/fetch_smoke.ts",
@@ -104,7 +105,7 @@ step(
   "deno publish --dry-run",
   () => deno("publish", "--dry-run", "--allow-dirty"),
 );
-step("deno test", () => deno("test", "-A", "mod_test.ts"));
+step("deno test", () => deno("test", "-A", "mod_test.ts", "path_test.ts"));
 step(
   "deno test --doc (JSDoc examples run)",
   () => deno("test", "--doc", "-A", "mod.ts"),
@@ -140,7 +141,10 @@ step(
   "README examples run (Deno)",
   () => readmeBlocks((file) => deno("run", "-A", file)),
 );
-step("bun test", () => run(bin("bun"), ["test", "mod_test.ts"]));
+step(
+  "bun test",
+  () => run(bin("bun"), ["test", "mod_test.ts", "path_test.ts"]),
+);
 
 // Node 24 (the current LTS) beside the machine's Node: the binary comes from
 // the npm registry (test/node24: the platform package for this machine), or
