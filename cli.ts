@@ -53,6 +53,7 @@ import {
   type Cost,
   estimateCost,
   HttpError,
+  type Limiter,
   mapConcurrentUnordered,
   parseRetryAfter,
   type Provider,
@@ -60,7 +61,6 @@ import {
   providers,
   type RateLimitedFetch,
   rateLimitedFetch,
-  type RateLimiter,
   type RateLimiterOptions,
   type RedisEval,
   RedisLimiterError,
@@ -1642,7 +1642,7 @@ function progressLine(
  * used most recently, each labelled with its model.
  */
 function windowsNow(
-  f: { limiter: RateLimiter; models: ReadonlyMap<string, RateLimiter> },
+  f: { limiter: Limiter; models: ReadonlyMap<string, Limiter> },
 ): WindowUsage[] {
   const out = f.limiter.usage();
   const models = [...f.models];

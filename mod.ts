@@ -11,7 +11,8 @@
  *    (The fetch's in-flight slots are an internal `Semaphore` here too.)
  * 3. **RateLimiter**: {@linkcode RateLimiter} (an exact sliding-window log
  *    over several windows at once, weighted costs, FIFO waiters),
- *    {@linkcode Permit} (settles to the real usage); {@linkcode WindowSpec},
+ *    {@linkcode Permit} (settles to the real usage); {@linkcode Limiter}
+ *    (what both limiter kinds implement), {@linkcode WindowSpec},
  *    {@linkcode Cost}, {@linkcode RateLimiterOptions},
  *    {@linkcode WindowUsage}, {@linkcode AcquireOptions}.
  * 4. **Shared limits**: {@linkcode RedisRateLimiter} (one key's limits
@@ -662,11 +663,48 @@ const MAX_ENTRIES = 8192;
 const WAKE: unique symbol = Symbol("paceline.wake");
 
 /**
- * Re-stamps a permit's entries at the current time, for a caller that held
- * it while waiting for another limiter: the server counts the request when
- * it arrives, so its entries must expire counting from then. Internal.
+ * What every limiter does: {@linkcode RateLimiter} (in this process) and
+ * {@linkcode RedisRateLimiter} (shared through Redis) both implement it, and
+ * {@linkcode rateLimitedFetch} takes either.
+ *
+ * @example
+ * ```ts
+ * import { type Limiter, RateLimiter } from "./mod.ts";
+ *
+ * async function send(limiter: Limiter): Promise<void> {
+ *   const permit = await limiter.acquire({ requests: 1, inputTokens: 500 });
+ *   permit.settle({ inputTokens: 420 }); // what the response said
+ * }
+ * const limiter = new RateLimiter({ rpm: 50, itpm: 10_000 });
+ * await send(limiter);
+ * if (limiter.usage()[1]!.used !== 420) throw new Error();
+ * ```
  */
-let restampPermit: (permit: Permit) => void;
+export interface Limiter {
+  /** Callers waiting in {@linkcode Limiter.acquire}. */
+  readonly pending: number;
+  /** The time (clock ms) before which nothing is admitted; `-Infinity` if not paused. */
+  readonly pausedUntil: number;
+  /**
+   * Waits until `cost` fits in every window, charges it, and returns the
+   * {@linkcode Permit}; `signal` gives up waiting (nothing is charged).
+   */
+  acquire(cost?: Cost, options?: AcquireOptions): Promise<Permit>;
+  /** Milliseconds until `cost` would fit (a lower bound for a shared limiter). */
+  timeUntil(cost?: Cost): number;
+  /** Admits nothing before clock time `time`; never shortens a pause. */
+  pauseUntil(time: number): void;
+  /** Admits nothing for the next `ms` milliseconds. */
+  pause(ms: number): void;
+  /** Changes (or, with `ms`, adds) a window's limit. */
+  setLimit(key: string, limit: number, ms?: number): void;
+  /** Changes the margin of the windows of `key` (or the one of `ms`). */
+  setMargin(key: string, marginMs: number, ms?: number): void;
+  /** Charges usage that did not go through {@linkcode Limiter.acquire}, now. */
+  record(cost: Cost): void;
+  /** A snapshot of every window, in window order. */
+  usage(): WindowUsage[];
+}
 
 /**
  * A permission to send one request, from {@linkcode RateLimiter.acquire}. It
@@ -688,30 +726,18 @@ export class Permit {
   readonly at: number;
   /** The cost charged, as requested. */
   readonly cost: Readonly<Cost>;
-  #limiter: RateLimiter;
-  #charged: number[]; // may be shared with other permits until settled
-  #own: number[] | undefined; // what this permit put into each entry
-  #seqs: number[];
+  #hold: PermitHold;
 
-  /** @internal Created by {@linkcode RateLimiter} only. */
-  constructor(
-    limiter: RateLimiter,
-    at: number,
-    cost: Readonly<Cost>,
-    charged: number[],
-    seqs: number[],
-  ) {
-    this.#limiter = limiter;
+  /** @internal Created by a limiter only. */
+  constructor(hold: PermitHold, at: number, cost: Readonly<Cost>) {
+    this.#hold = hold;
     this.at = at;
     this.cost = cost;
-    this.#charged = charged;
-    this.#own = undefined;
-    this.#seqs = seqs;
   }
 
   /** The amount currently charged to each window, in the limiter's window order. */
   get charged(): readonly number[] {
-    return this.#charged.slice();
+    return this.#hold.charged();
   }
 
   /**
@@ -728,40 +754,210 @@ export class Permit {
     for (const k of Object.keys(actual)) {
       merged[k] = checkAmount(actual[k], k, "settle");
     }
-    if (!this.#own) {
-      this.#charged = this.#charged.slice();
-      this.#own = this.#charged.slice();
-    }
-    settlePermit(this.#limiter, merged, this.#charged, this.#own, this.#seqs);
+    this.#hold.settle(merged);
   }
 
-  static {
-    restampPermit = (permit) => permit.#restamp();
-  }
-
-  /** Moves this permit's entries to now (it was granted before a second wait). */
-  #restamp(): void {
-    if (!this.#own) {
-      this.#charged = this.#charged.slice();
-      this.#own = this.#charged.slice();
-    }
-    restampWindows(this.#limiter, this.#own, this.#seqs);
+  /**
+   * Moves this permit's entries to now: for a caller that held it while it
+   * waited for something else (another limiter, a pause), since the server
+   * counts the request when it arrives.
+   */
+  restamp(): void {
+    this.#hold.restamp();
   }
 }
 
-let restampWindows: (
-  limiter: RateLimiter,
-  own: number[],
-  seqs: number[],
-) => void;
+/**
+ * What a {@linkcode Permit} holds in its limiter's windows: each limiter
+ * kind (in-process, Redis) has its own, so a permit needs no subclass.
+ */
+interface PermitHold {
+  /** The amount charged to each window, in window order. */
+  charged(): number[];
+  /** Replaces the charge with `actual` (checked, estimate-filled). */
+  settle(actual: Cost): void;
+  /** Moves the entries to now. */
+  restamp(): void;
+}
 
-let settlePermit: (
-  limiter: RateLimiter,
-  cost: Cost,
-  charged: number[],
-  own: number[],
-  seqs: number[],
-) => void;
+/** The in-process limiter's side of its windows, for its permits' holds. */
+interface WindowLedger {
+  settle(cost: Cost, charged: number[], own: number[], seqs: number[]): void;
+  restamp(own: number[], seqs: number[]): void;
+}
+
+/** A permit's entries in a {@linkcode RateLimiter}'s windows. */
+class WindowHold implements PermitHold {
+  #ledger: WindowLedger;
+  #charged: number[]; // may be shared with other permits until settled
+  #own: number[] | undefined; // what this permit put into each entry
+  #seqs: number[];
+
+  constructor(ledger: WindowLedger, charged: number[], seqs: number[]) {
+    this.#ledger = ledger;
+    this.#charged = charged;
+    this.#own = undefined;
+    this.#seqs = seqs;
+  }
+
+  charged(): number[] {
+    return this.#charged.slice();
+  }
+
+  settle(actual: Cost): void {
+    const own = this.#owned(); // first: it may replace #charged with a copy
+    this.#ledger.settle(actual, this.#charged, own, this.#seqs);
+  }
+
+  restamp(): void {
+    this.#ledger.restamp(this.#owned(), this.#seqs);
+  }
+
+  /** This permit's own amounts, copied from the shared ones on first use. */
+  #owned(): number[] {
+    if (!this.#own) {
+      this.#charged = this.#charged.slice();
+      this.#own = this.#charged.slice();
+    }
+    return this.#own;
+  }
+}
+
+/** {@linkcode RateLimiterOptions}, checked, with each window's margin resolved. */
+interface LimiterSettings {
+  windows: Required<WindowSpec>[];
+  marginMs: number | undefined;
+  clock: Clock;
+}
+
+/**
+ * Checks a limiter's options (both limiter kinds read them here) and
+ * lists its windows, given ones first, then shorthands; throws naming the
+ * bad option.
+ */
+function limiterSettings(options: RateLimiterOptions): LimiterSettings {
+  checkOptions(options, LIMITER_OPTIONS, "RateLimiter");
+  const { windows = [], marginMs, clock = systemClock } = options;
+  if (
+    typeof clock !== "object" || clock === null ||
+    typeof clock.now !== "function" || typeof clock.sleep !== "function"
+  ) {
+    throw new TypeError(
+      "RateLimiter 'clock' must have now() and sleep(ms, signal) methods",
+    );
+  }
+  if (marginMs !== undefined) checkMargin(marginMs, "marginMs");
+  if (!Array.isArray(windows)) {
+    throw new TypeError(
+      `RateLimiter 'windows' must be an array: received ${typeof windows}`,
+    );
+  }
+  const out: Required<WindowSpec>[] = [];
+  const add = (key: string, limit: number, ms: number, margin?: number) => {
+    if (out.some((w) => w.key === key && w.ms === ms)) {
+      throw new RangeError(
+        `RateLimiter has two windows for key '${key}' with ms ${ms}`,
+      );
+    }
+    out.push({
+      key,
+      limit,
+      ms,
+      marginMs: margin ?? defaultMargin(ms, marginMs),
+    });
+  };
+  windows.forEach((w, i) => {
+    if (typeof w !== "object" || w === null) {
+      throw new TypeError(
+        `RateLimiter 'windows[${i}]' must be an object: received ${String(w)}`,
+      );
+    }
+    if (typeof w.key !== "string" || w.key === "") {
+      throw new TypeError(
+        `RateLimiter 'windows[${i}].key' must be a non-empty string: received ${
+          String(w.key)
+        }`,
+      );
+    }
+    checkLimit(w.limit, `windows[${i}].limit`);
+    checkMs(w.ms, `windows[${i}].ms`);
+    if (w.marginMs !== undefined) {
+      checkMargin(w.marginMs, `windows[${i}].marginMs`);
+    }
+    add(w.key, w.limit, w.ms, w.marginMs);
+  });
+  for (const [name, [key, ms]] of Object.entries(SHORTHANDS)) {
+    const limit = (options as Record<string, unknown>)[name];
+    if (limit === undefined) continue;
+    checkLimit(limit, name);
+    if (!Number.isInteger(limit)) {
+      throw new RangeError(
+        `RateLimiter '${name}' must be a positive integer: received ${limit}`,
+      );
+    }
+    add(key, limit as number, ms);
+  }
+  return { windows: out, marginMs, clock };
+}
+
+/** A window's margin when none is given: the limiter's, else 0.5 % of the window, at most 1 s. */
+function defaultMargin(ms: number, limiterMargin: number | undefined): number {
+  return limiterMargin ?? Math.min(ms / 200, 1000);
+}
+
+/**
+ * Checks `setLimit`'s arguments and finds the windows it changes (both
+ * limiter kinds): with `ms`, the one of that key and length (none: it is
+ * added); without, the key must name exactly one window.
+ */
+function setLimitTargets<W extends { key: string; ms: number }>(
+  where: string,
+  windows: W[],
+  key: string,
+  limit: number,
+  ms: number | undefined,
+): W[] {
+  if (typeof key !== "string" || key === "") {
+    throw new TypeError(
+      `${where}.setLimit 'key' must be a non-empty string: received ${
+        String(key)
+      }`,
+    );
+  }
+  checkLimit(limit, "limit");
+  if (ms !== undefined) checkMs(ms, "ms");
+  const matches = windows.filter((w) =>
+    w.key === key && (ms === undefined || w.ms === ms)
+  );
+  if (ms === undefined && matches.length !== 1) {
+    throw new RangeError(
+      `${where}.setLimit: key '${key}' names ${matches.length} windows; pass 'ms' to pick or add one`,
+    );
+  }
+  return matches;
+}
+
+/** Checks `setMargin`'s arguments and finds its windows (both limiter kinds); none is an error. */
+function setMarginTargets<W extends { key: string; ms: number }>(
+  where: string,
+  windows: W[],
+  key: string,
+  marginMs: number,
+  ms: number | undefined,
+): W[] {
+  checkMargin(marginMs, "marginMs");
+  const matches = windows.filter((w) =>
+    w.key === key && (ms === undefined || w.ms === ms)
+  );
+  if (matches.length === 0) {
+    throw new RangeError(
+      `${where}.setMargin: no window with key '${key}'${
+        ms === undefined ? "" : ` and ms ${ms}`
+      }`,
+    );
+  }
+  return matches;
+}
 
 /**
  * A sliding-window rate limiter over several windows at once.
@@ -791,7 +987,7 @@ let settlePermit: (
  * if (used.join() !== "1,1000") throw new Error(`unexpected ${used}`);
  * ```
  */
-export class RateLimiter {
+export class RateLimiter implements Limiter {
   #clock: Clock;
   #windows: WindowLog[] = [];
   #defaultMargin: number | undefined;
@@ -801,11 +997,12 @@ export class RateLimiter {
   #hasTokens = false;
   #defaultAmounts: number[] | undefined;
 
-  static {
-    settlePermit = (limiter, cost, charged, own, seqs) =>
-      limiter.#settle(cost, charged, own, seqs);
-    restampWindows = (limiter, own, seqs) => limiter.#restamp(own, seqs);
-  }
+  /** What this limiter's permits call back into. */
+  #ledger: WindowLedger = {
+    settle: (cost, charged, own, seqs) =>
+      this.#settle(cost, charged, own, seqs),
+    restamp: (own, seqs) => this.#restamp(own, seqs),
+  };
 
   /**
    * Creates a limiter with the given windows. With none, it admits
@@ -818,57 +1015,10 @@ export class RateLimiter {
    *   number, or two windows with the same key and length.
    */
   constructor(options: RateLimiterOptions = {}) {
-    checkOptions(options, LIMITER_OPTIONS, "RateLimiter");
-    const { windows = [], marginMs, clock = systemClock } = options;
-    if (
-      typeof clock !== "object" || clock === null ||
-      typeof clock.now !== "function" || typeof clock.sleep !== "function"
-    ) {
-      throw new TypeError(
-        "RateLimiter 'clock' must have now() and sleep(ms, signal) methods",
-      );
-    }
+    const { windows, marginMs, clock } = limiterSettings(options);
     this.#clock = clock;
-    if (marginMs !== undefined) checkMargin(marginMs, "marginMs");
     this.#defaultMargin = marginMs;
-    if (!Array.isArray(windows)) {
-      throw new TypeError(
-        `RateLimiter 'windows' must be an array: received ${typeof windows}`,
-      );
-    }
-    windows.forEach((w, i) => {
-      if (typeof w !== "object" || w === null) {
-        throw new TypeError(
-          `RateLimiter 'windows[${i}]' must be an object: received ${
-            String(w)
-          }`,
-        );
-      }
-      if (typeof w.key !== "string" || w.key === "") {
-        throw new TypeError(
-          `RateLimiter 'windows[${i}].key' must be a non-empty string: received ${
-            String(w.key)
-          }`,
-        );
-      }
-      checkLimit(w.limit, `windows[${i}].limit`);
-      checkMs(w.ms, `windows[${i}].ms`);
-      if (w.marginMs !== undefined) {
-        checkMargin(w.marginMs, `windows[${i}].marginMs`);
-      }
-      this.#addWindow(w.key, w.limit, w.ms, w.marginMs);
-    });
-    for (const [name, [key, ms]] of Object.entries(SHORTHANDS)) {
-      const limit = (options as Record<string, unknown>)[name];
-      if (limit === undefined) continue;
-      checkLimit(limit, name);
-      if (!Number.isInteger(limit)) {
-        throw new RangeError(
-          `RateLimiter '${name}' must be a positive integer: received ${limit}`,
-        );
-      }
-      this.#addWindow(key, limit as number, ms, undefined);
-    }
+    for (const w of windows) this.#addWindow(w.key, w.limit, w.ms, w.marginMs);
   }
 
   /** The number of callers waiting in {@linkcode RateLimiter.acquire}. */
@@ -985,27 +1135,13 @@ export class RateLimiter {
    *   and the key names no window or several.
    */
   setLimit(key: string, limit: number, ms?: number): void {
-    if (typeof key !== "string" || key === "") {
-      throw new TypeError(
-        `RateLimiter.setLimit 'key' must be a non-empty string: received ${
-          String(key)
-        }`,
-      );
-    }
-    checkLimit(limit, "limit");
-    let target: WindowLog | undefined;
-    if (ms === undefined) {
-      const matches = this.#windows.filter((w) => w.key === key);
-      if (matches.length !== 1) {
-        throw new RangeError(
-          `RateLimiter.setLimit: key '${key}' names ${matches.length} windows; pass 'ms' to pick or add one`,
-        );
-      }
-      target = matches[0];
-    } else {
-      checkMs(ms, "ms");
-      target = this.#windows.find((w) => w.key === key && w.ms === ms);
-    }
+    const target: WindowLog | undefined = setLimitTargets(
+      "RateLimiter",
+      this.#windows,
+      key,
+      limit,
+      ms,
+    )[0];
     if (target) target.limit = limit;
     else this.#addWindow(key, limit, ms!, undefined);
     this.#defaultAmounts = undefined;
@@ -1023,17 +1159,13 @@ export class RateLimiter {
    * @throws {RangeError} If `marginMs` is invalid or no window matches.
    */
   setMargin(key: string, marginMs: number, ms?: number): void {
-    checkMargin(marginMs, "marginMs");
-    const matches = this.#windows.filter((w) =>
-      w.key === key && (ms === undefined || w.ms === ms)
+    const matches = setMarginTargets(
+      "RateLimiter",
+      this.#windows,
+      key,
+      marginMs,
+      ms,
     );
-    if (matches.length === 0) {
-      throw new RangeError(
-        `RateLimiter.setMargin: no window with key '${key}'${
-          ms === undefined ? "" : ` and ms ${ms}`
-        }`,
-      );
-    }
     for (const w of matches) {
       w.margin = marginMs;
       w.life = w.ms + marginMs;
@@ -1098,7 +1230,7 @@ export class RateLimiter {
         `RateLimiter has two windows for key '${key}' with ms ${ms}`,
       );
     }
-    const m = margin ?? this.#defaultMargin ?? Math.min(ms / 200, 1000);
+    const m = margin ?? defaultMargin(ms, this.#defaultMargin);
     this.#windows.push(new SlidingWindow(key, limit, ms, m));
     if (key === "tokens") this.#hasTokens = true;
     this.#defaultAmounts = undefined;
@@ -1180,7 +1312,7 @@ export class RateLimiter {
     const seqs: number[] = new Array(ws.length);
     // Zero amounts get entries too, so a later settle lands at the right time.
     for (let i = 0; i < ws.length; i++) seqs[i] = ws[i]!.push(now, amounts[i]!);
-    return new Permit(this, now, cost, amounts, seqs);
+    return new Permit(new WindowHold(this.#ledger, amounts, seqs), now, cost);
   }
 
   async #acquireSlow(
@@ -1639,7 +1771,7 @@ end
 local function prep(w)
   w.life = w.ms + w.margin
   w.id = w.key .. '|' .. s(w.ms)
-  if w.ms > 3600000 then w.bucket = w.ms / 1024 else w.bucket = 0 end
+  if w.ms > ${BUCKET_ABOVE_MS} then w.bucket = w.ms / ${BUCKETS} else w.bucket = 0 end
 end
 -- The windows of a configuration "key|ms|limit|margin;…".
 local function parse(spec)
@@ -1996,12 +2128,6 @@ function specOf(
 }
 
 /** A limiter for one model of a shared key: the same Redis, a name of its own. Internal. */
-let deriveRedis: (
-  limiter: RedisRateLimiter,
-  model: string,
-  options: RateLimiterOptions,
-) => RedisRateLimiter;
-
 const REDIS_OPTIONS = new Set([
   ...LIMITER_OPTIONS,
   "redis",
@@ -2065,7 +2191,7 @@ const REDIS_OPTIONS = new Set([
  * if (limiter.usage()[0]!.limit !== 50) throw new Error();
  * ```
  */
-export class RedisRateLimiter extends RateLimiter {
+export class RedisRateLimiter implements Limiter {
   readonly #redis: RedisEval;
   readonly #key: string;
   readonly #name: string;
@@ -2105,7 +2231,7 @@ export class RedisRateLimiter extends RateLimiter {
     checkOptions(options, REDIS_OPTIONS, "RedisRateLimiter");
     const { redis, name, timeoutMs = 5000, prefix = "paceline", ...limits } =
       options;
-    super(limits);
+    const settings = limiterSettings(limits);
     if (typeof redis !== "function") {
       throw new TypeError(
         `RedisRateLimiter 'redis' must be a function (script, keys, args) => Promise: received ${typeof redis}`,
@@ -2127,11 +2253,16 @@ export class RedisRateLimiter extends RateLimiter {
     this.#redis = redis;
     this.#name = name;
     this.#key = `${prefix}:{${name}}`;
-    this.#clock = limits.clock ?? systemClock;
+    this.#clock = settings.clock;
     this.#timeoutMs = timeoutMs;
     this.#defaultMargin = limits.marginMs;
     this.#options = options;
-    this.#windows = super.usage();
+    this.#windows = settings.windows.map((w) => ({
+      ...w,
+      used: 0,
+      remaining: w.limit,
+      entries: 0,
+    }));
     this.#given = this.#windows.map(specOf);
   }
 
@@ -2141,12 +2272,12 @@ export class RedisRateLimiter extends RateLimiter {
   }
 
   /** Callers of this instance waiting in {@linkcode RedisRateLimiter.acquire}. */
-  override get pending(): number {
+  get pending(): number {
     return this.#waiting;
   }
 
   /** The pause's end as this instance last saw it (local clock ms); `-Infinity` if none. */
-  override get pausedUntil(): number {
+  get pausedUntil(): number {
     return this.#pausedUntil > this.#clock.now()
       ? this.#pausedUntil
       : -Infinity;
@@ -2161,7 +2292,7 @@ export class RedisRateLimiter extends RateLimiter {
    * @throws {RangeError} If the cost can never fit a window.
    * @throws {RedisLimiterError} If Redis fails or does not answer in time.
    */
-  override async acquire(
+  async acquire(
     cost: Cost = { requests: 1 },
     options?: AcquireOptions,
   ): Promise<Permit> {
@@ -2203,10 +2334,11 @@ export class RedisRateLimiter extends RateLimiter {
       }
       const now = this.#clock.now();
       const grant = this.#grants.add(now, cost, this.#longestLife());
-      return new RedisPermit(this, now, cost, entries, (spec, actual) => {
+      const hold = new RedisHold(cost, entries, (spec, actual) => {
         grant.cost = actual;
         this.#queue(["settle", spec]);
       });
+      return new Permit(hold, now, cost);
     } finally {
       this.#waiting--;
     }
@@ -2217,7 +2349,7 @@ export class RedisRateLimiter extends RateLimiter {
    *
    * @throws {TypeError} Always; use {@linkcode RedisRateLimiter.acquire}.
    */
-  override tryAcquire(_cost?: Cost): Permit | undefined {
+  tryAcquire(_cost?: Cost): Permit | undefined {
     throw new TypeError(
       "RedisRateLimiter.tryAcquire cannot answer without a Redis round trip: use acquire()",
     );
@@ -2231,7 +2363,7 @@ export class RedisRateLimiter extends RateLimiter {
    * @returns ms, ≥ 0.
    * @throws {RangeError} If the cost can never fit a window.
    */
-  override timeUntil(cost: Cost = { requests: 1 }): number {
+  timeUntil(cost: Cost = { requests: 1 }): number {
     costPairs(cost);
     for (const w of this.#windows) {
       const a = cost[w.key] ??
@@ -2249,11 +2381,22 @@ export class RedisRateLimiter extends RateLimiter {
   }
 
   /**
+   * Pauses every instance of this name for the next `ms` milliseconds.
+   *
+   * @param ms Duration; must be ≥ 0 and finite.
+   * @throws {RangeError} If `ms` is negative, `NaN` or infinite.
+   */
+  pause(ms: number): void {
+    checkMargin(ms, "pause ms");
+    this.pauseUntil(this.#clock.now() + ms);
+  }
+
+  /**
    * Pauses every instance of this name until `time` (local clock ms).
    *
    * @param time When admission may resume.
    */
-  override pauseUntil(time: number): void {
+  pauseUntil(time: number): void {
     if (typeof time !== "number" || Number.isNaN(time)) {
       throw new RangeError(
         `RedisRateLimiter.pauseUntil 'time' must be a number: received ${
@@ -2275,25 +2418,15 @@ export class RedisRateLimiter extends RateLimiter {
    * @param limit The new limit.
    * @param ms The window length; required to add a window.
    */
-  override setLimit(key: string, limit: number, ms?: number): void {
-    if (typeof key !== "string" || key === "") {
-      throw new TypeError(
-        `RedisRateLimiter.setLimit 'key' must be a non-empty string: received ${
-          String(key)
-        }`,
-      );
-    }
-    checkLimit(limit, "limit");
-    const matches = this.#windows.filter((w) =>
-      w.key === key && (ms === undefined || w.ms === ms)
+  setLimit(key: string, limit: number, ms?: number): void {
+    const matches = setLimitTargets(
+      "RedisRateLimiter",
+      this.#windows,
+      key,
+      limit,
+      ms,
     );
-    if (ms === undefined && matches.length !== 1) {
-      throw new RangeError(
-        `RedisRateLimiter.setLimit: key '${key}' names ${matches.length} windows; pass 'ms' to pick or add one`,
-      );
-    }
-    if (ms !== undefined) checkMs(ms, "ms");
-    const margin = this.#defaultMargin ?? Math.min((ms ?? 0) / 200, 1000);
+    const margin = defaultMargin(ms ?? 0, this.#defaultMargin);
     if (matches.length) { for (const w of matches) w.limit = limit; }
     else {
       this.#windows.push({
@@ -2322,18 +2455,14 @@ export class RedisRateLimiter extends RateLimiter {
    * @param marginMs The new margin.
    * @param ms The window length, to pick one window.
    */
-  override setMargin(key: string, marginMs: number, ms?: number): void {
-    checkMargin(marginMs, "marginMs");
-    const matches = this.#windows.filter((w) =>
-      w.key === key && (ms === undefined || w.ms === ms)
+  setMargin(key: string, marginMs: number, ms?: number): void {
+    const matches = setMarginTargets(
+      "RedisRateLimiter",
+      this.#windows,
+      key,
+      marginMs,
+      ms,
     );
-    if (matches.length === 0) {
-      throw new RangeError(
-        `RedisRateLimiter.setMargin: no window with key '${key}'${
-          ms === undefined ? "" : ` and ms ${ms}`
-        }`,
-      );
-    }
     for (const w of matches) w.marginMs = marginMs;
     this.#queue([
       "margin",
@@ -2349,7 +2478,7 @@ export class RedisRateLimiter extends RateLimiter {
    *
    * @param cost Amounts per key.
    */
-  override record(cost: Cost): void {
+  record(cost: Cost): void {
     this.#queue(["record", ...costPairs(cost)]);
   }
 
@@ -2359,7 +2488,7 @@ export class RedisRateLimiter extends RateLimiter {
    *
    * @returns One snapshot per window.
    */
-  override usage(): WindowUsage[] {
+  usage(): WindowUsage[] {
     return this.#windows.map((w) => ({ ...w }));
   }
 
@@ -2374,18 +2503,27 @@ export class RedisRateLimiter extends RateLimiter {
     return this.usage();
   }
 
-  static {
-    deriveRedis = (limiter, model, options) =>
-      new RedisRateLimiter({
-        redis: limiter.#redis,
-        timeoutMs: limiter.#timeoutMs,
-        prefix: limiter.#options.prefix,
-        ...(limiter.#defaultMargin === undefined
-          ? {}
-          : { marginMs: limiter.#defaultMargin }),
-        ...options,
-        name: `${limiter.#name}:model:${model.replace(/[{}]/g, "_")}`,
-      });
+  /**
+   * A limiter for one model's own windows on the same Redis (client,
+   * prefix, timeout, default margin), under the name
+   * `<name>:model:<model>`: every process on this name shares each model's
+   * windows too.
+   *
+   * @param model The model's name (braces become `_`).
+   * @param limits The model's windows, if any are known yet.
+   * @returns The model's limiter.
+   */
+  forModel(model: string, limits: RateLimiterOptions = {}): RedisRateLimiter {
+    return new RedisRateLimiter({
+      redis: this.#redis,
+      timeoutMs: this.#timeoutMs,
+      prefix: this.#options.prefix,
+      ...(this.#defaultMargin === undefined
+        ? {}
+        : { marginMs: this.#defaultMargin }),
+      ...limits,
+      name: `${this.#name}:model:${model.replace(/[{}]/g, "_")}`,
+    });
   }
 
   // --- private ---------------------------------------------------------------
@@ -2695,20 +2833,17 @@ class GrantLog {
   }
 }
 
-/** A permit of a {@linkcode RedisRateLimiter}: settling sends the difference to Redis. */
-class RedisPermit extends Permit {
+/** A permit's entries in a {@linkcode RedisRateLimiter}'s shared windows: settling sends the difference to Redis. */
+class RedisHold implements PermitHold {
   /** Per window id (`key|ms`): the entry held and what this permit put in it. */
   #held = new Map<string, { idx: string; own: number }>();
   #send: (spec: string, actual: Cost) => void;
 
   constructor(
-    limiter: RateLimiter,
-    at: number,
     cost: Cost,
     extra: string,
     send: (spec: string, actual: Cost) => void,
   ) {
-    super(limiter, at, cost, [], []);
     this.#send = send;
     for (const part of extra.split(";").filter(Boolean)) {
       const eq = part.lastIndexOf("=");
@@ -2721,11 +2856,12 @@ class RedisPermit extends Permit {
     }
   }
 
-  override settle(actual: Cost): void {
-    const merged: Cost = { ...this.cost };
-    for (const k of Object.keys(actual)) {
-      merged[k] = checkAmount(actual[k], k, "settle");
-    }
+  /** The shared windows' amounts are Redis's: none are kept here. */
+  charged(): number[] {
+    return [];
+  }
+
+  settle(merged: Cost): void {
     const parts: string[] = [];
     for (const [id, h] of this.#held) {
       const key = id.slice(0, id.lastIndexOf("|"));
@@ -2737,6 +2873,9 @@ class RedisPermit extends Permit {
     }
     if (parts.length) this.#send(parts.join(";"), merged);
   }
+
+  /** Entries are stamped by Redis when reserved; they stay where they are. */
+  restamp(): void {}
 }
 
 /** A cost's amount for a window key (`tokens` derived from input + output). */
@@ -6341,7 +6480,7 @@ export class SseParser {
  */
 export interface RateLimitedFetchOptions {
   /** A limiter to share, or options for a new one. Default: no limits (learned from headers). */
-  limiter?: RateLimiter | RateLimiterOptions;
+  limiter?: Limiter | RateLimiterOptions;
   /** Most requests in flight at once (a streaming response counts until it ends). Default 16. */
   concurrency?: number;
   /** Retry options, or `false` to send each request once. Default `{}` (see {@linkcode retry}). */
@@ -6407,14 +6546,14 @@ export type RateLimitedFetch =
   & ((input: RequestInfo | URL, init?: RequestInit) => Promise<Response>)
   & {
     /** The limiter every call goes through. */
-    readonly limiter: RateLimiter;
+    readonly limiter: Limiter;
     /** What happened so far. */
     readonly stats: Stats;
     /**
      * Each model's own limiter (see {@linkcode RateLimitedFetchOptions.perModel}),
      * by model name, least recently used first. Read-only.
      */
-    readonly models: ReadonlyMap<string, RateLimiter>;
+    readonly models: ReadonlyMap<string, Limiter>;
   };
 
 const FETCH_OPTIONS = new Set([
@@ -6494,9 +6633,14 @@ export function rateLimitedFetch(
   }) as RateLimitedFetch;
 }
 
+/** Whether `limiter` is a limiter (not options for one). */
+function isLimiter(limiter: unknown): limiter is Limiter {
+  return typeof (limiter as Limiter | undefined)?.acquire === "function";
+}
+
 /** {@linkcode RateLimitedFetchOptions}, checked, with every default filled in. */
 interface FetchSettings {
-  limiter: RateLimiter;
+  limiter: Limiter;
   stats: Stats;
   clock: Clock;
   concurrency: number;
@@ -6570,7 +6714,7 @@ function fetchSettings(options: RateLimitedFetchOptions): FetchSettings {
 function laneSettings(
   options: RateLimitedFetchOptions,
   clock: Clock,
-): { limiter: RateLimiter; lanes: LaneOptions } {
+): { limiter: Limiter; lanes: LaneOptions } {
   const perModel = options.perModel ?? "learned";
   if (perModel !== "learned" && perModel !== "all" && perModel !== false) {
     throw new TypeError(
@@ -6584,9 +6728,9 @@ function laneSettings(
   const given = options.limiter;
   /** With perModel "all": the given windows, copied for each model. */
   let template: WindowSpec[] = [];
-  let limiter: RateLimiter;
+  let limiter: Limiter;
   if (perModel === "all") {
-    if (given instanceof RateLimiter) {
+    if (isLimiter(given)) {
       throw new TypeError(
         `rateLimitedFetch 'perModel: "all"' copies the limits in 'limiter' for each model: pass limiter options, not a RateLimiter instance`,
       );
@@ -6599,11 +6743,9 @@ function laneSettings(
     }));
     limiter = new RateLimiter({ clock });
   } else {
-    limiter = given instanceof RateLimiter
-      ? given
-      : new RateLimiter({ clock, ...given });
+    limiter = isLimiter(given) ? given : new RateLimiter({ clock, ...given });
   }
-  const marginMs = given instanceof RateLimiter ? undefined : given?.marginMs;
+  const marginMs = isLimiter(given) ? undefined : given?.marginMs;
   return {
     limiter,
     lanes: {
@@ -6622,7 +6764,7 @@ function laneSettings(
         };
         // A shared key's models are shared too: same Redis, one name per model.
         return limiter instanceof RedisRateLimiter
-          ? deriveRedis(limiter, model, o)
+          ? limiter.forModel(model, o)
           : new RateLimiter(o);
       },
     },
@@ -6703,7 +6845,7 @@ function parseJSONBody(text: string): unknown {
 
 /** One set of windows of a {@linkcode rateLimitedFetch}: the key's, or a model's. */
 interface Lane {
-  limiter: RateLimiter;
+  limiter: Limiter;
   margins: MarginTuner;
   /** Estimated amounts of requests sent and not yet answered, per key (for learning). */
   inflight: Record<string, number>;
@@ -6717,7 +6859,7 @@ interface LaneOptions {
   /** Keys the user gave limits for: never learned. */
   userKeys: Set<string>;
   /** A new limiter for one model's windows. */
-  modelLimiter(model: string): RateLimiter;
+  modelLimiter(model: string): Limiter;
 }
 
 /**
@@ -6729,12 +6871,12 @@ class ModelLanes {
   /** The whole key's windows: the given limits (and, without a model, the learned ones). */
   readonly key: Lane;
   /** Each model's limiter, least recently used first. */
-  readonly models: Map<string, RateLimiter> = new Map();
+  readonly models: Map<string, Limiter> = new Map();
   #lanes = new Map<string, Lane>();
   #overflow: Lane | undefined;
   #options: LaneOptions;
 
-  constructor(key: RateLimiter, options: LaneOptions) {
+  constructor(key: Limiter, options: LaneOptions) {
     this.#options = options;
     this.key = this.#newLane(key);
   }
@@ -6748,7 +6890,7 @@ class ModelLanes {
       : this.key;
   }
 
-  #newLane(limiter: RateLimiter): Lane {
+  #newLane(limiter: Limiter): Lane {
     return {
       limiter,
       margins: new MarginTuner(limiter, this.#options.clock),
@@ -6957,11 +7099,11 @@ class Admission {
       const paused = lane.limiter.pausedUntil - clock.now();
       if (lane !== lanes.key && paused > 0) {
         await clock.sleep(paused, signal);
-        restampPermit(this.#permit);
+        this.#permit.restamp();
       }
       // Held while the key's windows made us wait: it counts from now.
       if (this.#modelPermit && clock.now() > this.#modelPermit.at) {
-        restampPermit(this.#modelPermit);
+        this.#modelPermit.restamp();
       }
       // Aborted while it waited: never sent, so it uses nothing.
       if (signal?.aborted) throw signal.reason;
@@ -7228,13 +7370,13 @@ function zeroOf(cost: Cost): Cost {
  * it back slowly after a quiet stretch, so a long run settles at zero 429s.
  */
 class MarginTuner {
-  #limiter: RateLimiter;
+  #limiter: Limiter;
   #clock: Clock;
   #base = new Map<string, number>();
   #quiet = 0;
   #last = -Infinity;
 
-  constructor(limiter: RateLimiter, clock: Clock) {
+  constructor(limiter: Limiter, clock: Clock) {
     this.#limiter = limiter;
     this.#clock = clock;
   }
@@ -7638,7 +7780,7 @@ export interface AnthropicClient {
   /** Its stats. */
   readonly stats: Stats;
   /** Its limiter. */
-  readonly limiter: RateLimiter;
+  readonly limiter: Limiter;
 }
 
 /**
@@ -8062,7 +8204,7 @@ export interface OpenAIClient {
   /** Its stats. */
   readonly stats: Stats;
   /** Its limiter. */
-  readonly limiter: RateLimiter;
+  readonly limiter: Limiter;
 }
 
 /**
