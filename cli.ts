@@ -976,12 +976,33 @@ class SendGate {
   readonly #running = new Map<AbortSignal, AbortController>();
   readonly #exchanging = new Set<AbortSignal>();
 
-  /** The signal for one line's request: aborted by `stop()` unless mid-exchange. */
+  readonly #watched = new WeakSet<AbortSignal>();
+  #aborted: { reason: unknown } | undefined;
+
+  /**
+   * The signal for one line's request: aborted with `outer`, by `stop()`
+   * unless mid-exchange, and by `abortAll()`. One controller per line (no
+   * `AbortSignal.any`: each signal Node makes costs more than the request's
+   * own bookkeeping); `outer`, shared by the lines, is watched once.
+   */
   open(outer: AbortSignal): AbortSignal {
     const ctl = new AbortController();
-    const s = AbortSignal.any([outer, ctl.signal]);
-    this.#running.set(s, ctl);
-    return s;
+    if (this.#aborted) ctl.abort(this.#aborted.reason);
+    else if (outer.aborted) ctl.abort(outer.reason);
+    else if (!this.#watched.has(outer)) {
+      this.#watched.add(outer);
+      outer.addEventListener("abort", () => this.abortAll(outer.reason), {
+        once: true,
+      });
+    }
+    this.#running.set(ctl.signal, ctl);
+    return ctl.signal;
+  }
+
+  /** Aborts every line's request, mid-exchange too (a second Ctrl-C). */
+  abortAll(reason: unknown): void {
+    this.#aborted ??= { reason };
+    for (const ctl of this.#running.values()) ctl.abort(reason);
   }
 
   close(s: AbortSignal): void {
@@ -1841,7 +1862,6 @@ class BatchRun {
   readonly gate: SendGate;
   readonly count: number;
   #ignored: number;
-  #hardStop = new AbortController();
   #stopping: "signal" | "fatal" | undefined;
   #fatal: { why: string; outcome: Outcome; line: number } | undefined;
   #interruptedBy: string | undefined;
@@ -2028,7 +2048,7 @@ class BatchRun {
     item: Todo,
     signal: AbortSignal,
   ): Promise<{ item: Todo; outcome: Outcome | undefined }> {
-    const s = this.gate.open(AbortSignal.any([signal, this.#hardStop.signal]));
+    const s = this.gate.open(signal);
     try {
       const o = this.o;
       return {
@@ -2078,7 +2098,7 @@ class BatchRun {
   /** First signal: finish what is in flight. Second: abort it. */
   #onSignal(name?: unknown): void {
     if (++this.#signals > 1) {
-      this.#hardStop.abort(new Error("interrupted"));
+      this.gate.abortAll(new Error("interrupted"));
       return;
     }
     this.#interruptedBy = typeof name === "string" ? name : "a signal";

@@ -994,6 +994,8 @@ export class RateLimiter implements Limiter {
   #mutex = new Mutex();
   #pausedUntil = -Infinity;
   #wake: AbortController | undefined;
+  /** What the sleeping head waiter waits for, and until when it sleeps. */
+  #head: { amounts: number[]; until: number } | undefined;
   #hasTokens = false;
   #defaultAmounts: number[] | undefined;
 
@@ -1328,6 +1330,7 @@ export class RateLimiter implements Limiter {
         const now = this.#clock.now();
         const wait = this.#waitMs(amounts, now);
         if (wait <= 0) return this.#charge(cost, amounts, now);
+        this.#head = { amounts, until: now + wait };
         await this.#sleepHead(wait, signal);
       }
     } finally {
@@ -1354,6 +1357,21 @@ export class RateLimiter implements Limiter {
 
   #wakeHead(): void {
     this.#wake?.abort(WAKE);
+  }
+
+  /**
+   * Wakes the head waiter if freed capacity lets it go sooner than it
+   * planned; a settle that frees a window that does not bind it changes
+   * nothing, and waking it would only cost a new timer.
+   */
+  #wakeHeadIfSooner(): void {
+    const head = this.#head;
+    if (!this.#wake || !head) return;
+    if (head.amounts.length !== this.#windows.length) return this.#wakeHead();
+    const now = this.#clock.now();
+    if (now + this.#waitMs(head.amounts, now) < head.until - 0.5) {
+      this.#wakeHead();
+    }
   }
 
   #restamp(own: number[], seqs: number[]): void {
@@ -1407,7 +1425,7 @@ export class RateLimiter implements Limiter {
         own[i] = delta;
       }
     }
-    if (freed) this.#wakeHead();
+    if (freed) this.#wakeHeadIfSooner();
   }
 }
 
