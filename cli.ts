@@ -50,6 +50,7 @@ import { parseArgs } from "node:util";
 import {
   assembleStream,
   type BatchOutcome,
+  type CachePrefix,
   type Cost,
   estimateCost,
   HttpError,
@@ -746,37 +747,56 @@ async function dryRun(
   perModel: boolean,
   shard: Shard | undefined,
 ): Promise<string> {
-  const totals = new Map<string, Record<string, number>>();
-  const all = newTotal();
-  for await (const { cost, model } of estimates(input, undefined, shard)) {
-    for (const t of perModel ? [all, totalOf(totals, model)] : [all]) {
-      t.requests! += 1;
-      t.inputTokens! += cost.inputTokens ?? 0;
-      t.outputTokens! += cost.outputTokens ?? 0;
-    }
-  }
-  const n = (x: number): string => x.toLocaleString("en-US");
-  const head = (t: Record<string, number>): string =>
-    `${n(t.requests!)} request${t.requests === 1 ? "" : "s"} · ~${
-      n(t.inputTokens!)
-    } input tokens (estimated) · ≤ ${
-      n(t.outputTokens!)
-    } output tokens (max_tokens)`;
   const windows = windowsFor(limits, minute);
+  const inputWindow = windows
+    .filter((w) => w.key === "inputTokens" || w.key === "tokens")
+    .sort((a, b) => a.limit - b.limit)[0];
+  const { all, totals } = await planTotals(
+    estimates(input, undefined, shard),
+    inputWindow,
+    perModel,
+  );
+  const head = describeTotals;
   if (!windows.length) {
     return `${
       head(all)
     }\nno limits given: paceline finds them as it goes, from the server's response headers (and its 429s), so the run's length depends on them.\n`;
   }
-  const plan = (t: Record<string, number>) => ({
-    least: leastTime(t, windows, false),
-    atMax: leastTime(t, windows, true),
-  });
+  // Cache writes larger than the input window each take one of their own.
+  const plan = (t: Record<string, number>) => {
+    const rest = { ...t, inputTokens: t.inputTokens! - t.aloneTokens! };
+    const alone = (b: { ms: number; name: string }) =>
+      t.alone ? { ms: b.ms + t.alone * inputWindow!.ms, name: b.name } : b;
+    return {
+      alone: t.alone!,
+      least: alone(leastTime(rest, windows, false)),
+      atMax: alone(leastTime(rest, windows, true)),
+      uncached: t.cacheRead && !t.alone
+        ? leastTime(
+          { ...t, inputTokens: t.inputTokens! + t.cacheRead! },
+          windows,
+          false,
+        )
+        : undefined,
+    };
+  };
   const say = (p: ReturnType<typeof plan>): string =>
     `${
       p.least.ms
         ? `at least ${fmtDuration(p.least.ms)}: ${p.least.name} binds`
         : "everything fits in the first window of every limit given"
+    }${
+      p.alone
+        ? `, after ${p.alone} cache write${
+          p.alone === 1 ? "" : "s"
+        } larger than ${inputWindow!.flag} ${
+          inputWindow!.limit
+        } (a whole window each)`
+        : ""
+    }${
+      p.uncached && p.uncached.ms > p.least.ms
+        ? ` (without prompt caching at least ${fmtDuration(p.uncached.ms)})`
+        : ""
     }${
       p.atMax.ms > p.least.ms
         ? `; with every answer at its max_tokens, up to ${
@@ -801,6 +821,62 @@ async function dryRun(
     note,
   );
   return out.join("\n") + "\n";
+}
+
+/**
+ * The dry run's totals, for all lines and per model: requests, input that
+ * counts toward limits (the first line with a cached prefix writes it and
+ * is charged in full; later ones read it, and reads do not count), output
+ * at `max_tokens`, cache writes and reads, and the writes larger than the
+ * input window (each takes a whole window of its own).
+ */
+async function planTotals(
+  lines: ReturnType<typeof estimates>,
+  inputWindow: FlagWindow | undefined,
+  perModel: boolean,
+): Promise<{
+  all: Record<string, number>;
+  totals: Map<string, Record<string, number>>;
+}> {
+  const totals = new Map<string, Record<string, number>>();
+  const all = newTotal();
+  const written = new Set<string>();
+  for await (const { cost, model, prefix } of lines) {
+    const role = !prefix ? "" : written.has(prefix.key) ? "read" : "write";
+    if (prefix) written.add(prefix.key);
+    const inTok = cost.inputTokens ?? 0;
+    const alone = role === "write" && inputWindow !== undefined &&
+      inTok > inputWindow.limit;
+    for (const t of perModel ? [all, totalOf(totals, model)] : [all]) {
+      t.requests! += 1;
+      t.inputTokens! += role === "read" ? inTok - prefix!.tokens : inTok;
+      t.outputTokens! += cost.outputTokens ?? 0;
+      if (role === "write") t.cacheWrite! += prefix!.tokens;
+      if (role === "read") t.cacheRead! += prefix!.tokens;
+      if (alone) {
+        t.alone! += 1;
+        t.aloneTokens! += inTok;
+      }
+    }
+  }
+  return { all, totals };
+}
+
+/** One line of dry-run totals: requests, input (with the prompt cache's share), output. */
+function describeTotals(t: Record<string, number>): string {
+  const n = (x: number): string => x.toLocaleString("en-US");
+  const cache = t.cacheWrite || t.cacheRead
+    ? `: ${n(t.cacheWrite!)} written to the prompt cache, ${
+      n(t.cacheRead!)
+    } read from it, ${
+      n(t.inputTokens! - t.cacheWrite!)
+    } uncached; reads do not count toward input-token limits`
+    : "";
+  return `${n(t.requests!)} request${t.requests === 1 ? "" : "s"} · ~${
+    n(t.inputTokens! + t.cacheRead!)
+  } input tokens (estimated${cache}) · ≤ ${
+    n(t.outputTokens!)
+  } output tokens (max_tokens)`;
 }
 
 /**
@@ -835,8 +911,17 @@ function leastTime(
   return binding;
 }
 
+/** Dry-run totals: `inputTokens` is what counts toward limits (uncached input and cache writes). */
 function newTotal(): Record<string, number> {
-  return { requests: 0, inputTokens: 0, outputTokens: 0 };
+  return {
+    requests: 0,
+    inputTokens: 0,
+    outputTokens: 0,
+    cacheWrite: 0,
+    cacheRead: 0,
+    alone: 0,
+    aloneTokens: 0,
+  };
 }
 
 function totalOf(
@@ -867,19 +952,20 @@ async function checkFits(
 ): Promise<void> {
   if (!windows.length) return;
   for await (
-    const { line, cost, body, path } of estimates(input, wanted, shard)
+    const { line, cost, body, path, prefix } of estimates(input, wanted, shard)
   ) {
-    const inTok = cost.inputTokens ?? 0;
+    // A cached prefix is written once (taking a whole window if it is
+    // larger) and read after: what must fit is the uncached rest.
+    const inTok = (cost.inputTokens ?? 0) - (prefix?.tokens ?? 0);
+    const input = prefix
+      ? `its input outside the cached prefix (~${inTok} tokens, estimated)`
+      : `its input (~${inTok} tokens, estimated)`;
     const outTok = cost.outputTokens ?? 0;
     const cap = outputCap(path, body);
     for (const w of windows) {
       const amount: Record<string, [number, string, string]> = {
         requests: [1, "one request", "raise it"],
-        inputTokens: [
-          inTok,
-          `its input (~${inTok} tokens, estimated)`,
-          `shorten it or raise ${w.flag}`,
-        ],
+        inputTokens: [inTok, input, `shorten it or raise ${w.flag}`],
         outputTokens: [
           outTok,
           `"${cap}": ${outTok}`,
@@ -887,7 +973,7 @@ async function checkFits(
         ],
         tokens: [
           inTok + outTok,
-          `its input (~${inTok} tokens, estimated) plus "${cap}": ${outTok}`,
+          `${input} plus "${cap}": ${outTok}`,
           `lower "${cap}", shorten the input, or raise ${w.flag}`,
         ],
       };
@@ -903,7 +989,10 @@ async function checkFits(
   }
 }
 
-/** The estimated cost of each input line (those `wanted`, by index), with its line number, model and body. */
+/**
+ * The estimated cost of each input line (those `wanted`, by index), with
+ * its line number, model, body and cacheable prefix.
+ */
 async function* estimates(
   input: string,
   wanted: (i: number) => boolean = () => true,
@@ -915,6 +1004,7 @@ async function* estimates(
     model: string;
     body: Record<string, unknown>;
     path: string;
+    prefix: CachePrefix | undefined;
   }
 > {
   let i = -1;
@@ -922,12 +1012,14 @@ async function* estimates(
     if (text.trim() === "" || !wanted(++i)) continue;
     const item = parseLine(line, text, {});
     const model = item.body.model;
+    const url = `https://api${item.path}`;
     yield {
       line,
-      cost: estimateCost(`https://api${item.path}`, item.body),
+      cost: estimateCost(url, item.body),
       model: typeof model === "string" ? model : "",
       body: item.body,
       path: item.path,
+      prefix: providerOf(url)?.endpoint.cachePrefix?.(item.body),
     };
   }
 }
@@ -1652,6 +1744,13 @@ function progressLine(
   return [
     `${done}/${total} (${pct.toFixed(1)}%) ETA ${fmtDuration(eta)}`,
     ...use,
+    ...(s.cacheReadTokens + s.cacheWriteTokens
+      ? [
+        `cache ${fmtCount(s.cacheReadTokens)} read/${
+          fmtCount(s.cacheWriteTokens)
+        } written`,
+      ]
+      : []),
     `429s ${s.rateLimited}`,
     `retries ${s.retries}`,
     `errors ${errors}`,

@@ -783,6 +783,89 @@ describe("paceline run: journal, stalls and fatal stops", () => {
     expect(b.err).toMatch(/line 2: invalid JSON/);
   });
 
+  it("a cached prefix larger than --itpm: --dry-run splits writes and reads and its least time matches the run; the run has 0 × 429, one write", async () => {
+    // ~10,800 tokens by the simulator's count, cached; each question a few.
+    const rubric = Array.from({ length: 5400 }, (_, i) => `item${i % 10}`)
+      .join(" ");
+    const lines = Array.from({ length: 40 }, (_, i) =>
+      JSON.stringify({
+        custom_id: `c-${i}`,
+        params: {
+          model: "claude-sim",
+          max_tokens: 40,
+          system: [{
+            type: "text",
+            text: rubric,
+            cache_control: { type: "ephemeral" },
+          }],
+          messages: [{ role: "user", content: `Grade answer ${i}` }],
+        },
+      }));
+    const s = await sim({
+      limits: { requests: 20, inputTokens: 8000, windowMs: 2000 },
+      latency: { baseMs: 100 },
+    });
+    const { input, output } = batchFiles(lines.join("\n"));
+    // A 2-s "minute" magnifies a new process's first-request skew (its
+    // first fetch starts slowly): a margin of 250 ms covers it.
+    const flags = [
+      "--base-url",
+      s.url,
+      "--rpm",
+      "20",
+      "--itpm",
+      "8000",
+      "--window-ms",
+      "2000",
+      "--margin-ms",
+      "250",
+    ];
+    const plan = await runCli([
+      "run",
+      input,
+      "-o",
+      output,
+      ...flags,
+      "--dry-run",
+    ], NO_KEYS);
+    expect(plan.code).toBe(0);
+    expect(plan.out).toMatch(
+      /40 requests · ~[\d,]+ input tokens \(estimated: [\d,]+ written to the prompt cache, [\d,]+ read from it, [\d,]+ uncached; reads do not count toward input-token limits\)/,
+    );
+    expect(plan.out).toMatch(/after 1 cache write larger than --itpm 8000/);
+    const least = Number(/at least (\d+)s/.exec(plan.out)?.[1]) * 1000;
+    expect(least).toBe(4000);
+    // In a process of its own, as users run it: the simulator here counts
+    // arrivals on this event loop, which the CLI's fsyncs would delay.
+    const run = spawnCli([
+      "run",
+      input,
+      "-o",
+      output,
+      ...flags,
+      "--concurrency",
+      "32",
+    ]);
+    const code = await run.exited;
+    expect(run.err()).not.toMatch(/can never fit/);
+    expect(code).toBe(0);
+    const rows = anthropicRows(output);
+    expect(rows.map((x) => x.custom_id)).toEqual(lines.map((_, i) => `c-${i}`));
+    expect(rows.every((x) => x.result.type === "succeeded")).toBe(true);
+    const st = s.stats();
+    expect(st.rateLimited).toEqual({
+      requests: 0,
+      inputTokens: 0,
+      outputTokens: 0,
+      tokens: 0,
+    });
+    expect(st.cache.writes).toBe(1);
+    expect(st.cache.reads).toBe(39);
+    const makespan = st.acceptedAt.last - st.acceptedAt.first;
+    expect({ makespan, least, ok: Math.abs(makespan - least) <= 0.25 * least })
+      .toMatchObject({ ok: true });
+  });
+
   it("every OpenAI batch endpoint, mixed in one file: each line once, in order, its own shape, 0 × 429, usage equal to the server's", async () => {
     const s = await sim({
       limits: { requests: 30, inputTokens: 600, windowMs: 2000 },

@@ -929,6 +929,167 @@ describe("rateLimitedFetch abort", () => {
   });
 });
 
+describe("prompt caching end to end", () => {
+  // ~6,000 tokens by the simulator's count (two per word), marked for caching.
+  const rubric = Array.from({ length: 3000 }, (_, i) => `rule${i % 10}`)
+    .join(" ");
+  const cachedAsk = (question: string, system = rubric) => ({
+    model: "claude-sim",
+    max_tokens: 64,
+    system: [{
+      type: "text",
+      text: system,
+      cache_control: { type: "ephemeral" },
+    }],
+    messages: [{ role: "user" as const, content: question }],
+  });
+  const windows = (requests: number, inputTokens: number, ms: number) => [
+    { key: "requests", limit: requests, ms },
+    { key: "inputTokens", limit: inputTokens, ms },
+  ];
+  async function batch(
+    url: string,
+    f: (u: string, init: RequestInit) => Promise<Response>,
+    bodies: unknown[],
+  ): Promise<void> {
+    const out = await mapConcurrent(bodies, async (b) => {
+      const res = await f(`${url}/v1/messages`, {
+        method: "POST",
+        body: JSON.stringify(b),
+      });
+      expect(res.status).toBe(200);
+      return (await res.json()).usage;
+    }, { concurrency: bodies.length });
+    expect(out.length).toBe(bodies.length);
+  }
+
+  it(
+    "60 questions on a 6k-token cached prefix, 20 requests and 8,000 input tokens per 2 s: one write, 0 × 429, ≤ 1.25 × the minimum",
+    async () => {
+      await warmUp();
+      const s = await sim({
+        limits: { requests: 20, inputTokens: 8000, windowMs: 2000 },
+        latency: { baseMs: 500 },
+      });
+      const f = rateLimitedFetch({
+        concurrency: 32,
+        limiter: { windows: windows(20, 8000, 2000), marginMs: 60 },
+        learn: false,
+      });
+      const bodies = Array.from(
+        { length: 60 },
+        (_, i) => cachedAsk(`Question ${i}: grade this answer.`),
+      );
+      await batch(s.url, f, bodies);
+      const st = s.stats();
+      expect(st.rateLimited).toEqual({
+        requests: 0,
+        inputTokens: 0,
+        outputTokens: 0,
+        tokens: 0,
+      });
+      expect(st.cache.writes).toBe(1);
+      expect(st.cache.reads).toBe(59);
+      const [prefix] = Object.values(st.cache.prefixes);
+      expect(prefix!.tokens).toBeGreaterThan(6000);
+      // Once the prefix is cached, requests bind: (60 / 20 - 1) windows.
+      const makespan = st.acceptedAt.last - st.acceptedAt.first;
+      const minimum = theory(60, 20, 2000);
+      expect({ makespan, minimum, ok: makespan / minimum <= 1.25 })
+        .toMatchObject({ ok: true });
+      const js = f.stats.toJSON();
+      expect(js.inputTokens).toBe(st.usage.inputTokens);
+      expect(js.cacheWriteTokens).toBe(prefix!.tokens);
+      expect(js.cacheReadTokens).toBe(59 * prefix!.tokens);
+    },
+    20_000,
+  );
+
+  it("three prefixes interleaved in one batch: three writes, every other request reads", async () => {
+    const s = await sim({
+      limits: { requests: 30, inputTokens: 20_000, windowMs: 1000 },
+    });
+    const f = rateLimitedFetch({
+      concurrency: 16,
+      limiter: { windows: windows(30, 20_000, 1000), marginMs: 100 },
+      learn: false,
+    });
+    const systems = ["alpha", "beta", "gamma"].map((w) => `${w} ${rubric}`);
+    const bodies = Array.from(
+      { length: 30 },
+      (_, i) => cachedAsk(`Question ${i}`, systems[i % 3]),
+    );
+    await batch(s.url, f, bodies);
+    const st = s.stats();
+    expect(st.cache.writes).toBe(3);
+    expect(st.cache.reads).toBe(27);
+    expect(Object.values(st.cache.prefixes).map((p) => p.writes)).toEqual([
+      1,
+      1,
+      1,
+    ]);
+    expect(st.rateLimited.inputTokens + st.rateLimited.requests).toBe(0);
+  });
+
+  it("a prefix below the minimum cacheable length: nothing waits past the first response, full input charged, 0 × 429", async () => {
+    const s = await sim({
+      limits: { requests: 50, inputTokens: 20_000, windowMs: 1000 },
+      latency: { baseMs: 300 },
+      promptCache: { minTokens: 10_000 },
+    });
+    const sent: number[] = [];
+    const f = rateLimitedFetch({
+      concurrency: 16,
+      limiter: { windows: windows(50, 20_000, 1000), marginMs: 100 },
+      learn: false,
+      fetch: (u, init) => {
+        sent.push(performance.now());
+        return fetch(u, init);
+      },
+    });
+    const bodies = Array.from({ length: 6 }, (_, i) => cachedAsk(`Q${i}`));
+    await batch(s.url, f, bodies);
+    const st = s.stats();
+    expect(st.cache.writes + st.cache.reads).toBe(0);
+    expect(st.rateLimited.inputTokens).toBe(0);
+    // The second request went when the first answered (no second warm-up).
+    expect(sent[1]! - sent[0]!).toBeGreaterThanOrEqual(250);
+    expect(sent[1]! - sent[0]!).toBeLessThan(300 + 250);
+    const js = f.stats.toJSON();
+    expect(js.inputTokens).toBe(st.usage.inputTokens);
+    expect(js.cacheWriteTokens + js.cacheReadTokens).toBe(0);
+  });
+
+  it("streamed: the waiting requests go as soon as the writer's message_start arrives", async () => {
+    const s = await sim({
+      latency: { baseMs: 0, perOutputTokenMs: 40 },
+      perClientFaults: { writer: { delayMs: 300 } }, // its headers come late
+    });
+    const claude = anthropic({ apiKey: "k", baseURL: s.url, learn: false });
+    const t0 = performance.now();
+    const first = claude.stream({
+      ...cachedAsk("first"),
+      metadata: { user_id: "writer" },
+    }).text();
+    await new Promise((r) => setTimeout(r, 20)); // the stream is the writer
+    const rest = Array.from(
+      { length: 4 },
+      (_, i) => claude.messages(cachedAsk(`Q${i}`)),
+    );
+    const text = await first;
+    const writerDone = performance.now();
+    await Promise.all(rest);
+    expect(text).not.toBe("");
+    const st = s.stats();
+    expect(st.cache.writes).toBe(1);
+    expect(st.cache.reads).toBe(4);
+    // The readers waited for the writer's answer to begin, and were
+    // admitted while it still streamed.
+    expect(st.acceptedAt.last - t0).toBeGreaterThan(250);
+    expect(st.acceptedAt.last).toBeLessThan(writerDone - 100);
+  });
+});
+
 describe("thin clients", () => {
   it("anthropic: stream text and final message; conversation keeps history", async () => {
     const s = await sim();

@@ -42,13 +42,14 @@
  *    {@linkcode Provider}, {@linkcode ProviderEndpoint},
  *    {@linkcode LimitHeaders}, {@linkcode StreamAssembler},
  *    {@linkcode BatchFormat}, {@linkcode BatchOutcome},
- *    {@linkcode ProviderMatch}, {@linkcode UsageOptions}.
+ *    {@linkcode ProviderMatch}, {@linkcode UsageOptions},
+ *    {@linkcode CachePrefix}, {@linkcode CacheUsage}.
  * 9. **Fetch**: {@linkcode rateLimitedFetch} (a `fetch` for the official
  *    SDKs), {@linkcode windowLoads}, {@linkcode SseParser};
  *    {@linkcode RateLimitedFetchOptions}, {@linkcode RateLimitedFetch},
  *    {@linkcode SseEvent}. The request path's parts, in the order a request
- *    meets them: `normalizeRequest`, `ModelLanes`, `Admission`,
- *    `learnLimits`, `readResponse`, wired by `RequestPath`.
+ *    meets them: `normalizeRequest`, `ModelLanes`, `PromptCache`,
+ *    `Admission`, `learnLimits`, `readResponse`, wired by `RequestPath`.
  * 10. **Clients**: {@linkcode anthropic}, {@linkcode openai},
  *    {@linkcode assembleStream}; {@linkcode ClientOptions},
  *    {@linkcode AnthropicOptions}, {@linkcode AnthropicClient},
@@ -4931,6 +4932,13 @@ export interface StatsSnapshot {
   inputTokens: number;
   /** Real output tokens (from responses). */
   outputTokens: number;
+  /**
+   * Input tokens read from the provider's prompt cache (not in
+   * `inputTokens` unless reads count; see {@linkcode UsageOptions}).
+   */
+  cacheReadTokens: number;
+  /** Input tokens written to the prompt cache (also in `inputTokens`, as they count toward limits). */
+  cacheWriteTokens: number;
   /** `succeeded / (succeeded + failed)`, or 1 before any call ends. */
   successRate: number;
   /** Wall time from the first call to the last response, in ms. */
@@ -5113,6 +5121,8 @@ export class Stats {
   #errors: Record<string, number> = {};
   #input = 0;
   #output = 0;
+  #cacheRead = 0;
+  #cacheWrite = 0;
   #first = -1;
   #last = -1;
   #latency = new Sample();
@@ -5356,6 +5366,12 @@ export class Stats {
     b.outputTokens += output;
   }
 
+  /** Adds prompt-cache reads and writes (tokens). */
+  cache(read: number, write: number): void {
+    this.#cacheRead += read;
+    this.#cacheWrite += write;
+  }
+
   /** A plain snapshot; see {@linkcode StatsSnapshot}. */
   toJSON(): StatsSnapshot {
     const elapsed = this.#first < 0 ? 0 : Math.max(0, this.#last - this.#first);
@@ -5375,6 +5391,8 @@ export class Stats {
       errors: { ...this.#errors },
       inputTokens: this.#input,
       outputTokens: this.#output,
+      cacheReadTokens: this.#cacheRead,
+      cacheWriteTokens: this.#cacheWrite,
       successRate: ended ? this.#succeeded / ended : 1,
       elapsedMs: elapsed,
       requestsPerMinute: perMin(this.#requests),
@@ -5407,7 +5425,13 @@ export class Stats {
         n(s.rateLimited)
       } × 429 (${n(s.unexpected429)} unexpected)`,
       `errors       ${errors}`,
-      `tokens       ${n(s.inputTokens)} in, ${n(s.outputTokens)} out`,
+      `tokens       ${n(s.inputTokens)} in, ${n(s.outputTokens)} out${
+        s.cacheReadTokens + s.cacheWriteTokens
+          ? ` (cache: ${n(s.cacheReadTokens)} read, ${
+            n(s.cacheWriteTokens)
+          } written)`
+          : ""
+      }`,
       `throughput   ${n(s.requestsPerMinute)} requests/min, ${
         n(s.tokensPerMinute)
       } tokens/min over ${(s.elapsedMs / 1000).toFixed(1)} s`,
@@ -5448,6 +5472,56 @@ export interface ProviderEndpoint {
   readonly streams: boolean;
   /** The estimated input tokens of a request body (see {@linkcode estimateTokens}). */
   inputTokens(body: Record<string, unknown>): number;
+  /**
+   * The part of a request the provider caches when the request marks it
+   * (Anthropic's `cache_control` breakpoints); absent, or `undefined`, when
+   * nothing is marked or the provider caches on its own terms and counts
+   * cached tokens toward its limits anyway (OpenAI).
+   */
+  cachePrefix?(body: Record<string, unknown>): CachePrefix | undefined;
+}
+
+/**
+ * The cacheable prefix of one request, as {@linkcode ProviderEndpoint.cachePrefix}
+ * finds it: requests with the same `key` share one cache entry.
+ *
+ * @example
+ * ```ts
+ * import { anthropicProvider } from "./mod.ts";
+ *
+ * const system = [{ type: "text", text: "A long rubric…", cache_control: { type: "ephemeral" } }];
+ * const body = { model: "m", max_tokens: 9, system, messages: [{ role: "user", content: "Q1" }] };
+ * const prefix = anthropicProvider.endpoints[0]!.cachePrefix?.(body);
+ * if (prefix?.ttlMs !== 300_000 || !(prefix.tokens > 0)) throw new Error();
+ * ```
+ */
+export interface CachePrefix {
+  /** Identifies the prefix: the model and the content up to the last breakpoint. */
+  readonly key: string;
+  /** How long the cache keeps it after a write or a read (5 minutes, or 1 hour with `"ttl": "1h"`). */
+  readonly ttlMs: number;
+  /** Its estimated input tokens (see {@linkcode estimateTokens}). */
+  readonly tokens: number;
+}
+
+/**
+ * What one response says about the prompt cache, in tokens.
+ *
+ * @example
+ * ```ts
+ * import { anthropicProvider, type CacheUsage } from "./mod.ts";
+ *
+ * const u: CacheUsage | undefined = anthropicProvider.cacheUsage({
+ *   usage: { input_tokens: 12, cache_creation_input_tokens: 0, cache_read_input_tokens: 6000, output_tokens: 40 },
+ * });
+ * if (u?.read !== 6000 || u.write !== 0) throw new Error();
+ * ```
+ */
+export interface CacheUsage {
+  /** Tokens read from the cache. */
+  read: number;
+  /** Tokens written to the cache. */
+  write: number;
 }
 
 /**
@@ -5594,6 +5668,11 @@ export interface Provider {
   /** The real cost in a response body's `usage`, or `undefined` when it has none in this shape. */
   usage(body: unknown, options?: UsageOptions): Cost | undefined;
   /**
+   * The cache reads and writes in a response body's `usage` (zeros when it
+   * reports none), or `undefined` when the body has no usage in this shape.
+   */
+  cacheUsage(body: unknown): CacheUsage | undefined;
+  /**
    * The event data field holding a body whose usage counts (Anthropic's
    * `message_start` carries `message`, OpenAI's `response.completed`
    * `response`); without it, the event data itself.
@@ -5682,6 +5761,77 @@ function conversationTokens(
   n += media;
   if (Array.isArray(tools)) add(JSON.stringify(tools));
   return n;
+}
+
+/** A 64-bit hash of a text, as 16 hex digits (two 32-bit FNV-1a lanes with different seeds). */
+function hashText(text: string): string {
+  let a = 0x811c9dc5;
+  let b = 0x01000193 ^ text.length;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    a = Math.imul(a ^ c, 0x01000193);
+    b = Math.imul(b ^ c, 0x5bd1e995) ^ (b >>> 15);
+  }
+  return (a >>> 0).toString(16).padStart(8, "0") +
+    (b >>> 0).toString(16).padStart(8, "0");
+}
+
+/** Anthropic's cache lifetimes: 5 minutes unless a breakpoint says `"ttl": "1h"`. */
+function cacheTtlMs(mark: unknown): number {
+  return (mark as { ttl?: unknown } | null)?.ttl === "1h" ? 3_600_000 : 300_000;
+}
+
+/** The last block of `blocks` with a `cache_control` breakpoint, or -1. */
+function lastBreakpoint(blocks: unknown): number {
+  if (!Array.isArray(blocks)) return -1;
+  for (let i = blocks.length - 1; i >= 0; i--) {
+    const block = blocks[i] as { cache_control?: unknown } | null;
+    if (block && typeof block === "object" && block.cache_control) return i;
+  }
+  return -1;
+}
+
+/**
+ * The cacheable prefix of an Anthropic Messages body: everything up to its
+ * last `cache_control` breakpoint, in the order the API caches it (tools,
+ * then system, then messages). Prompt caching docs: a breakpoint caches the
+ * whole prefix before it; up to 4 breakpoints; default lifetime 5 minutes,
+ * refreshed by each read.
+ */
+function anthropicCachePrefix(
+  b: Record<string, unknown>,
+): CachePrefix | undefined {
+  const tools = Array.isArray(b.tools) ? b.tools : [];
+  const messages = Array.isArray(b.messages) ? b.messages : [];
+  let prefix: [unknown[], unknown, unknown[]] | undefined;
+  let mark: unknown;
+  for (let m = messages.length - 1; m >= 0 && !prefix; m--) {
+    const msg = messages[m] as { role?: unknown; content?: unknown } | null;
+    const at = lastBreakpoint(msg?.content);
+    if (at < 0) continue;
+    const content = msg!.content as { cache_control?: unknown }[];
+    mark = content[at]!.cache_control;
+    const last = { role: msg!.role, content: content.slice(0, at + 1) };
+    prefix = [tools, b.system, [...messages.slice(0, m), last]];
+  }
+  const inSystem = prefix ? -1 : lastBreakpoint(b.system);
+  if (inSystem >= 0) {
+    const system = b.system as { cache_control?: unknown }[];
+    mark = system[inSystem]!.cache_control;
+    prefix = [tools, system.slice(0, inSystem + 1), []];
+  }
+  const inTools = prefix ? -1 : lastBreakpoint(tools);
+  if (inTools >= 0) {
+    mark = (tools[inTools] as { cache_control?: unknown }).cache_control;
+    prefix = [tools.slice(0, inTools + 1), undefined, []];
+  }
+  if (!prefix) return undefined;
+  const [t, system, msgs] = prefix;
+  return {
+    key: hashText(JSON.stringify([b.model, t, system ?? null, msgs])),
+    ttlMs: cacheTtlMs(mark),
+    tokens: conversationTokens(system, msgs, t.length ? t : undefined),
+  };
 }
 
 /** Input tokens of a Responses request: `instructions`, then `input` as a string or items. */
@@ -5898,6 +6048,7 @@ export const anthropicProvider: Provider = {
     defaultOutput: 4096,
     streams: true,
     inputTokens: (b) => conversationTokens(b.system, b.messages, b.tools),
+    cachePrefix: anthropicCachePrefix,
   }],
   // The base is the host (the SDK's convention); a trailing /v1 is tolerated.
   url: (base, path) =>
@@ -5957,6 +6108,14 @@ export const anthropicProvider: Provider = {
     const output = count(u.output_tokens);
     if (output !== undefined) out.outputTokens = output;
     return input === undefined && output === undefined ? undefined : out;
+  },
+  cacheUsage(body) {
+    const u = usageField(body);
+    if (!u || count(u.input_tokens) === undefined) return undefined;
+    return {
+      read: count(u.cache_read_input_tokens) ?? 0,
+      write: count(u.cache_creation_input_tokens) ?? 0,
+    };
   },
   usageInEvent: "message",
   streamBody: (body) => ({ ...body, stream: true }),
@@ -6069,6 +6228,20 @@ export const openaiProvider: Provider = {
     if (input !== undefined) out.inputTokens = input;
     if (output !== undefined) out.outputTokens = output;
     return out;
+  },
+  // Automatic prefix caching; cached tokens still count toward TPM (the
+  // prompt caching guide's FAQ: caching does not change rate limits), so
+  // they are counted here for the stats, never taken off an estimate.
+  cacheUsage(body) {
+    const u = usageField(body);
+    if (!u) return undefined;
+    const details = (u.prompt_tokens_details ?? u.input_tokens_details) as
+      | { cached_tokens?: unknown }
+      | undefined;
+    if (count(u.prompt_tokens ?? u.input_tokens) === undefined) {
+      return undefined;
+    }
+    return { read: count(details?.cached_tokens) ?? 0, write: 0 };
   },
   usageInEvent: "response",
   streamBody: (body) => ({
@@ -6510,6 +6683,19 @@ export interface RateLimitedFetchOptions {
   /** Count `cache_read_input_tokens` as input (see {@linkcode UsageOptions}). Default false. */
   cacheReadCounts?: boolean;
   /**
+   * Prompt caching as the provider charges it. A request whose marked
+   * prefix (Anthropic `cache_control`) a finished request wrote within the
+   * cache's lifetime is charged only its uncached input (unless
+   * `cacheReadCounts`); the first request with a new prefix goes alone and
+   * the others with it wait until its response has begun (one cache write,
+   * not one per request in flight); a write larger than an input-token
+   * window takes a whole empty window instead of failing. A prefix the
+   * response shows was not cached is charged in full, and nothing waits for
+   * it again. `false`: every request is charged its whole input and none
+   * waits. Default `true`.
+   */
+  promptCache?: boolean;
+  /**
    * Learn limits the user did not set from `anthropic-ratelimit-*-limit` /
    * `x-ratelimit-limit-*` headers, as windows of `windowMs` (default 60,000),
    * and record capacity used by others when `*-remaining` is lower than our
@@ -6581,6 +6767,7 @@ const FETCH_OPTIONS = new Set([
   "estimate",
   "usage",
   "cacheReadCounts",
+  "promptCache",
   "learn",
   "adaptiveMargin",
   "fetch",
@@ -6666,6 +6853,9 @@ interface FetchSettings {
   retry: CheckedRetryOptions | undefined;
   estimate: (url: string, body: unknown) => Cost;
   usage: (body: unknown) => Cost | undefined;
+  /** Whether prompt caching is followed; whether cache reads count as input. */
+  promptCache: boolean;
+  cacheReadCounts: boolean;
   /** The learned windows' length; `undefined`: learning is off. */
   learnMs: number | undefined;
   adaptiveMargin: boolean;
@@ -6682,6 +6872,7 @@ function fetchSettings(options: RateLimitedFetchOptions): FetchSettings {
     retry: retryOptions = {},
     estimate = estimateCost,
     cacheReadCounts = false,
+    promptCache = true,
     learn = true,
     adaptiveMargin = true,
     clock = systemClock,
@@ -6689,6 +6880,18 @@ function fetchSettings(options: RateLimitedFetchOptions): FetchSettings {
   const usage = options.usage ??
     ((b: unknown) => usageOf(b, { cacheReadCounts }));
   checkCount(concurrency, "concurrency", where);
+  for (
+    const [name, v] of [["cacheReadCounts", cacheReadCounts], [
+      "promptCache",
+      promptCache,
+    ]] as const
+  ) {
+    if (typeof v !== "boolean") {
+      throw new TypeError(
+        `${where} '${name}' must be a boolean: received ${JSON.stringify(v)}`,
+      );
+    }
+  }
   const baseFetch = options.fetch ?? globalThis.fetch;
   if (typeof baseFetch !== "function") {
     throw new TypeError(`${where} 'fetch' must be a function`);
@@ -6721,6 +6924,8 @@ function fetchSettings(options: RateLimitedFetchOptions): FetchSettings {
     retry,
     estimate,
     usage,
+    promptCache,
+    cacheReadCounts,
     learnMs: learn === false ? undefined : learnMs,
     adaptiveMargin,
     fetch: baseFetch,
@@ -7069,6 +7274,187 @@ class FlightGauge {
   }
 }
 
+/** One prefix in a {@linkcode PromptCache}. */
+interface CacheEntry {
+  state: "writing" | "cached" | "uncacheable";
+  /** Settles when the writing request's response says what became of it. */
+  written: Promise<void>;
+  open: () => void;
+  /** Until when the provider keeps it (each read or write pushes it on). */
+  expiresAt: number;
+  /** Its size in the provider's tokens, from the usage that wrote or read it. */
+  tokens: number;
+}
+
+/** The most prefixes a {@linkcode PromptCache} remembers; the least recently used go first. */
+const MAX_PREFIXES = 1024;
+
+/**
+ * Prompt caching as the provider charges it: a part of the request path.
+ * Anthropic counts only uncached input (and cache writes) toward input
+ * tokens per minute, so a request that reads a cached prefix is charged
+ * its uncached rest. A new prefix is written by one request: the others
+ * with it wait (without a slot or a permit) until that response has begun
+ * and its usage says the cache holds the prefix; then they read. A prefix
+ * the usage shows was not cached (below the model's minimum cacheable
+ * length, or ignored) is charged in full from then on and nothing waits
+ * for it again; a writer that fails gives its turn to the next request.
+ */
+class PromptCache {
+  #clock: Clock;
+  #entries = new Map<string, CacheEntry>();
+
+  constructor(clock: Clock) {
+    this.#clock = clock;
+  }
+
+  /** Prefixes remembered. */
+  get size(): number {
+    return this.#entries.size;
+  }
+
+  /** Waits while another request writes `prefix`; then how this one goes. */
+  async claim(
+    prefix: CachePrefix,
+    signal: AbortSignal | undefined,
+  ): Promise<CacheTicket> {
+    for (;;) {
+      const entry = this.#entries.get(prefix.key);
+      if (entry?.state === "writing") {
+        await settledOrAborted(entry.written, signal);
+        continue;
+      }
+      if (entry?.state === "uncacheable") {
+        return new CacheTicket(this, prefix, entry, "plain");
+      }
+      if (entry && this.#clock.now() < entry.expiresAt) {
+        this.#entries.delete(prefix.key); // most recently used goes last
+        this.#entries.set(prefix.key, entry);
+        return new CacheTicket(this, prefix, entry, "read");
+      }
+      let open!: () => void;
+      const written = new Promise<void>((resolve) => open = resolve);
+      const fresh: CacheEntry = {
+        state: "writing",
+        written,
+        open,
+        expiresAt: 0,
+        tokens: entry?.tokens ?? 0,
+      };
+      this.#entries.delete(prefix.key);
+      this.#entries.set(prefix.key, fresh);
+      this.#trim();
+      return new CacheTicket(this, prefix, fresh, "write");
+    }
+  }
+
+  /** Forgets a prefix whose writer gave up, if it is still that entry. */
+  forget(key: string, entry: CacheEntry): void {
+    if (this.#entries.get(key) === entry) this.#entries.delete(key);
+  }
+
+  #trim(): void {
+    if (this.#entries.size <= MAX_PREFIXES) return;
+    for (const [key, entry] of this.#entries) {
+      if (entry.state === "writing") continue;
+      this.#entries.delete(key);
+      if (this.#entries.size <= MAX_PREFIXES) return;
+    }
+  }
+}
+
+/** Resolves when `promise` does, or rejects with `signal.reason` first. */
+function settledOrAborted(
+  promise: Promise<void>,
+  signal: AbortSignal | undefined,
+): Promise<void> {
+  if (!signal) return promise;
+  if (signal.aborted) return Promise.reject(signal.reason);
+  return new Promise<void>((resolve, reject) => {
+    const onAbort = (): void => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    promise.then(() => {
+      signal.removeEventListener("abort", onAbort);
+      resolve();
+    });
+  });
+}
+
+/** One attempt's place in the {@linkcode PromptCache}: what it is charged, and what its response tells. */
+class CacheTicket {
+  /** `write`: it writes the prefix; `read`: it reads it; `plain`: not cached. */
+  readonly role: "write" | "read" | "plain";
+  #cache: PromptCache;
+  #prefix: CachePrefix;
+  #entry: CacheEntry;
+
+  constructor(
+    cache: PromptCache,
+    prefix: CachePrefix,
+    entry: CacheEntry,
+    role: "write" | "read" | "plain",
+  ) {
+    this.#cache = cache;
+    this.#prefix = prefix;
+    this.#entry = entry;
+    this.role = role;
+  }
+
+  /**
+   * The cost to reserve: a read is charged its uncached rest (unless reads
+   * count); a write larger than an input-token window takes that whole
+   * window (everything after it reads).
+   */
+  charge(
+    cost: Cost,
+    readsCount: boolean,
+    limits: () => WindowUsage[],
+  ): Cost {
+    const input = cost.inputTokens;
+    if (input === undefined || this.role === "plain") return cost;
+    let charged = input;
+    if (this.role === "read" && !readsCount) {
+      charged = Math.max(1, input - this.#prefix.tokens);
+    }
+    if (this.role === "write") {
+      for (const w of limits()) {
+        if (w.key === "inputTokens") charged = Math.min(charged, w.limit);
+        if (w.key === "tokens") {
+          charged = Math.min(charged, w.limit - (cost.outputTokens ?? 0));
+        }
+      }
+      charged = Math.max(1, charged);
+    }
+    if (charged === input) return cost;
+    const out: Cost = { ...cost, inputTokens: charged };
+    if (cost.tokens !== undefined) out.tokens = cost.tokens - input + charged;
+    return out;
+  }
+
+  /** A response's cache figures: the prefix is cached (until a lifetime after `sentAt`) or not. */
+  seen(usage: CacheUsage, sentAt: number): void {
+    const entry = this.#entry;
+    if (usage.read + usage.write > 0) {
+      entry.state = "cached";
+      entry.tokens = usage.read + usage.write;
+      entry.expiresAt = Math.max(entry.expiresAt, sentAt + this.#prefix.ttlMs);
+    } else {
+      // An expired prefix is written again (a write shows), so no figures
+      // at all mean the provider does not cache it.
+      entry.state = "uncacheable";
+    }
+    entry.open();
+  }
+
+  /** The attempt is over: a writer whose response never said gives its turn to the next request. */
+  end(): void {
+    const entry = this.#entry;
+    if (this.role !== "write" || entry.state !== "writing") return;
+    this.#cache.forget(this.#prefix.key, entry);
+    entry.open();
+  }
+}
+
 /**
  * Admission: one attempt's hold on capacity: an in-flight slot, then the
  * model's permit, then the key's, then the model's pause, re-stamped so
@@ -7086,11 +7472,18 @@ class Admission {
   #state: "queued" | "waiting" | "sent" | "done" = "queued";
   #permit: Permit | undefined;
   #modelPermit: Permit | undefined;
+  #ticket: CacheTicket | undefined;
 
-  constructor(path: RequestPath, lane: Lane, cost: Cost) {
+  constructor(
+    path: RequestPath,
+    lane: Lane,
+    cost: Cost,
+    ticket?: CacheTicket,
+  ) {
     this.#path = path;
     this.#lane = lane;
     this.#cost = cost;
+    this.#ticket = ticket;
     this.queuedAt = path.clock.now();
   }
 
@@ -7128,8 +7521,19 @@ class Admission {
     } catch (error) {
       this.settle(zeroOf(this.#cost), false);
       this.release();
+      this.#ticket?.end();
       throw signal?.aborted ? signal.reason : error;
     }
+  }
+
+  /**
+   * A response body (or stream event) with usage: its prompt-cache figures
+   * go to the stats and, the first time, tell the cache what became of the
+   * prefix (waiting requests go on from here).
+   */
+  cacheSeen(usage: CacheUsage, count = true): void {
+    if (count) this.#path.stats.cache(usage.read, usage.write);
+    this.#ticket?.seen(usage, this.sentAt);
   }
 
   /** Marks the request sent: it counts as in flight from now. */
@@ -7161,8 +7565,9 @@ class Admission {
     this.#path.slots.release();
   }
 
-  /** Records the attempt in the stats. */
+  /** Records the attempt in the stats; it is over (a cache writer that never said gives way). */
   record(status: number, kind?: string): void {
+    this.#ticket?.end();
     const now = this.#path.clock.now();
     this.#path.stats.attempt(
       this.sentAt - this.queuedAt,
@@ -7183,6 +7588,7 @@ class RequestPath {
   readonly slots: Semaphore;
   readonly lanes: ModelLanes;
   readonly gauge: FlightGauge;
+  readonly cache: PromptCache;
   #s: FetchSettings;
 
   constructor(settings: FetchSettings) {
@@ -7192,6 +7598,7 @@ class RequestPath {
     this.slots = new Semaphore(settings.concurrency);
     this.lanes = new ModelLanes(settings.limiter, settings.lanes);
     this.gauge = new FlightGauge(this.stats, this.lanes);
+    this.cache = new PromptCache(settings.clock);
   }
 
   /** One call of the wrapped fetch, retries included. */
@@ -7210,12 +7617,13 @@ class RequestPath {
     }
     const cost = this.#s.estimate(request.url, request.json);
     const lane = this.lanes.of(request.json);
+    const prefix = this.#cachePrefix(request);
     const retry = this.#s.retry;
     try {
       const response = retry === undefined || !request.replayable
-        ? await this.#attempt(request, lane, cost)
+        ? await this.#attempt(request, lane, cost, prefix)
         : await retryChecked(
-          () => this.#attempt(request, lane, cost),
+          () => this.#attempt(request, lane, cost, prefix),
           { ...retry, signal: request.signal },
         );
       stats.end(response.ok);
@@ -7233,14 +7641,33 @@ class RequestPath {
     }
   }
 
-  /** One attempt: admit, send, and read the response. */
+  /** The request's cacheable prefix, when prompt caching is followed. */
+  #cachePrefix(request: OutgoingRequest): CachePrefix | undefined {
+    const json = request.json;
+    if (!this.#s.promptCache || !json || typeof json !== "object") {
+      return undefined;
+    }
+    const endpoint = providerOf(request.url)?.endpoint;
+    return endpoint?.cachePrefix?.(json as Record<string, unknown>);
+  }
+
+  /** One attempt: its place in the prompt cache, admit, send, and read the response. */
   async #attempt(
     request: OutgoingRequest,
     lane: Lane,
     cost: Cost,
+    prefix: CachePrefix | undefined,
   ): Promise<Response> {
-    const admission = new Admission(this, lane, cost);
     const signal = request.signal;
+    let ticket: CacheTicket | undefined;
+    if (prefix) {
+      ticket = await this.cache.claim(prefix, signal);
+      cost = ticket.charge(cost, this.#s.cacheReadCounts, () => [
+        ...lane.limiter.usage(),
+        ...(lane === this.lanes.key ? [] : this.lanes.key.limiter.usage()),
+      ]);
+    }
+    const admission = new Admission(this, lane, cost, ticket);
     await admission.admit(signal);
     admission.send();
     let response: Response;
@@ -7327,8 +7754,9 @@ async function readResponse(
   lane: Lane,
 ): Promise<Response> {
   const type = response.headers.get("content-type") ?? "";
+  const provider = providerOf(url)?.provider;
   if (response.ok && type.includes("text/event-stream") && response.body) {
-    return observeStream(response, providerOf(url)?.provider, path, (seen) => {
+    return observeStream(response, provider, path, admission, (seen) => {
       admission.release();
       admission.record(response.status);
       path.succeeded(admission, lane, seen);
@@ -7348,6 +7776,10 @@ async function readResponse(
   const json = text === undefined ? undefined : parseJSON(text);
   let kind: string | undefined;
   if (response.ok) {
+    const cached = json === undefined
+      ? undefined
+      : cacheUsageIn(provider, json);
+    if (cached) admission.cacheSeen(cached);
     path.succeeded(
       admission,
       lane,
@@ -7364,6 +7796,19 @@ async function readResponse(
     statusText: response.statusText,
     headers: response.headers,
   });
+}
+
+/** The prompt-cache figures in a body, read by its provider's description (or the first that reads them). */
+function cacheUsageIn(
+  provider: Provider | undefined,
+  body: unknown,
+): CacheUsage | undefined {
+  if (provider) return provider.cacheUsage(body);
+  for (const p of providers) {
+    const usage = p.cacheUsage(body);
+    if (usage) return usage;
+  }
+  return undefined;
 }
 
 /** `JSON.parse`, or `undefined` for text that is not JSON. */
@@ -7436,12 +7881,15 @@ class MarginTuner {
 /**
  * Passes an SSE response through to the caller while watching its usage
  * events; calls `done(usage)` once, when the stream ends, fails or is
- * cancelled.
+ * cancelled. The first prompt-cache figures (Anthropic's `message_start`)
+ * go to the admission at once: requests waiting for the prefix go on while
+ * this one still streams.
  */
 function observeStream(
   response: Response,
   provider: Provider | undefined,
   path: RequestPath,
+  admission: Admission,
   done: (seen: Cost | undefined) => void,
 ): Response {
   const fields = provider ? [provider.usageInEvent] : USAGE_IN_EVENT;
@@ -7449,10 +7897,12 @@ function observeStream(
   const parser = new SseParser();
   const decoder = new TextDecoder();
   let seen: Cost | undefined;
+  let cached: CacheUsage | undefined;
   let finished = false;
   const finish = (): void => {
     if (finished) return;
     finished = true;
+    if (cached) admission.cacheSeen(cached);
     done(seen);
   };
   const watch = (events: SseEvent[]): void => {
@@ -7476,6 +7926,11 @@ function observeStream(
       }
       const u = path.usage(body);
       if (u) seen = { ...seen, ...u };
+      const c = cacheUsageIn(provider, body);
+      if (c && (!cached || c.read + c.write > 0)) {
+        if (!cached) admission.cacheSeen(c, false);
+        cached = c;
+      }
     }
   };
   const body = new ReadableStream<Uint8Array>({

@@ -442,6 +442,282 @@ describe("request path: response reading", () => {
   });
 });
 
+describe("request path: prompt cache", () => {
+  const rubric = "rubric ".repeat(4000); // ~4,000 estimated tokens
+  const cached = (question: string, ttl?: "1h") => ({
+    model: "m",
+    max_tokens: 10,
+    system: [{
+      type: "text",
+      text: rubric,
+      cache_control: { type: "ephemeral", ...(ttl ? { ttl } : {}) },
+    }],
+    messages: [{ role: "user", content: question }],
+  });
+  const anthropicUsage = (read: number, write: number, input = 12) =>
+    Response.json({
+      usage: {
+        input_tokens: input,
+        cache_creation_input_tokens: write,
+        cache_read_input_tokens: read,
+        output_tokens: 5,
+      },
+    });
+  /** A network whose answers the test gives, one at a time, in order. */
+  function network() {
+    const pending: ((r: Response) => void)[] = [];
+    const bodies: Record<string, unknown>[] = [];
+    return {
+      pending,
+      bodies,
+      fetch: (_url: string | URL | Request, init?: RequestInit) => {
+        bodies.push(JSON.parse(String(init?.body)));
+        return new Promise<Response>((r) => pending.push(r));
+      },
+    };
+  }
+
+  it("the prefix is everything up to the last breakpoint: tools, then system, then messages", () => {
+    const prefixOf = anthropicProvider.endpoints[0]!.cachePrefix!;
+    const a = prefixOf(cached("first question"))!;
+    const b = prefixOf(cached("another question"))!;
+    expect(a.key).toBe(b.key);
+    expect(a.ttlMs).toBe(300_000);
+    expect(prefixOf(cached("q", "1h"))!.ttlMs).toBe(3_600_000);
+    expect(a.tokens).toBeGreaterThan(3000);
+    expect(a.tokens).toBeLessThan(
+      estimateCost(ANTHROPIC, cached("q")).inputTokens!,
+    );
+    const other = { ...cached("q"), model: "n" };
+    expect(prefixOf(other)!.key).not.toBe(a.key);
+    expect(prefixOf(ask())).toBeUndefined();
+    // A breakpoint in a message: the prefix runs through that block.
+    const turns = {
+      ...ask(),
+      messages: [
+        {
+          role: "user",
+          content: [{
+            type: "text",
+            text: "doc",
+            cache_control: { type: "ephemeral" },
+          }, { type: "text", text: "q1" }],
+        },
+      ],
+    };
+    const t1 = prefixOf(turns)!;
+    const t2 = prefixOf({
+      ...turns,
+      messages: [{
+        ...turns.messages[0]!,
+        content: [turns.messages[0]!.content[0]!, { type: "text", text: "q2" }],
+      }],
+    })!;
+    expect(t1.key).toBe(t2.key);
+    const tools = {
+      ...ask(),
+      tools: [{
+        name: "t",
+        input_schema: {},
+        cache_control: { type: "ephemeral" },
+      }],
+    };
+    expect(prefixOf(tools)!.tokens).toBeGreaterThan(4);
+  });
+
+  it("cache figures are read in each provider's shape", () => {
+    expect(
+      anthropicProvider.cacheUsage({
+        usage: { input_tokens: 3, cache_read_input_tokens: 90 },
+      }),
+    ).toEqual({ read: 90, write: 0 });
+    expect(
+      openaiProvider.cacheUsage({
+        usage: {
+          prompt_tokens: 2000,
+          completion_tokens: 1,
+          prompt_tokens_details: { cached_tokens: 1920 },
+        },
+      }),
+    ).toEqual({ read: 1920, write: 0 });
+    expect(
+      openaiProvider.cacheUsage({
+        usage: {
+          input_tokens: 2000,
+          output_tokens: 1,
+          input_tokens_details: { cached_tokens: 1024 },
+        },
+      }),
+    ).toEqual({ read: 1024, write: 0 });
+    expect(anthropicProvider.cacheUsage({ nothing: true })).toBeUndefined();
+  });
+
+  it("one request writes a new prefix; the others wait for it, then are charged their uncached rest", async () => {
+    const clock = new ManualClock();
+    const net = network();
+    const f = rateLimitedFetch({
+      clock,
+      limiter: { itpm: 100_000 },
+      fetch: net.fetch,
+    });
+    const calls = ["a", "b", "c", "d"].map((q) =>
+      f(ANTHROPIC, post(cached(q)))
+    );
+    await clock.flush();
+    expect(net.pending.length).toBe(1); // the writer alone
+    const full = estimateCost(ANTHROPIC, cached("a")).inputTokens!;
+    expect(f.limiter.usage()[0]!.used).toBe(full);
+    net.pending[0]!(anthropicUsage(0, 4000));
+    await clock.flush();
+    expect(net.pending.length).toBe(4); // the readers, together
+    // Settled: the write counted 12 + 4000; each reader reserves only a few tokens.
+    const used = f.limiter.usage()[0]!.used;
+    expect(used - 4012).toBeGreaterThan(0);
+    expect(used - 4012).toBeLessThan(3 * 20);
+    for (const r of net.pending.slice(1)) r(anthropicUsage(4000, 0));
+    await Promise.all(calls.map(async (c) => (await c).text()));
+    expect(f.stats.toJSON()).toMatchObject({
+      cacheWriteTokens: 4000,
+      cacheReadTokens: 12_000,
+      inputTokens: 4012 + 36,
+    });
+  });
+
+  it("a prefix the response shows was not cached frees the others at once, charged in full, and nothing waits for it again", async () => {
+    const clock = new ManualClock();
+    const net = network();
+    const f = rateLimitedFetch({
+      clock,
+      limiter: { itpm: 1_000_000 },
+      fetch: net.fetch,
+    });
+    const calls = ["a", "b", "c"].map((q) => f(ANTHROPIC, post(cached(q))));
+    await clock.flush();
+    expect(net.pending.length).toBe(1);
+    net.pending[0]!(anthropicUsage(0, 0, 4100));
+    await clock.flush();
+    expect(net.pending.length).toBe(3);
+    const full = estimateCost(ANTHROPIC, cached("b")).inputTokens!;
+    expect(f.limiter.usage()[0]!.used).toBe(4100 + 2 * full);
+    const later = f(ANTHROPIC, post(cached("z")));
+    await clock.flush();
+    expect(net.pending.length).toBe(4); // went at once
+    for (const r of net.pending.slice(1)) r(anthropicUsage(0, 0, 4100));
+    await Promise.all([...calls, later].map(async (c) => (await c).text()));
+  });
+
+  it("a writer that fails hands the write to the next request; an aborted waiter holds nothing", async () => {
+    const clock = new ManualClock();
+    const net = network();
+    const f = rateLimitedFetch({
+      clock,
+      retry: false,
+      limiter: { itpm: 1_000_000 },
+      fetch: net.fetch,
+    });
+    const ac = new AbortController();
+    const first = f(ANTHROPIC, post(cached("a")));
+    const aborted = f(ANTHROPIC, { ...post(cached("b")), signal: ac.signal });
+    const third = f(ANTHROPIC, post(cached("c")));
+    const fourth = f(ANTHROPIC, post(cached("d")));
+    await clock.flush();
+    ac.abort(new Error("gave up"));
+    await expect(aborted).rejects.toThrow("gave up");
+    net.pending[0]!(
+      Response.json({ type: "error", error: { type: "api_error" } }, {
+        status: 500,
+      }),
+    );
+    expect((await first).status).toBe(500);
+    await clock.flush();
+    expect(net.pending.length).toBe(2); // the next one writes, alone
+    net.pending[1]!(anthropicUsage(0, 4000));
+    await clock.flush();
+    expect(net.pending.length).toBe(3);
+    net.pending[2]!(anthropicUsage(4000, 0));
+    await Promise.all([third, fourth].map(async (c) => (await c).text()));
+    expect(net.bodies.length).toBe(3);
+  });
+
+  it("after the cache's lifetime a prefix is charged in full and written again; each read extends it", async () => {
+    const clock = new ManualClock();
+    const net = network();
+    const f = rateLimitedFetch({
+      clock,
+      limiter: { itpm: 1_000_000, marginMs: 0 },
+      fetch: net.fetch,
+    });
+    const go = async (q: string, read: boolean) => {
+      const call = f(ANTHROPIC, post(cached(q)));
+      await clock.flush();
+      const before = f.limiter.usage()[0]!.used;
+      net.pending.at(-1)!(
+        read ? anthropicUsage(4000, 0) : anthropicUsage(0, 4000),
+      );
+      await (await call).text();
+      return before;
+    };
+    // Earlier requests have left the 1-minute window: `used` is this one's reservation.
+    const full = estimateCost(ANTHROPIC, cached("q")).inputTokens!;
+    expect(await go("a", false)).toBe(full); // write at 0
+    await clock.advance(240_000);
+    expect(await go("b", true)).toBeLessThan(50); // read at 4 min: kept to 9 min
+    await clock.advance(240_000);
+    expect(await go("c", true)).toBeLessThan(50); // 8 min: still cached, kept to 13
+    await clock.advance(300_001); // past 13 min
+    expect(await go("d", false)).toBe(full); // written again
+    expect(f.stats.toJSON().cacheWriteTokens).toBe(8000);
+  });
+
+  it("a write larger than the input-token window takes the whole empty window instead of failing", async () => {
+    const clock = new ManualClock();
+    const net = network();
+    const f = rateLimitedFetch({
+      clock,
+      limiter: { itpm: 3000, marginMs: 0 },
+      fetch: net.fetch,
+    });
+    const first = f(ANTHROPIC, post(cached("a")));
+    const second = f(ANTHROPIC, post(cached("b")));
+    await clock.flush();
+    expect(f.limiter.usage()[0]!.used).toBe(3000);
+    net.pending[0]!(anthropicUsage(0, 2900, 40));
+    await (await first).text();
+    await clock.flush();
+    expect(net.pending.length).toBe(2); // a read of ~10 tokens fits at once
+    net.pending[1]!(anthropicUsage(2900, 0, 10));
+    await (await second).text();
+    // Not cached: a request over the window still fails as before.
+    const g = rateLimitedFetch({
+      clock,
+      limiter: { itpm: 3000 },
+      promptCache: false,
+      fetch: net.fetch,
+    });
+    await expect(g(ANTHROPIC, post(cached("c")))).rejects.toThrow(
+      /can never fit/,
+    );
+  });
+
+  it("promptCache: false sends every request at once, charged in full; a bad value is named", async () => {
+    const clock = new ManualClock();
+    const net = network();
+    const f = rateLimitedFetch({
+      clock,
+      promptCache: false,
+      limiter: { itpm: 1_000_000 },
+      fetch: net.fetch,
+    });
+    const calls = ["a", "b", "c"].map((q) => f(ANTHROPIC, post(cached(q))));
+    await clock.flush();
+    expect(net.pending.length).toBe(3);
+    for (const r of net.pending) r(anthropicUsage(0, 4000));
+    await Promise.all(calls.map(async (c) => (await c).text()));
+    expect(() => rateLimitedFetch({ promptCache: "yes" as unknown as boolean }))
+      .toThrow(/'promptCache' must be a boolean: received "yes"/);
+  });
+});
+
 describe("mod.ts opens with an index of every export", () => {
   it("names each export in the module doc", async () => {
     const { readFileSync } = await import("node:fs");

@@ -109,6 +109,23 @@ export interface SimulatorOptions {
   /** Round token `remaining` headers to the nearest thousand, as Anthropic does. Default false. */
   roundTokenRemaining?: boolean;
   /**
+   * Prompt caching as the providers document it (on by default; `false`
+   * turns it off). Anthropic: the prefix up to the last `cache_control`
+   * breakpoint (tools, then system, then messages) is written by a request
+   * and read by later ones for 5 minutes after its last use (1 hour with
+   * `"ttl": "1h"`); it is usable once the response that wrote it has begun
+   * (requests arriving before that write it too); a prefix shorter than
+   * `minTokens` is silently not cached; input-token windows count uncached
+   * input and cache writes, not reads; usage reports
+   * `cache_creation_input_tokens` and `cache_read_input_tokens`. A cache
+   * write larger than a whole window is let into an empty window (it fills
+   * it). OpenAI (chat, Responses): prompts of at least 1,024 tokens cache
+   * everything before the last message automatically;
+   * `cached_tokens` in 128-token steps; cached tokens still count toward
+   * the limits.
+   */
+  promptCache?: false | { minTokens?: number };
+  /**
    * Scripted faults for particular logical requests, keyed by client request
    * id (see {@linkcode SimStats.perClient}): the first `times` attempts
    * (default every attempt) wait `delayMs` and/or fail with `status` (429,
@@ -158,8 +175,20 @@ export interface SimStats {
   >;
   /** Simulator clock (`performance.now()`) of the first and last accepted request; -1 before any. */
   acceptedAt: { first: number; last: number };
-  /** True token totals of completed responses (streams included). */
+  /**
+   * True token totals of completed responses (streams included): input as
+   * the provider counts it toward its limits (Anthropic: without cache reads).
+   */
   usage: { inputTokens: number; outputTokens: number };
+  /**
+   * Prompt cache writes and reads (requests admitted), in all and per
+   * prefix (a short id of the model and the prefix), with the prefix's tokens.
+   */
+  cache: {
+    writes: number;
+    reads: number;
+    prefixes: Record<string, { writes: number; reads: number; tokens: number }>;
+  };
   /**
    * Per logical client request (header `x-client-request-id`, or Anthropic
    * `metadata.user_id`, or OpenAI `user`): attempts, and completed successes.
@@ -474,11 +503,16 @@ type SimSettings =
   & Required<
     Omit<
       SimulatorOptions,
-      "apiKey" | "quotaAfter" | "perClientFaults" | "port" | "host"
+      | "apiKey"
+      | "quotaAfter"
+      | "perClientFaults"
+      | "port"
+      | "host"
+      | "promptCache"
     >
   >
   & Pick<SimulatorOptions, "apiKey" | "quotaAfter" | "perClientFaults">
-  & { windowMs: number };
+  & { windowMs: number; promptCache: false | { minTokens: number } };
 
 /** Checks the options of {@linkcode startSimulator}; throws naming the bad one. */
 function checkSimOptions(options: SimulatorOptions): SimSettings {
@@ -525,9 +559,24 @@ function checkSimOptions(options: SimulatorOptions): SimSettings {
     seed: options.seed ?? 1,
     retryAfterMs: options.retryAfterMs ?? false,
     roundTokenRemaining: options.roundTokenRemaining ?? false,
+    promptCache: checkPromptCache(options.promptCache),
     perClientFaults: options.perClientFaults,
     windowMs,
   };
+}
+
+/** The `promptCache` option, checked. */
+function checkPromptCache(
+  option: SimulatorOptions["promptCache"],
+): false | { minTokens: number } {
+  if (option === false) return false;
+  const minTokens = option?.minTokens ?? 1024;
+  if (!(minTokens >= 0 && Number.isFinite(minTokens))) {
+    throw new RangeError(
+      `startSimulator 'promptCache.minTokens' must be a number ≥ 0: received ${minTokens}`,
+    );
+  }
+  return { minTokens };
 }
 
 /** The counters of a fresh simulator. */
@@ -549,6 +598,7 @@ function newStats(): SimStats {
     maxInWindow: { requests: 0, inputTokens: 0, outputTokens: 0, tokens: 0 },
     acceptedAt: { first: -1, last: -1 },
     usage: { inputTokens: 0, outputTokens: 0 },
+    cache: { writes: 0, reads: 0, prefixes: {} },
     perClient: {},
     completed: [],
     log: [],
@@ -574,8 +624,160 @@ interface Exchange {
   delay: number;
   /** Whether this stream breaks halfway: with an error event, or cut. */
   breaks: "error" | "cut" | undefined;
+  /** Its prompt-cache lookup, if its prompt has a cacheable prefix. */
+  cache: CacheLookup | undefined;
+  /** Input tokens read from and written to the prompt cache. */
+  cacheRead: number;
+  cacheWrite: number;
+  /** The response begins: a prefix it writes is usable from now. */
+  begin(): void;
   /** Counts the exchange as completed (usage, per client). */
   done(): void;
+}
+
+/** What the prompt cache holds for a request's prefix, and what this request does with it. */
+interface CacheLookup {
+  key: string;
+  /** The prefix's tokens (OpenAI: what it reports cached, in 128-token steps). */
+  tokens: number;
+  ttlMs: number;
+  style: "anthropic" | "openai";
+  role: "write" | "read";
+}
+
+/** A prefix found in a request, before the cache is asked about it. */
+interface FoundPrefix {
+  text: string;
+  tokens: number;
+  ttlMs: number;
+}
+
+/** Anthropic: every block up to the last `cache_control`, tools first, then system, then messages. */
+function anthropicPrefix(
+  body: Record<string, unknown>,
+): FoundPrefix | undefined {
+  const blocks: { where: string; block: Record<string, unknown> }[] = [];
+  const add = (where: string, content: unknown): void => {
+    if (typeof content === "string") {
+      blocks.push({ where, block: { type: "text", text: content } });
+    } else if (Array.isArray(content)) {
+      for (const b of content) blocks.push({ where, block: b ?? {} });
+    }
+  };
+  add("tools", body.tools);
+  add("system", body.system);
+  const messages = Array.isArray(body.messages) ? body.messages : [];
+  messages.forEach((m, i) =>
+    add(`message ${i} ${m?.role}`, (m as { content?: unknown })?.content)
+  );
+  let last = blocks.length - 1;
+  while (last >= 0 && !blocks[last]!.block.cache_control) last--;
+  if (last < 0) return undefined;
+  const prefix = blocks.slice(0, last + 1);
+  const of = (where: (w: string) => boolean) =>
+    prefix.filter((b) => where(b.where)).map((b) => b.block);
+  const tools = of((w) => w === "tools");
+  let tokens = 1 + (tools.length ? countTokens(JSON.stringify(tools)) : 0) +
+    countTokens(contentText(of((w) => w === "system")));
+  for (const where of new Set(prefix.map((b) => b.where))) {
+    if (!where.startsWith("message")) continue;
+    tokens += 3 + countTokens(contentText(of((w) => w === where)));
+  }
+  const mark = blocks[last]!.block.cache_control as { ttl?: unknown };
+  return {
+    text: JSON.stringify(prefix),
+    tokens,
+    ttlMs: mark?.ttl === "1h" ? 3_600_000 : 300_000,
+  };
+}
+
+/** OpenAI: everything before the last message (or input item) of a long enough prompt. */
+function openaiPrefix(
+  body: Record<string, unknown>,
+  kind: Kind,
+): FoundPrefix | undefined {
+  const items = kind === "responses" ? body.input : body.messages;
+  if (!Array.isArray(items) || items.length < 2) return undefined;
+  const before = items.slice(0, -1) as {
+    content?: unknown;
+    output?: unknown;
+  }[];
+  let tokens = 1 + countTokens(contentText(body.instructions));
+  for (const m of before) {
+    tokens += 3 + countTokens(contentText(m?.content ?? m?.output));
+  }
+  return {
+    text: JSON.stringify([body.instructions ?? null, before]),
+    tokens,
+    ttlMs: 300_000,
+  };
+}
+
+/** Prompt caching as Anthropic and OpenAI document it; see {@linkcode SimulatorOptions.promptCache}. */
+class SimCache {
+  #entries = new Map<string, { usableAt: number; expiresAt: number }>();
+  #minTokens: number;
+
+  constructor(minTokens: number) {
+    this.#minTokens = minTokens;
+  }
+
+  /** Whether a request would write or read its prefix, arriving `now`. */
+  lookup(x: Exchange, now: number): CacheLookup | undefined {
+    const style = x.kind === "messages"
+      ? "anthropic"
+      : x.kind === "chat/completions" || x.kind === "responses"
+      ? "openai"
+      : undefined;
+    if (!style) return undefined;
+    const found = style === "anthropic"
+      ? anthropicPrefix(x.body)
+      : openaiPrefix(x.body, x.kind);
+    if (!found) return undefined;
+    let tokens = Math.min(found.tokens, x.input - 1);
+    if (tokens < (style === "openai" ? 1024 : this.#minTokens)) {
+      return undefined;
+    }
+    if (style === "openai") tokens = Math.floor(tokens / 128) * 128;
+    const key = `${hash(`${x.model}\n${found.text}`).toString(36)}.${
+      found.text.length.toString(36)
+    }`;
+    const e = this.#entries.get(key);
+    const read = e !== undefined && e.usableAt <= now && now < e.expiresAt;
+    return {
+      key,
+      tokens,
+      ttlMs: found.ttlMs,
+      style,
+      role: read ? "read" : "write",
+    };
+  }
+
+  /** The request was admitted: count it; a read keeps the prefix for another lifetime. */
+  commit(c: CacheLookup, now: number, stats: SimStats["cache"]): void {
+    const per = stats.prefixes[c.key] ??= { writes: 0, reads: 0, tokens: 0 };
+    per.tokens = c.tokens;
+    const e = this.#entries.get(c.key);
+    if (c.role === "read") {
+      stats.reads++;
+      per.reads++;
+      e!.expiresAt = Math.max(e!.expiresAt, now + c.ttlMs);
+      return;
+    }
+    stats.writes++;
+    per.writes++;
+    if (!e || e.expiresAt <= now) {
+      this.#entries.set(c.key, { usableAt: Infinity, expiresAt: Infinity });
+    }
+  }
+
+  /** The response that wrote a prefix has begun: others read it from now. */
+  begun(c: CacheLookup, now: number): void {
+    const e = this.#entries.get(c.key);
+    if (!e || e.usableAt <= now) return;
+    e.usableAt = now;
+    e.expiresAt = now + c.ttlMs;
+  }
 }
 
 /** The simulator's state and request handling: one route table, one pipeline. */
@@ -585,6 +787,7 @@ class SimServer {
   #random: () => number;
   /** The windows of each model in `modelLimits`, and of all others (""). */
   #meterSets = new Map<string, Partial<Record<Dim, Meter>>>();
+  #cache: SimCache | undefined;
   #seq = 0;
 
   constructor(settings: SimSettings) {
@@ -615,6 +818,9 @@ class SimServer {
       }
       this.#meterSets.set(model as string, meters);
     }
+    this.#cache = s.promptCache
+      ? new SimCache(s.promptCache.minTokens)
+      : undefined;
     this.stats = newStats();
   }
 
@@ -664,9 +870,16 @@ class SimServer {
     const x = this.#exchange(id, kind, body, res, reply.meters, input, client);
     if (await this.#faulted(req, reply, x)) return;
     if (this.#overQuota(reply)) return;
+    x.cache = this.#cache?.lookup(x, arrived);
     if (!this.#admit(x, arrived, reply)) return;
+    if (x.cache) {
+      this.#cache!.commit(x.cache, arrived, this.stats.cache);
+      if (x.cache.role === "read") x.cacheRead = x.cache.tokens;
+      else if (x.cache.style === "anthropic") x.cacheWrite = x.cache.tokens;
+    }
     if (body.stream === true) return streamReply(this, x, route);
     if (x.delay) await sleep(x.delay);
+    x.begin();
     x.done();
     return reply.json(200, route.reply(x));
   }
@@ -767,6 +980,7 @@ class SimServer {
     );
     const latency = this.#s.latency;
     const stats = this.stats;
+    const cache = this.#cache;
     return {
       id,
       kind,
@@ -782,9 +996,21 @@ class SimServer {
       delay: (latency.baseMs ?? 0) +
         (latency.perOutputTokenMs ?? 0) * outTokens,
       breaks: undefined,
+      cache: undefined,
+      cacheRead: 0,
+      cacheWrite: 0,
+      begin() {
+        if (this.cache?.role === "write") {
+          cache?.begun(this.cache, performance.now());
+        }
+      },
       done() {
-        // Moderations report no usage; the others do, and it is counted.
-        if (kind !== "moderations") stats.usage.inputTokens += input;
+        // Moderations report no usage; the others do, and it is counted
+        // as the provider counts it (Anthropic: cache reads are not).
+        if (kind !== "moderations") {
+          stats.usage.inputTokens += input -
+            (this.cache?.style === "anthropic" ? this.cacheRead : 0);
+        }
         stats.usage.outputTokens += outTokens;
         if (client !== undefined) {
           stats.perClient[client]!.succeeded++;
@@ -858,16 +1084,25 @@ class SimServer {
     const outCharge = this.#s.outputCounting === "max_tokens"
       ? x.maxTokens
       : outTokens;
+    // Anthropic counts uncached input and cache writes, not reads.
+    const input = x.cache?.role === "read" && x.cache.style === "anthropic"
+      ? x.input - x.cache.tokens
+      : x.input;
     const cost: Record<Dim, number> = {
       requests: 1,
-      inputTokens: x.input,
+      inputTokens: input,
       outputTokens: outCharge,
-      tokens: x.input + outCharge,
+      tokens: input + outCharge,
     };
+    const writes = x.cache?.role === "write" && x.cache.style === "anthropic";
     let wait = 0;
     let refusedBy: Dim | undefined;
     for (const d of DIMS) {
-      const w = x.meters[d]?.waitFor(cost[d], now) ?? 0;
+      const m = x.meters[d];
+      // A cache write larger than the whole window is let into an empty one.
+      const w = m && writes && cost[d] > m.limit
+        ? m.resetIn(now)
+        : m?.waitFor(cost[d], now) ?? 0;
       if (w > wait) {
         wait = w;
         refusedBy = d;
@@ -1111,11 +1346,12 @@ function created(): number {
   return Math.floor(Date.now() / 1000);
 }
 
-function chatUsage(x: Exchange): Record<string, number> {
+function chatUsage(x: Exchange): Record<string, unknown> {
   return {
     prompt_tokens: x.input,
     completion_tokens: x.words.length,
     total_tokens: x.input + x.words.length,
+    prompt_tokens_details: { cached_tokens: x.cacheRead },
   };
 }
 
@@ -1139,10 +1375,10 @@ const ROUTES: Record<Kind, Route> = {
       stop_reason: x.stop,
       stop_sequence: null,
       usage: {
-        input_tokens: x.input,
+        input_tokens: x.input - x.cacheRead - x.cacheWrite,
         output_tokens: x.words.length,
-        cache_creation_input_tokens: 0,
-        cache_read_input_tokens: 0,
+        cache_creation_input_tokens: x.cacheWrite,
+        cache_read_input_tokens: x.cacheRead,
       },
     }),
     stream: messagesStream,
@@ -1197,7 +1433,7 @@ const ROUTES: Record<Kind, Route> = {
       }],
       usage: {
         input_tokens: x.input,
-        input_tokens_details: { cached_tokens: 0 },
+        input_tokens_details: { cached_tokens: x.cacheRead },
         output_tokens: x.words.length,
         output_tokens_details: { reasoning_tokens: 0 },
         total_tokens: x.input + x.words.length,
@@ -1298,10 +1534,10 @@ function* messagesStream(
       stop_reason: null,
       stop_sequence: null,
       usage: {
-        input_tokens: x.input,
+        input_tokens: x.input - x.cacheRead - x.cacheWrite,
         output_tokens: 1,
-        cache_creation_input_tokens: 0,
-        cache_read_input_tokens: 0,
+        cache_creation_input_tokens: x.cacheWrite,
+        cache_read_input_tokens: x.cacheRead,
       },
     },
   });
@@ -1420,6 +1656,7 @@ async function streamReply(
     ...sim.rateHeaders(x.meters),
   });
   res.flushHeaders();
+  x.begin();
   sim.log(
     x.breaks === "error"
       ? "midStreamError"
