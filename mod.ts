@@ -7791,11 +7791,89 @@ async function readResponse(
   }
   admission.record(response.status, kind);
   if (text === undefined) return response;
-  return new Response(text, {
-    status: response.status,
-    statusText: response.statusText,
-    headers: response.headers,
-  });
+  return readAgain(response, text, json);
+}
+
+/**
+ * The response whose body was read for its usage, readable again by the
+ * caller: the same object, its reading methods answering from the text
+ * (`json()` hands over the object already parsed, once). A new `Response`
+ * would copy every header and build new body machinery — a fifth of the
+ * request path's CPU against a local server. Where the object cannot take
+ * own properties, a new `Response` it is.
+ */
+function readAgain(response: Response, text: string, json: unknown): Response {
+  let used = false;
+  let parsed = json;
+  let stream: ReadableStream<Uint8Array> | null | undefined;
+  const take = <T>(read: () => T): Promise<T> => {
+    if (used) {
+      return Promise.reject(new TypeError("Body has already been used"));
+    }
+    used = true;
+    try {
+      return Promise.resolve(read());
+    } catch (error) {
+      return Promise.reject(error);
+    }
+  };
+  const bytes = (): Uint8Array<ArrayBuffer> => new TextEncoder().encode(text);
+  try {
+    Object.defineProperties(response, {
+      bodyUsed: { get: () => used },
+      body: {
+        get: () =>
+          stream ??= used ? null : new ReadableStream<Uint8Array>({
+            // Pulled only when read (high-water mark 0): then it is used.
+            pull(controller) {
+              used = true;
+              controller.enqueue(bytes());
+              controller.close();
+            },
+          }, { highWaterMark: 0 }),
+      },
+      text: { value: () => take(() => text) },
+      json: {
+        value: () =>
+          take(() => {
+            const out = parsed === undefined ? JSON.parse(text) : parsed;
+            parsed = undefined;
+            return out;
+          }),
+      },
+      arrayBuffer: { value: () => take(() => bytes().buffer) },
+      bytes: { value: () => take(bytes) },
+      blob: {
+        value: () =>
+          take(() =>
+            new Blob([text], {
+              type: response.headers.get("content-type") ?? "",
+            })
+          ),
+      },
+      formData: {
+        value: () =>
+          take(() =>
+            new Response(text, { headers: response.headers }).formData()
+          ),
+      },
+      clone: {
+        value: () =>
+          new Response(text, {
+            status: response.status,
+            statusText: response.statusText,
+            headers: response.headers,
+          }),
+      },
+    });
+    return response;
+  } catch {
+    return new Response(text, {
+      status: response.status,
+      statusText: response.statusText,
+      headers: response.headers,
+    });
+  }
 }
 
 /** The prompt-cache figures in a body, read by its provider's description (or the first that reads them). */

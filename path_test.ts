@@ -376,6 +376,40 @@ describe("request path: response reading", () => {
     });
   });
 
+  it("the JSON body read for its usage reads again as a Response would: once, by any method, clone and stream included", async () => {
+    const f = rateLimitedFetch({
+      clock: new ManualClock(),
+      fetch: () =>
+        Promise.resolve(
+          Response.json({ usage: { input_tokens: 4, output_tokens: 2 } }, {
+            status: 201,
+            headers: { "request-id": "r1" },
+          }),
+        ),
+    });
+    const text = JSON.stringify({ usage: { input_tokens: 4, output_tokens: 2 } });
+    const a = await f(ANTHROPIC, post(ask()));
+    expect([a.status, a.headers.get("request-id"), a.bodyUsed]).toEqual([201, "r1", false]);
+    const copy = a.clone();
+    expect(await a.json()).toEqual(JSON.parse(text));
+    expect(a.bodyUsed).toBe(true);
+    await expect(a.text()).rejects.toThrow(TypeError);
+    expect(await copy.text()).toBe(text);
+    const b = await f(ANTHROPIC, post(ask()));
+    expect(new TextDecoder().decode(await b.arrayBuffer())).toBe(text);
+    const c = await f(ANTHROPIC, post(ask()));
+    expect(await new Response(c.body).text()).toBe(text);
+    expect(c.bodyUsed).toBe(true);
+    await expect(c.json()).rejects.toThrow(TypeError);
+    const d = await f(ANTHROPIC, post(ask()));
+    expect(await (await d.blob()).text()).toBe(text);
+    // The official SDKs look at `body` (to watch it) before reading json().
+    const e = await f(ANTHROPIC, post(ask()));
+    expect(e.body).not.toBeNull();
+    expect(e.bodyUsed).toBe(false);
+    expect(await e.json()).toEqual(JSON.parse(text));
+  });
+
   it("an SSE stream holds its slot until it ends, then settles from its events", async () => {
     const clock = new ManualClock();
     let sent = 0;

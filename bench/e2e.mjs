@@ -442,6 +442,24 @@ async function limitsTable({ quick }) {
     await mapConcurrent(batch(300), (r) => client.messages.create(r), {
       concurrency: 64,
     });
+    // Every contender's path warmed alike, so client CPU compares the
+    // work each does, not which one ran first.
+    const sdk = new Anthropic({ apiKey: "k", baseURL: sim.url });
+    const limit = pLimit(16);
+    await Promise.all(
+      batch(300).map((r) => limit(() => sdk.messages.create(r))),
+    );
+    await Promise.all(
+      batch(300).map((r) =>
+        limit(async () =>
+          (await fetch(`${sim.url}/v1/messages`, {
+            method: "POST",
+            headers: { "content-type": "application/json", "x-api-key": "k" },
+            body: JSON.stringify(r),
+          })).text()
+        )
+      ),
+    );
     await sim.close();
   }
   for (const c of contenders) {
