@@ -76,6 +76,44 @@ const pct = (x: number): string => `${Math.round(x * 100)} %`;
 const num = (x: number): string => Math.round(x).toLocaleString("en-US");
 
 /**
+ * When an input-token limit bound the run: what prompt caching saved (its
+ * reads did not count toward the limit), or that it could save some.
+ *
+ * @param window The binding window's label.
+ * @param s The run's totals.
+ * @param lang The reader's language.
+ * @returns A sentence, or `""` when input tokens did not bind.
+ */
+export function cacheNote(
+  window: string | undefined,
+  s: { inputTokens: number; cacheReadTokens: number; cacheWriteTokens: number },
+  lang: Lang = "en",
+): string {
+  const key = window === undefined ? "" : parseLabel(window).key;
+  if (key !== "inputTokens" && key !== "tokens") return "";
+  const en = lang === "en";
+  if (s.cacheReadTokens > 0) {
+    const times = (s.inputTokens + s.cacheReadTokens) / s.inputTokens;
+    return en
+      ? `Prompt caching kept ${
+        num(s.cacheReadTokens)
+      } input tokens (cache reads) out of that limit: without it the input would have been ${
+        times.toFixed(1)
+      } × as much (${
+        num(s.cacheWriteTokens)
+      } tokens were written to the cache).`
+      : `提示缓存让 ${
+        num(s.cacheReadTokens)
+      } 个输入 token（缓存读取）不计入该限额：没有缓存，输入量会是现在的 ${
+        times.toFixed(1)
+      } 倍（写入缓存 ${num(s.cacheWriteTokens)} 个 token）。`;
+  }
+  return en
+    ? "Nothing was read from a prompt cache: if the prompts share a long prefix (a system prompt, a document), mark its end with cache_control — after the first request, reads of it do not count toward the input-token limit."
+    : "没有读到提示缓存：如果各提示有一段很长的共同前缀（系统提示、文档），用 cache_control 标出其结尾——第一个请求之后，读取缓存的部分不计入输入 token 限额。";
+}
+
+/**
  * Which limit bound a run. A window binds when, while work was waiting
  * (`queued > 0`), it sat at ≥ 95 % of its limit for at least half of that
  * time; the one that did so longest is named, with how high the others
@@ -355,7 +393,11 @@ rect{fill:#7fa6e6}pre{background:#f6f7f9;padding:10px;overflow:auto;font-size:12
     en ? "calls" : "次调用"
   } · ${fmtTime(s.elapsedMs)}</div>
 ${options.stopped ? `<p class="stopped">${esc(options.stopped)}</p>` : ""}
-<p class="verdict ${v.kind}" id="verdict">${esc(v.text)}</p>
+<p class="verdict ${v.kind}" id="verdict">${esc(v.text)}${
+    v.kind === "limit" && cacheNote(v.window, s, lang)
+      ? ` ${esc(cacheNote(v.window, s, lang))}`
+      : ""
+  }</p>
 <h2>${en ? "Each limit's use over time" : "各限额随时间的用量"}</h2>
 <div class="legend"><span><i class="sw" style="background:#2f6fd6"></i>${
     en ? "use of the window" : "窗口用量"

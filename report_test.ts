@@ -12,7 +12,7 @@ import {
   Stats,
   type TimelinePoint,
 } from "./mod.ts";
-import { renderReport, verdict } from "./report.ts";
+import { cacheNote, renderReport, verdict } from "./report.ts";
 import { main } from "./cli.ts";
 import { sim } from "./test/sims.ts";
 
@@ -117,6 +117,26 @@ describe("verdict", () => {
     expect(v.text).toMatch(
       /^No limit bound this run for long \(output tokens per minute peaked at 1 %\)/,
     );
+  });
+});
+
+describe("the verdict on prompt caching", () => {
+  it("input tokens bound: what cache reads kept out of the limit, or that marking a prefix could", () => {
+    const run = {
+      inputTokens: 2000,
+      cacheReadTokens: 18_000,
+      cacheWriteTokens: 600,
+    };
+    expect(cacheNote("inputTokens/60000", run)).toBe(
+      "Prompt caching kept 18,000 input tokens (cache reads) out of that limit: without it the input would have been 10.0 × as much (600 tokens were written to the cache).",
+    );
+    expect(cacheNote("claude: tokens/2000", run, "zh")).toMatch(
+      /提示缓存让 18,000 个输入 token.*10\.0 倍/,
+    );
+    expect(cacheNote("inputTokens/60000", { ...run, cacheReadTokens: 0 }))
+      .toMatch(/^Nothing was read from a prompt cache: .*cache_control/);
+    expect(cacheNote("requests/60000", run)).toBe("");
+    expect(cacheNote(undefined, run)).toBe("");
   });
 });
 
