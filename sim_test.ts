@@ -480,6 +480,97 @@ describe("simulator with the official SDKs", () => {
   });
 });
 
+describe("simulator prompt caching", () => {
+  const doc = Array.from({ length: 700 }, (_, i) => `para${i % 7}`).join(" ");
+  const marked = (q: string, ttl?: string) =>
+    ask(q, {
+      system: [{
+        type: "text",
+        text: doc,
+        cache_control: { type: "ephemeral", ...(ttl ? { ttl } : {}) },
+      }],
+    });
+
+  it("Anthropic: the first request writes the marked prefix, later ones read it; reads leave the input window, writes do not", async () => {
+    const s = await sim({ limits: { inputTokens: 3000, windowMs: 60_000 } });
+    const use = async (body: unknown) =>
+      (await (await post(s.url, "/v1/messages", body)).json()).usage;
+    const w = await use(marked("first"));
+    expect(w.cache_creation_input_tokens).toBeGreaterThan(1024);
+    expect(w.cache_read_input_tokens).toBe(0);
+    const r = await use(marked("second"));
+    expect(r.cache_read_input_tokens).toBe(w.cache_creation_input_tokens);
+    expect(r.cache_creation_input_tokens).toBe(0);
+    expect(r.input_tokens).toBeLessThan(20);
+    // 1,400 written + two small reads: still far inside 3,000.
+    for (let i = 0; i < 5; i++) await use(marked(`more ${i}`));
+    const st = s.stats();
+    expect(st.rateLimited.inputTokens).toBe(0);
+    expect(st.cache).toMatchObject({ writes: 1, reads: 6 });
+    expect(Object.values(st.cache.prefixes)).toEqual([
+      { writes: 1, reads: 6, tokens: w.cache_creation_input_tokens },
+    ]);
+    expect(st.maxInWindow.inputTokens).toBeLessThan(
+      w.cache_creation_input_tokens + 7 * 20,
+    );
+    // Another model, or a 1-hour lifetime on another text, is another prefix.
+    await use({ ...marked("x"), model: "other" });
+    expect(s.stats().cache.writes).toBe(2);
+  });
+
+  it("Anthropic: below minTokens nothing is cached; requests sent before the writer's answer begins write too", async () => {
+    const s = await sim({ promptCache: { minTokens: 5000 } });
+    const u =
+      (await (await post(s.url, "/v1/messages", marked("q"))).json()).usage;
+    expect([u.cache_creation_input_tokens, u.cache_read_input_tokens]).toEqual([
+      0,
+      0,
+    ]);
+    expect(s.stats().cache.writes).toBe(0);
+    const t = await sim({ latency: { baseMs: 200 } });
+    const both = await Promise.all(
+      ["a", "b"].map(async (q) =>
+        (await (await post(t.url, "/v1/messages", marked(q))).json()).usage
+      ),
+    );
+    expect(both.map((x) => x.cache_creation_input_tokens > 0)).toEqual([
+      true,
+      true,
+    ]);
+    expect(t.stats().cache.writes).toBe(2);
+  });
+
+  it("OpenAI: a long prompt's earlier messages are cached by themselves; cached_tokens in 128-token steps; they still count toward the limits", async () => {
+    const s = await sim({ limits: { tokens: 100_000, windowMs: 60_000 } });
+    const chat = (q: string) => ({
+      model: "gpt-sim",
+      max_tokens: 10,
+      messages: [
+        { role: "system", content: doc },
+        { role: "user", content: q },
+      ],
+    });
+    const use = async (q: string) =>
+      (await (await post(s.url, "/v1/chat/completions", chat(q))).json()).usage;
+    const first = await use("one");
+    expect(first.prompt_tokens_details.cached_tokens).toBe(0);
+    const second = await use("two");
+    expect(second.prompt_tokens_details.cached_tokens % 128).toBe(0);
+    expect(second.prompt_tokens_details.cached_tokens).toBeGreaterThanOrEqual(
+      1024,
+    );
+    expect(second.prompt_tokens).toBe(first.prompt_tokens);
+    expect(s.stats().usage.inputTokens).toBe(2 * first.prompt_tokens);
+    expect(s.stats().cache).toMatchObject({ writes: 1, reads: 1 });
+    // promptCache: false: never cached.
+    const off = await sim({ promptCache: false });
+    for (const q of ["a", "b"]) {
+      await post(off.url, "/v1/messages", marked(q));
+    }
+    expect(off.stats().cache).toMatchObject({ writes: 0, reads: 0 });
+  });
+});
+
 describe("simulator faults", () => {
   const faults = {
     error500: 0.1,
