@@ -139,6 +139,8 @@ interface RunOptions {
   windowMs: number;
   concurrency: number;
   retries: number;
+  /** How long one line may keep drawing rate-limit 429s, from its first (they use no retries). */
+  maxRateLimitedMs: number;
   stream: boolean;
   quiet: boolean;
   /** Also redo lines whose recorded result is errored. */
@@ -1222,6 +1224,9 @@ async function perform(
           ? `the server asked to wait ${
             fmtDuration(asked)
           }; not retried (longer than ${fmtDuration(MAX_RETRY_AFTER_MS)})`
+          : response.status === 429 && !err.quota
+          // Rate-limit 429s use no retries: only the line's budget ends them.
+          ? "still rate-limited when the line's time budget ran out (--max-rate-limited-ms)"
           : undefined,
         quota: err.quota,
       };
@@ -2024,6 +2029,7 @@ class BatchRun {
       concurrency: o.concurrency,
       retry: {
         retries: o.retries,
+        maxRateLimitedMs: o.maxRateLimitedMs,
         maxRetryAfterMs: MAX_RETRY_AFTER_MS,
         // Once stopping, nothing is retried: an attempt that fails then is
         // no result, and the line runs again next time.
@@ -2381,6 +2387,7 @@ export async function demo(
       marginMs: 100,
       concurrency: 8,
       retries: 5,
+      maxRateLimitedMs: 900_000,
       stream: false,
       quiet: o.quiet,
       report: join(dir, "report.html"),
@@ -2592,8 +2599,21 @@ const RUN_FLAGS: Flag[] = [
   {
     name: "retries",
     arg: "N",
-    help: ["retries per request (default 5)"],
+    help: [
+      "retries per request after errors (default 5); rate-limit",
+      "429s pace a line and use none",
+    ],
     set: (o, v, flag) => o.retries = num(flag, v, 0),
+  },
+  {
+    name: "max-rate-limited-ms",
+    arg: "N",
+    help: [
+      "how long one line may keep drawing rate-limit 429s, from",
+      "its first, before it is written as errored (default",
+      "900000: 15 minutes)",
+    ],
+    set: (o, v, flag) => o.maxRateLimitedMs = num(flag, v),
   },
   {
     name: "stream",
@@ -2875,6 +2895,7 @@ export async function main(argv: string[], io: {
       marginMs: o.marginMs,
       concurrency: o.concurrency ?? 8,
       retries: o.retries ?? 5,
+      maxRateLimitedMs: o.maxRateLimitedMs ?? 900_000,
       stream: o.stream ?? false,
       quiet: o.quiet ?? false,
       retryErrored: o.retryErrored ?? false,

@@ -783,6 +783,53 @@ describe("paceline run: journal, stalls and fatal stops", () => {
     expect(b.err).toMatch(/line 2: invalid JSON/);
   });
 
+  it("a silent relay's 429s pace lines, never write them off: --retries 1, no limits known, every line succeeds", async () => {
+    const s = await sim({
+      limits: { requests: 5, windowMs: 200 },
+      limitHeaders: false,
+    });
+    const lines = anthropicLines(30);
+    const { input, output } = batchFiles(lines.join("\n"));
+    const r = await runCli([
+      "run",
+      input,
+      "-o",
+      output,
+      "--base-url",
+      s.url,
+      "--concurrency",
+      "8",
+      "--retries",
+      "1",
+    ], NO_KEYS);
+    expect(r.code).toBe(0);
+    const rows = anthropicRows(output);
+    expect(rows.filter((x) => x.result.type !== "succeeded")).toEqual([]);
+    expect(s.stats().rateLimited.requests).toBeGreaterThan(0); // it was paced by 429s
+    // A line that can never get through still ends, by its time budget.
+    const t = await sim({
+      perClientFaults: { "req-0": { status: 429, retryAfter: "1" } },
+    });
+    const one = batchFiles(lines.slice(0, 2).join("\n"));
+    const b = await runCli([
+      "run",
+      one.input,
+      "-o",
+      one.output,
+      "--base-url",
+      t.url,
+      "--max-rate-limited-ms",
+      "1500",
+    ], NO_KEYS);
+    expect(b.code).toBe(1);
+    const [first, second] = anthropicRows(one.output);
+    expect(first!.result.type).toBe("errored");
+    expect(first!.result.error?.error.message).toMatch(
+      /^still rate-limited when the line.s time budget ran out \(--max-rate-limited-ms\): Scripted 429/,
+    );
+    expect(second!.result.type).toBe("succeeded");
+  });
+
   it("a cached prefix larger than --itpm: --dry-run splits writes and reads and its least time matches the run; the run has 0 × 429, one write", async () => {
     // ~10,800 tokens by the simulator's count, cached; each question a few.
     const rubric = Array.from({ length: 5400 }, (_, i) => `item${i % 10}`)

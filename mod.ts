@@ -3648,6 +3648,14 @@ export interface RetryOptions extends BackoffOptions {
   /** Give up when the next wait would end more than this many ms after the start. Default `Infinity`. */
   maxElapsedMs?: number;
   /**
+   * A rate-limit 429 (not a quota one) is a pace signal, not a failure:
+   * with this set, such 429s do not use up `retries`; instead a call gives
+   * up when the next wait would end more than this many ms after its first
+   * rate-limit 429. Default `Infinity`: 429s count as retries, like any
+   * failure. {@linkcode rateLimitedFetch} sets 15 minutes.
+   */
+  maxRateLimitedMs?: number;
+  /**
    * The longest server-told wait we honour, in ms. A server asking for more
    * — absurd asks included, such as `retry-after: 946080000` (30 years) or a
    * date decades ahead — fails at once, without another attempt, with a
@@ -3683,6 +3691,7 @@ const RETRY_OPTIONS = new Set([
   "jitter",
   "retries",
   "maxElapsedMs",
+  "maxRateLimitedMs",
   "maxRetryAfterMs",
   "shouldRetry",
   "onRetry",
@@ -3774,6 +3783,8 @@ async function retryChecked<T>(
 ): Promise<T> {
   const { signal, clock, random } = o;
   const start = clock.now();
+  let counted = 0; // failures that use up `retries`
+  let limitedSince: number | undefined; // the first rate-limit 429
   for (let attempt = 1;; attempt++) {
     if (signal?.aborted) throw signal.reason;
     let failure: Failure;
@@ -3811,7 +3822,11 @@ async function retryChecked<T>(
         failure.response,
       );
     };
-    if (attempt > o.retries) {
+    // A rate-limit 429 paces rather than fails when maxRateLimitedMs is set.
+    const paced = failure.status === 429 && !failure.quota &&
+      o.maxRateLimitedMs !== Infinity;
+    if (paced) limitedSince ??= clock.now();
+    else if (++counted > o.retries) {
       giveUp(`Gave up after ${attempt} attempt${attempt === 1 ? "" : "s"}`);
     }
     // Any parseable wait, absurd ones included: a server that says "not
@@ -3833,13 +3848,23 @@ async function retryChecked<T>(
       }
       delayMs = told;
     } else delayMs = backoff(attempt, o, random);
-    const elapsed = clock.now() - start;
-    if (elapsed + delayMs > o.maxElapsedMs) {
-      giveUp(
-        `Gave up after ${attempt} attempts: waiting ${
-          formatMs(delayMs)
-        } more would pass maxElapsedMs (${formatMs(o.maxElapsedMs)})`,
-      );
+    const now = clock.now();
+    const budgets = [[start, o.maxElapsedMs, "maxElapsedMs"]] as const;
+    for (
+      const [since, most, name] of paced
+        ? [
+          ...budgets,
+          [limitedSince!, o.maxRateLimitedMs, "maxRateLimitedMs"] as const,
+        ]
+        : budgets
+    ) {
+      if (now - since + delayMs > most) {
+        giveUp(
+          `Gave up after ${attempt} attempts: waiting ${
+            formatMs(delayMs)
+          } more would pass ${name} (${formatMs(most)})`,
+        );
+      }
     }
     await failure.response?.body?.cancel().catch(() => {});
     o.onRetry?.({
@@ -4008,6 +4033,7 @@ function formatMs(ms: number): string {
 interface CheckedRetryOptions extends Required<BackoffOptions> {
   retries: number;
   maxElapsedMs: number;
+  maxRateLimitedMs: number;
   maxRetryAfterMs: number;
   shouldRetry: RetryOptions["shouldRetry"];
   onRetry: RetryOptions["onRetry"];
@@ -4022,6 +4048,7 @@ function checkRetryOptions(options: RetryOptions): CheckedRetryOptions {
   const {
     retries = 5,
     maxElapsedMs = Infinity,
+    maxRateLimitedMs = Infinity,
     maxRetryAfterMs = 120_000,
     shouldRetry,
     onRetry,
@@ -4036,11 +4063,18 @@ function checkRetryOptions(options: RetryOptions): CheckedRetryOptions {
       `retry 'retries' must be an integer >= 0 or Infinity: received ${retries}`,
     );
   }
-  checkNumber(maxElapsedMs, "maxElapsedMs", "retry");
-  if (!(maxElapsedMs > 0)) {
-    throw new RangeError(
-      `retry 'maxElapsedMs' must be a number > 0 or Infinity: received ${maxElapsedMs}`,
-    );
+  for (
+    const [name, v] of [
+      ["maxElapsedMs", maxElapsedMs],
+      ["maxRateLimitedMs", maxRateLimitedMs],
+    ] as const
+  ) {
+    checkNumber(v, name, "retry");
+    if (!(v > 0)) {
+      throw new RangeError(
+        `retry '${name}' must be a number > 0 or Infinity: received ${v}`,
+      );
+    }
   }
   checkNumber(maxRetryAfterMs, "maxRetryAfterMs", "retry");
   if (!(maxRetryAfterMs >= 0)) {
@@ -4077,6 +4111,7 @@ function checkRetryOptions(options: RetryOptions): CheckedRetryOptions {
     ...backoffDefaults(options, "retry"),
     retries,
     maxElapsedMs,
+    maxRateLimitedMs,
     maxRetryAfterMs,
     shouldRetry,
     onRetry,
@@ -6674,7 +6709,12 @@ export interface RateLimitedFetchOptions {
   limiter?: Limiter | RateLimiterOptions;
   /** Most requests in flight at once (a streaming response counts until it ends). Default 16. */
   concurrency?: number;
-  /** Retry options, or `false` to send each request once. Default `{}` (see {@linkcode retry}). */
+  /**
+   * Retry options, or `false` to send each request once. Default `{}` (see
+   * {@linkcode retry}), with one difference: `maxRateLimitedMs` defaults to
+   * 15 minutes here, so rate-limit 429s pace a call instead of using up its
+   * `retries` (quota 429s still fail at once).
+   */
   retry?: Omit<RetryOptions, "signal" | "clock"> | false;
   /** Cost of a request; default {@linkcode estimateCost}. */
   estimate?: (url: string, body: unknown) => Cost;
@@ -6906,6 +6946,7 @@ function fetchSettings(options: RateLimitedFetchOptions): FetchSettings {
   const stats = options.stats ?? new Stats(clock);
   // Validated once here; each call only adds its signal.
   const retry = retryOptions === false ? undefined : checkRetryOptions({
+    maxRateLimitedMs: 15 * 60_000,
     ...retryOptions,
     clock,
     onRetry: (info) => {

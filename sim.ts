@@ -109,6 +109,12 @@ export interface SimulatorOptions {
   /** Round token `remaining` headers to the nearest thousand, as Anthropic does. Default false. */
   roundTokenRemaining?: boolean;
   /**
+   * Send rate-limit headers (`anthropic-ratelimit-*`, `x-ratelimit-*`).
+   * Default true; `false` stands in for a relay that passes none on: its
+   * limits show only as 429s with a whole-second `retry-after`.
+   */
+  limitHeaders?: boolean;
+  /**
    * Prompt caching as the providers document it (on by default; `false`
    * turns it off). Anthropic: the prefix up to the last `cache_control`
    * breakpoint (tools, then system, then messages) is written by a request
@@ -559,6 +565,7 @@ function checkSimOptions(options: SimulatorOptions): SimSettings {
     seed: options.seed ?? 1,
     retryAfterMs: options.retryAfterMs ?? false,
     roundTokenRemaining: options.roundTokenRemaining ?? false,
+    limitHeaders: options.limitHeaders ?? true,
     promptCache: checkPromptCache(options.promptCache),
     perClientFaults: options.perClientFaults,
     windowMs,
@@ -888,6 +895,7 @@ class SimServer {
   rateHeaders(meters: Partial<Record<Dim, Meter>>): Record<string, string> {
     const now = performance.now();
     const h: Record<string, string> = {};
+    if (!this.#s.limitHeaders) return h;
     const wall = Date.now();
     for (const [d, anthropic, openai] of HEADER_NAMES) {
       const m = meters[d];
@@ -1738,6 +1746,9 @@ Usage: node dist/sim.js [flags]      deno run -A sim.ts [flags]
   --fault-500 P, --fault-529 P, --fault-503 P, --fault-reset P,
   --fault-slow P, --fault-mid-stream P, --fault-truncate P   probabilities 0..1
   --quota-after N      after N accepted requests, answer the spend-limit 429
+  --no-limit-headers   send no rate-limit headers (a relay that passes none on)
+  --no-prompt-cache    cache nothing; --cache-min-tokens N  the shortest
+                       prefix Anthropic-style caching keeps (default 1024)
   --latency-ms N       base latency; --latency-per-token-ms N per output token
 `;
 
@@ -1808,6 +1819,15 @@ export function parseSimArgs(
         break;
       case "--output-counting":
         o.outputCounting = argv[++i] as "actual" | "max_tokens";
+        break;
+      case "--no-limit-headers":
+        o.limitHeaders = false;
+        break;
+      case "--no-prompt-cache":
+        o.promptCache = false;
+        break;
+      case "--cache-min-tokens":
+        o.promptCache = { minTokens: num(flag, argv[++i]) };
         break;
       case "--model-limit": {
         const [model, l] = parseModelLimit(argv[++i] ?? "", num);

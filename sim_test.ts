@@ -665,5 +665,28 @@ describe("simulator CLI flags", () => {
       /--rpm needs a number: received "fifty"/,
     );
     expect(() => parseSimArgs(["--nope"])).toThrow(/Unknown flag "--nope"/);
+    expect(
+      parseSimArgs(["--no-limit-headers", "--cache-min-tokens", "2048"]),
+    ).toMatchObject({ limitHeaders: false, promptCache: { minTokens: 2048 } });
+    expect(parseSimArgs(["--no-prompt-cache"])).toMatchObject({
+      promptCache: false,
+    });
+  });
+
+  it("a silent relay: no rate-limit headers, only 429s with a whole-second retry-after", async () => {
+    const s = await sim({
+      limits: { requests: 2, windowMs: 200 },
+      limitHeaders: false,
+    });
+    const answers = await Promise.all(
+      [1, 2, 3].map(() => post(s.url, "/v1/messages", ask("hi"))),
+    );
+    expect(answers.map((r) => r.status).sort()).toEqual([200, 200, 429]);
+    for (const r of answers) {
+      const names = [...r.headers.keys()];
+      expect(names.filter((n) => /ratelimit/.test(n))).toEqual([]);
+      if (r.status === 429) expect(r.headers.get("retry-after")).toBe("1");
+      await r.text();
+    }
   });
 });
