@@ -1122,7 +1122,10 @@ class SendGate {
         this.#exchanging.delete(s);
         throw e;
       }
-      return followBody(response, () => this.#exchanging.delete(s));
+      const done = (): void => void this.#exchanging.delete(s);
+      return response.headers.get("content-type")?.includes("event-stream")
+        ? followBody(response, done)
+        : afterRead(response, done);
     };
   }
 
@@ -1131,6 +1134,37 @@ class SendGate {
     for (const [s, ctl] of this.#running) {
       if (!this.#exchanging.has(s)) ctl.abort(new StopSending("stopping"));
     }
+  }
+}
+
+/**
+ * The same response object, calling `done` once a reading method (`text`,
+ * `json`, …) has settled: the library reads a whole body with one of
+ * them. Cheaper than {@linkcode followBody}'s new stream and `Response`,
+ * which a stream needs; used where the object takes own properties.
+ */
+function afterRead(response: Response, done: () => void): Response {
+  const methods = [
+    "text",
+    "json",
+    "arrayBuffer",
+    "bytes",
+    "blob",
+    "formData",
+  ] as const;
+  try {
+    for (const name of methods) {
+      const read =
+        (response as unknown as Record<string, () => Promise<unknown>>)[name];
+      if (typeof read !== "function") continue;
+      Object.defineProperty(response, name, {
+        value: () => read.call(response).finally(done),
+        configurable: true, // the library redefines them after reading
+      });
+    }
+    return response;
+  } catch {
+    return followBody(response, done);
   }
 }
 

@@ -550,7 +550,9 @@ describe("rateLimitedFetch end to end", () => {
     const good = anthropic({
       apiKey: "another-key",
       baseURL: s.url,
-      retry: { retries: 0 },
+      // A rate-limit 429 paces a call until maxRateLimitedMs: 1 s here, so
+      // the minute-long wait ends it at once with the 429.
+      retry: { retries: 0, maxRateLimitedMs: 1000 },
       learn: false,
     });
     await good.messages(request("1"));
@@ -1058,6 +1060,34 @@ describe("prompt caching end to end", () => {
     const js = f.stats.toJSON();
     expect(js.inputTokens).toBe(st.usage.inputTokens);
     expect(js.cacheWriteTokens + js.cacheReadTokens).toBe(0);
+  });
+
+  it("through the official SDK with our fetch: one write, the rest read", async () => {
+    const s = await sim({ latency: { baseMs: 100 } });
+    const f = rateLimitedFetch({ limiter: { itpm: 1_000_000 }, learn: false });
+    const client = new Anthropic({
+      apiKey: "k",
+      baseURL: s.url,
+      maxRetries: 0,
+      fetch: f,
+    });
+    const out = await Promise.all(
+      ["a", "b", "c", "d", "e"].map((q) =>
+        client.messages.create(
+          cachedAsk(
+            `Question ${q}`,
+          ) as Anthropic.MessageCreateParamsNonStreaming,
+        )
+      ),
+    );
+    expect(out.map((m) => m.usage.cache_read_input_tokens! > 0).sort())
+      .toEqual([false, true, true, true, true]);
+    expect(s.stats().cache).toMatchObject({ writes: 1, reads: 4 });
+    expect(f.stats.toJSON().cacheReadTokens).toBe(
+      4 *
+        out.find((m) => m.usage.cache_creation_input_tokens)!.usage
+          .cache_creation_input_tokens!,
+    );
   });
 
   it("streamed: the waiting requests go as soon as the writer's message_start arrives", async () => {

@@ -6264,9 +6264,12 @@ export const openaiProvider: Provider = {
     if (output !== undefined) out.outputTokens = output;
     return out;
   },
-  // Automatic prefix caching; cached tokens still count toward TPM (the
-  // prompt caching guide's FAQ: caching does not change rate limits), so
-  // they are counted here for the stats, never taken off an estimate.
+  // Automatic prefix caching (prompts of 1,024 tokens or more). Cached
+  // tokens still count toward TPM: the rate limiter runs before any cache
+  // lookup (developers.openai.com/api/docs/guides/prompt-caching describes
+  // no change to rate limits; community.openai.com/t/1138631 "Does prompt
+  // caching reduce TPM?" shows it does not). So they are counted for the
+  // stats only, never taken off an estimate.
   cacheUsage(body) {
     const u = usageField(body);
     if (!u) return undefined;
@@ -7835,6 +7838,12 @@ async function readResponse(
   return readAgain(response, text, json);
 }
 
+/** Property descriptors made configurable, so a later wrapper can redefine them too. */
+function redefinable(map: PropertyDescriptorMap): PropertyDescriptorMap {
+  for (const key of Object.keys(map)) map[key]!.configurable = true;
+  return map;
+}
+
 /**
  * The response whose body was read for its usage, readable again by the
  * caller: the same object, its reading methods answering from the text
@@ -7860,53 +7869,56 @@ function readAgain(response: Response, text: string, json: unknown): Response {
   };
   const bytes = (): Uint8Array<ArrayBuffer> => new TextEncoder().encode(text);
   try {
-    Object.defineProperties(response, {
-      bodyUsed: { get: () => used },
-      body: {
-        get: () =>
-          stream ??= used ? null : new ReadableStream<Uint8Array>({
-            // Pulled only when read (high-water mark 0): then it is used.
-            pull(controller) {
-              used = true;
-              controller.enqueue(bytes());
-              controller.close();
-            },
-          }, { highWaterMark: 0 }),
-      },
-      text: { value: () => take(() => text) },
-      json: {
-        value: () =>
-          take(() => {
-            const out = parsed === undefined ? JSON.parse(text) : parsed;
-            parsed = undefined;
-            return out;
-          }),
-      },
-      arrayBuffer: { value: () => take(() => bytes().buffer) },
-      bytes: { value: () => take(bytes) },
-      blob: {
-        value: () =>
-          take(() =>
-            new Blob([text], {
-              type: response.headers.get("content-type") ?? "",
-            })
-          ),
-      },
-      formData: {
-        value: () =>
-          take(() =>
-            new Response(text, { headers: response.headers }).formData()
-          ),
-      },
-      clone: {
-        value: () =>
-          new Response(text, {
-            status: response.status,
-            statusText: response.statusText,
-            headers: response.headers,
-          }),
-      },
-    });
+    Object.defineProperties(
+      response,
+      redefinable({
+        bodyUsed: { get: () => used },
+        body: {
+          get: () =>
+            stream ??= used ? null : new ReadableStream<Uint8Array>({
+              // Pulled only when read (high-water mark 0): then it is used.
+              pull(controller) {
+                used = true;
+                controller.enqueue(bytes());
+                controller.close();
+              },
+            }, { highWaterMark: 0 }),
+        },
+        text: { value: () => take(() => text) },
+        json: {
+          value: () =>
+            take(() => {
+              const out = parsed === undefined ? JSON.parse(text) : parsed;
+              parsed = undefined;
+              return out;
+            }),
+        },
+        arrayBuffer: { value: () => take(() => bytes().buffer) },
+        bytes: { value: () => take(bytes) },
+        blob: {
+          value: () =>
+            take(() =>
+              new Blob([text], {
+                type: response.headers.get("content-type") ?? "",
+              })
+            ),
+        },
+        formData: {
+          value: () =>
+            take(() =>
+              new Response(text, { headers: response.headers }).formData()
+            ),
+        },
+        clone: {
+          value: () =>
+            new Response(text, {
+              status: response.status,
+              statusText: response.statusText,
+              headers: response.headers,
+            }),
+        },
+      }),
+    );
     return response;
   } catch {
     return new Response(text, {

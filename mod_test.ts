@@ -1233,20 +1233,29 @@ describe("retry", () => {
     const limited = resp(429, { "retry-after": "10" });
     // Twelve 429s, two retries allowed: all waited out, then success.
     const many = scripted([...Array(12).fill(limited), resp(200, {}, "ok")]);
-    const ok = await runRetry(many.fn, { retries: 2, maxRateLimitedMs: 600_000 });
+    const ok = await runRetry(many.fn, {
+      retries: 2,
+      maxRateLimitedMs: 600_000,
+    });
     expect(many.calls()).toBe(13);
     expect(ok.sleeps).toEqual(Array(12).fill(10_000));
     expect(await (ok.result.value as Response).text()).toBe("ok");
     // A server that never lets it through: the budget ends it, saying so.
     const never = scripted([limited]);
-    const gave = await runRetry(never.fn, { retries: 2, maxRateLimitedMs: 60_000 });
+    const gave = await runRetry(never.fn, {
+      retries: 2,
+      maxRateLimitedMs: 60_000,
+    });
     expect(never.calls()).toBe(7); // at 0, 10, …, 60 s; a wait from 60 s would end past it
     expect((gave.result.error as Error).message).toMatch(
       /Gave up after 7 attempts: waiting 10 s more would pass maxRateLimitedMs \(60 s\); last failure: HTTP 429/,
     );
     // Other failures still use up retries, 429s in between or not.
     const mixed = scripted([resp(503), limited, resp(503), limited, resp(503)]);
-    const m = await runRetry(mixed.fn, { retries: 2, maxRateLimitedMs: 600_000 });
+    const m = await runRetry(mixed.fn, {
+      retries: 2,
+      maxRateLimitedMs: 600_000,
+    });
     expect(mixed.calls()).toBe(5);
     expect((m.result.error as RetryError).response?.status).toBe(503);
     // Without it (the default), 429s count like any failure.
@@ -1254,7 +1263,15 @@ describe("retry", () => {
     await runRetry(counted.fn, { retries: 2 });
     expect(counted.calls()).toBe(3);
     // A quota 429 is never retried.
-    const quota = scripted([resp(429, {}, JSON.stringify({ error: { type: "insufficient_quota", code: "insufficient_quota" } }))]);
+    const quota = scripted([
+      resp(
+        429,
+        {},
+        JSON.stringify({
+          error: { type: "insufficient_quota", code: "insufficient_quota" },
+        }),
+      ),
+    ]);
     const q = await runRetry(quota.fn, { maxRateLimitedMs: 600_000 });
     expect(quota.calls()).toBe(1);
     expect(q.result.error).toBeInstanceOf(QuotaError);

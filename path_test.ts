@@ -387,9 +387,15 @@ describe("request path: response reading", () => {
           }),
         ),
     });
-    const text = JSON.stringify({ usage: { input_tokens: 4, output_tokens: 2 } });
+    const text = JSON.stringify({
+      usage: { input_tokens: 4, output_tokens: 2 },
+    });
     const a = await f(ANTHROPIC, post(ask()));
-    expect([a.status, a.headers.get("request-id"), a.bodyUsed]).toEqual([201, "r1", false]);
+    expect([a.status, a.headers.get("request-id"), a.bodyUsed]).toEqual([
+      201,
+      "r1",
+      false,
+    ]);
     const copy = a.clone();
     expect(await a.json()).toEqual(JSON.parse(text));
     expect(a.bodyUsed).toBe(true);
