@@ -7,6 +7,8 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { setFlagsFromString } from "node:v8";
+import { runInNewContext } from "node:vm";
 import Anthropic from "@anthropic-ai/sdk";
 import pLimit from "p-limit";
 import PQueue from "p-queue";
@@ -16,6 +18,12 @@ import { inputTokensOf } from "../dist/sim.js";
 import { median, table } from "./lib.mjs";
 
 const simPath = fileURLToPath(new URL("../dist/sim.js", import.meta.url));
+
+/** A full collection now, so a contender's CPU time holds only its own garbage. */
+function collectGarbage() {
+  setFlagsFromString("--expose-gc");
+  runInNewContext("gc")();
+}
 const cliPath = fileURLToPath(new URL("../dist/cli.js", import.meta.url));
 
 async function startSimChild(limits, windowMs, extra = []) {
@@ -465,6 +473,7 @@ async function limitsTable({ quick }) {
   for (const c of contenders) {
     const sim = await startSimChild(limits, windowMs);
     try {
+      collectGarbage(); // no one pays for the garbage of the one before
       const cpu0 = process.cpuUsage();
       const t0 = performance.now();
       const ok = await c.run(sim.url);
