@@ -3101,7 +3101,9 @@ const ABSURD_MS = 86_400_000;
  * How long a server asked us to wait, in ms, or `undefined` if it did not say
  * so in a form we trust. Reads, in order:
  *
- * 1. `retry-after-ms` — milliseconds, decimals allowed (OpenAI, Anthropic);
+ * 1. `retry-after-ms` — milliseconds, decimals allowed (OpenAI, Anthropic),
+ *    or Azure's `x-ms-retry-after-ms` (the same, as Azure OpenAI sends it
+ *    beside `retry-after`);
  * 2. `retry-after` — delay-seconds (decimals allowed) or an HTTP-date in any
  *    of RFC 9110's three forms (IMF-fixdate, RFC 850, asctime);
  * 3. with `resetHeaders` (default): the providers' reset headers. Anthropic
@@ -3148,7 +3150,7 @@ export function parseRetryAfter(
   if (!headers) return undefined;
   const { resetHeaders = true, maxMs = ABSURD_MS } = options;
   const get = headerGetter(headers);
-  const ms = get("retry-after-ms");
+  const ms = get("retry-after-ms") ?? get("x-ms-retry-after-ms");
   if (ms !== undefined) {
     const v = maxOfList(ms, (s) => parseDecimal(s));
     if (v !== undefined) return sane(v, maxMs);

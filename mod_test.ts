@@ -1048,6 +1048,11 @@ describe("parseRetryAfter", () => {
       "retry-after": "3",
     }, 3000],
     ["negative retry-after-ms", { "retry-after-ms": "-5" }, undefined],
+    [
+      "Azure x-ms-retry-after-ms wins over whole seconds",
+      { "x-ms-retry-after-ms": "1234", "retry-after": "2" },
+      1234,
+    ],
     ["duplicated values", { "retry-after": "5, 10" }, 10_000],
     ["array values", { "retry-after": ["5", "10"] }, 10_000],
     ["duplicated dates", {
