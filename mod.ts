@@ -7492,11 +7492,17 @@ class CacheTicket {
     entry.open();
   }
 
-  /** The attempt is over: a writer whose response never said gives its turn to the next request. */
-  end(): void {
+  /**
+   * The attempt is over. A writer that failed gives its turn to the next
+   * request; one that succeeded without saying anything of the cache (a
+   * relay that drops the usage) leaves the prefix uncached, so nobody
+   * waits on it again.
+   */
+  end(succeeded: boolean): void {
     const entry = this.#entry;
     if (this.role !== "write" || entry.state !== "writing") return;
-    this.#cache.forget(this.#prefix.key, entry);
+    if (succeeded) entry.state = "uncacheable";
+    else this.#cache.forget(this.#prefix.key, entry);
     entry.open();
   }
 }
@@ -7567,7 +7573,7 @@ class Admission {
     } catch (error) {
       this.settle(zeroOf(this.#cost), false);
       this.release();
-      this.#ticket?.end();
+      this.#ticket?.end(false);
       throw signal?.aborted ? signal.reason : error;
     }
   }
@@ -7611,9 +7617,9 @@ class Admission {
     this.#path.slots.release();
   }
 
-  /** Records the attempt in the stats; it is over (a cache writer that never said gives way). */
+  /** Records the attempt in the stats; it is over (see {@linkcode CacheTicket.end}). */
   record(status: number, kind?: string): void {
-    this.#ticket?.end();
+    this.#ticket?.end(status >= 200 && status < 300);
     const now = this.#path.clock.now();
     this.#path.stats.attempt(
       this.sentAt - this.queuedAt,

@@ -646,6 +646,27 @@ describe("request path: prompt cache", () => {
     await Promise.all([...calls, later].map(async (c) => (await c).text()));
   });
 
+  it("a writer answered without any usage (a relay that drops it) frees the others at once; nothing waits on that prefix again", async () => {
+    const clock = new ManualClock();
+    const net = network();
+    const f = rateLimitedFetch({
+      clock,
+      limiter: { itpm: 1_000_000 },
+      fetch: net.fetch,
+    });
+    const calls = ["a", "b", "c"].map((q) => f(ANTHROPIC, post(cached(q))));
+    await clock.flush();
+    expect(net.pending.length).toBe(1);
+    net.pending[0]!(Response.json({ content: [] }));
+    await clock.flush();
+    expect(net.pending.length).toBe(3); // not one writer after another
+    const later = f(ANTHROPIC, post(cached("d")));
+    await clock.flush();
+    expect(net.pending.length).toBe(4);
+    for (const r of net.pending.slice(1)) r(Response.json({ content: [] }));
+    await Promise.all([...calls, later].map(async (c) => (await c).text()));
+  });
+
   it("a writer that fails hands the write to the next request; an aborted waiter holds nothing", async () => {
     const clock = new ManualClock();
     const net = network();
