@@ -7451,11 +7451,7 @@ class CacheTicket {
    * count); a write larger than an input-token window takes that whole
    * window (everything after it reads).
    */
-  charge(
-    cost: Cost,
-    readsCount: boolean,
-    limits: () => WindowUsage[],
-  ): Cost {
+  charge(cost: Cost, readsCount: boolean, limiters: Limiter[]): Cost {
     const input = cost.inputTokens;
     if (input === undefined || this.role === "plain") return cost;
     let charged = input;
@@ -7463,7 +7459,7 @@ class CacheTicket {
       charged = Math.max(1, input - this.#prefix.tokens);
     }
     if (this.role === "write") {
-      for (const w of limits()) {
+      for (const w of limiters.flatMap((l) => l.usage())) {
         if (w.key === "inputTokens") charged = Math.min(charged, w.limit);
         if (w.key === "tokens") {
           charged = Math.min(charged, w.limit - (cost.outputTokens ?? 0));
@@ -7714,9 +7710,10 @@ class RequestPath {
     let ticket: CacheTicket | undefined;
     if (prefix) {
       ticket = await this.cache.claim(prefix, signal);
-      cost = ticket.charge(cost, this.#s.cacheReadCounts, () => [
-        ...lane.limiter.usage(),
-        ...(lane === this.lanes.key ? [] : this.lanes.key.limiter.usage()),
+      const key = this.lanes.key.limiter;
+      cost = ticket.charge(cost, this.#s.cacheReadCounts, [
+        lane.limiter,
+        ...(lane.limiter === key ? [] : [key]),
       ]);
     }
     const admission = new Admission(this, lane, cost, ticket);

@@ -517,6 +517,14 @@ describe("request path: prompt cache", () => {
     };
   }
 
+  /** rateLimitedFetch on a ManualClock and a network the test answers. */
+  function cachedFetch(options: Parameters<typeof rateLimitedFetch>[0]) {
+    const clock = new ManualClock();
+    const net = network();
+    const f = rateLimitedFetch({ ...options, clock, fetch: net.fetch });
+    return { clock, net, f };
+  }
+
   it("the prefix is everything up to the last breakpoint: tools, then system, then messages", () => {
     const prefixOf = anthropicProvider.endpoints[0]!.cachePrefix!;
     const a = prefixOf(cached("first question"))!;
@@ -593,12 +601,8 @@ describe("request path: prompt cache", () => {
   });
 
   it("one request writes a new prefix; the others wait for it, then are charged their uncached rest", async () => {
-    const clock = new ManualClock();
-    const net = network();
-    const f = rateLimitedFetch({
-      clock,
+    const { clock, net, f } = cachedFetch({
       limiter: { itpm: 100_000 },
-      fetch: net.fetch,
     });
     const calls = ["a", "b", "c", "d"].map((q) =>
       f(ANTHROPIC, post(cached(q)))
@@ -624,12 +628,8 @@ describe("request path: prompt cache", () => {
   });
 
   it("a prefix the response shows was not cached frees the others at once, charged in full, and nothing waits for it again", async () => {
-    const clock = new ManualClock();
-    const net = network();
-    const f = rateLimitedFetch({
-      clock,
+    const { clock, net, f } = cachedFetch({
       limiter: { itpm: 1_000_000 },
-      fetch: net.fetch,
     });
     const calls = ["a", "b", "c"].map((q) => f(ANTHROPIC, post(cached(q))));
     await clock.flush();
@@ -647,12 +647,8 @@ describe("request path: prompt cache", () => {
   });
 
   it("a writer answered without any usage (a relay that drops it) frees the others at once; nothing waits on that prefix again", async () => {
-    const clock = new ManualClock();
-    const net = network();
-    const f = rateLimitedFetch({
-      clock,
+    const { clock, net, f } = cachedFetch({
       limiter: { itpm: 1_000_000 },
-      fetch: net.fetch,
     });
     const calls = ["a", "b", "c"].map((q) => f(ANTHROPIC, post(cached(q))));
     await clock.flush();
@@ -668,13 +664,9 @@ describe("request path: prompt cache", () => {
   });
 
   it("a writer that fails hands the write to the next request; an aborted waiter holds nothing", async () => {
-    const clock = new ManualClock();
-    const net = network();
-    const f = rateLimitedFetch({
-      clock,
+    const { clock, net, f } = cachedFetch({
       retry: false,
       limiter: { itpm: 1_000_000 },
-      fetch: net.fetch,
     });
     const ac = new AbortController();
     const first = f(ANTHROPIC, post(cached("a")));
@@ -701,12 +693,8 @@ describe("request path: prompt cache", () => {
   });
 
   it("after the cache's lifetime a prefix is charged in full and written again; each read extends it", async () => {
-    const clock = new ManualClock();
-    const net = network();
-    const f = rateLimitedFetch({
-      clock,
+    const { clock, net, f } = cachedFetch({
       limiter: { itpm: 1_000_000, marginMs: 0 },
-      fetch: net.fetch,
     });
     const go = async (q: string, read: boolean) => {
       const call = f(ANTHROPIC, post(cached(q)));
@@ -731,12 +719,8 @@ describe("request path: prompt cache", () => {
   });
 
   it("a write larger than the input-token window takes the whole empty window instead of failing", async () => {
-    const clock = new ManualClock();
-    const net = network();
-    const f = rateLimitedFetch({
-      clock,
+    const { clock, net, f } = cachedFetch({
       limiter: { itpm: 3000, marginMs: 0 },
-      fetch: net.fetch,
     });
     const first = f(ANTHROPIC, post(cached("a")));
     const second = f(ANTHROPIC, post(cached("b")));
@@ -761,13 +745,9 @@ describe("request path: prompt cache", () => {
   });
 
   it("promptCache: false sends every request at once, charged in full; a bad value is named", async () => {
-    const clock = new ManualClock();
-    const net = network();
-    const f = rateLimitedFetch({
-      clock,
+    const { clock, net, f } = cachedFetch({
       promptCache: false,
       limiter: { itpm: 1_000_000 },
-      fetch: net.fetch,
     });
     const calls = ["a", "b", "c"].map((q) => f(ANTHROPIC, post(cached(q))));
     await clock.flush();
