@@ -681,14 +681,18 @@ function anthropicPrefix(
   while (last >= 0 && !blocks[last]!.block.cache_control) last--;
   if (last < 0) return undefined;
   const prefix = blocks.slice(0, last + 1);
-  const of = (where: (w: string) => boolean) =>
-    prefix.filter((b) => where(b.where)).map((b) => b.block);
-  const tools = of((w) => w === "tools");
-  let tokens = 1 + (tools.length ? countTokens(JSON.stringify(tools)) : 0) +
-    countTokens(contentText(of((w) => w === "system")));
-  for (const where of new Set(prefix.map((b) => b.where))) {
-    if (!where.startsWith("message")) continue;
-    tokens += 3 + countTokens(contentText(of((w) => w === where)));
+  // The prefix's blocks by where they sit, counted as inputTokensOf counts.
+  const parts = new Map<string, Record<string, unknown>[]>();
+  for (const b of prefix) {
+    const list = parts.get(b.where);
+    if (list) list.push(b.block);
+    else parts.set(b.where, [b.block]);
+  }
+  let tokens = 1;
+  for (const [where, part] of parts) {
+    tokens += where === "tools"
+      ? countTokens(JSON.stringify(part))
+      : (where === "system" ? 0 : 3) + countTokens(contentText(part));
   }
   const mark = blocks[last]!.block.cache_control as { ttl?: unknown };
   return {
