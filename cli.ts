@@ -762,7 +762,7 @@ async function dryRun(
   if (!windows.length) {
     return `${
       head(all)
-    }\nno limits given: paceline finds them as it goes, from the server's response headers (and its 429s), so the run's length depends on them.\n`;
+    }\nno limits given: paceline finds them as it goes, so the run's length depends on them: from the server's response headers, or, from a server that sends none (a relay), from its 429s: one request at a time at first, more every 500 ms until the first 429, then evenly paced just under what the server accepted.\n`;
   }
   // Cache writes larger than the input window each take one of their own.
   const plan = (t: Record<string, number>) => {
@@ -1743,6 +1743,11 @@ function unitOf(ms: number): string {
   return `${+(ms / 1000).toFixed(3)}s`;
 }
 
+/** A rate: whole numbers from 10 up, else to 2 significant digits. */
+function fmtRate(n: number): string {
+  return n >= 10 ? fmtCount(n) : String(+n.toPrecision(2));
+}
+
 function fmtCount(n: number): string {
   const r = Math.round(n);
   if (r < 10_000) return String(r);
@@ -1775,6 +1780,12 @@ function progressLine(
         fmtCount(w.limit)
       } per ${unitOf(w.ms)}`
     )
+    : s.pace?.requests !== undefined
+    ? [
+      `pace ${fmtRate((s.pace.requests * minute) / 1000)} req/${
+        unitOf(minute)
+      } (found from 429s)`,
+    ]
     : [
       `${fmtCount(elapsed > 0 ? (s.requests / elapsed) * minute : 0)} req/${
         unitOf(minute)

@@ -783,13 +783,14 @@ describe("paceline run: journal, stalls and fatal stops", () => {
     expect(b.err).toMatch(/line 2: invalid JSON/);
   });
 
-  it("a silent relay's 429s pace lines, never write them off: --retries 1, no limits known, every line succeeds", async () => {
+  it("a silent relay: the pace is found from its 429s (≤ 8 of them), shown in the summary and the report; no line written off; a line that never gets through ends by its time budget", async () => {
     const s = await sim({
       limits: { requests: 5, windowMs: 200 },
       limitHeaders: false,
     });
-    const lines = anthropicLines(30);
+    const lines = anthropicLines(50);
     const { input, output } = batchFiles(lines.join("\n"));
+    const report = output.replace(/\.jsonl$/, ".html");
     const r = await runCli([
       "run",
       input,
@@ -801,11 +802,23 @@ describe("paceline run: journal, stalls and fatal stops", () => {
       "8",
       "--retries",
       "1",
+      "--report",
+      report,
     ], NO_KEYS);
     expect(r.code).toBe(0);
     const rows = anthropicRows(output);
     expect(rows.filter((x) => x.result.type !== "succeeded")).toEqual([]);
-    expect(s.stats().rateLimited.requests).toBeGreaterThan(0); // it was paced by 429s
+    const refused = s.stats().rateLimited.requests;
+    expect(refused).toBeGreaterThan(0); // it was paced by 429s
+    expect(refused).toBeLessThanOrEqual(8);
+    const found = /pace found +([\d.]+) requests\/s from 429s/.exec(r.err);
+    expect(found).not.toBeNull();
+    // 5 per 200 ms is 25 per second; evenly spaced, it holds below that.
+    expect(Number(found![1])).toBeGreaterThan(3);
+    expect(Number(found![1])).toBeLessThan(25);
+    const html = readFileSync(report, "utf8");
+    expect(html).toMatch(/<svg class="pace"/);
+    expect(html).toMatch(/paceline found the pace from its 429s/);
     // A line that can never get through still ends, by its time budget.
     const t = await sim({
       perClientFaults: { "req-0": { status: 429, retryAfter: "1" } },

@@ -49,7 +49,8 @@
  *    {@linkcode RateLimitedFetchOptions}, {@linkcode RateLimitedFetch},
  *    {@linkcode SseEvent}. The request path's parts, in the order a request
  *    meets them: `normalizeRequest`, `ModelLanes`, `PromptCache`,
- *    `Admission`, `learnLimits`, `readResponse`, wired by `RequestPath`.
+ *    `Admission` (with `PaceFinder` while no limits are known),
+ *    `learnLimits`, `readResponse`, wired by `RequestPath`.
  * 10. **Clients**: {@linkcode anthropic}, {@linkcode openai},
  *    {@linkcode assembleStream}; {@linkcode ClientOptions},
  *    {@linkcode AnthropicOptions}, {@linkcode AnthropicClient},
@@ -4976,6 +4977,13 @@ export interface StatsSnapshot {
   cacheReadTokens: number;
   /** Input tokens written to the prompt cache (also in `inputTokens`, as they count toward limits). */
   cacheWriteTokens: number;
+  /**
+   * The pace found from 429s while no limits were known (see
+   * {@linkcode RateLimitedFetchOptions.findPace}), as amounts per second
+   * by key (`requests`, `inputTokens`); absent before the first 429, and
+   * when limits were given or learned from headers.
+   */
+  pace?: Record<string, number>;
   /** `succeeded / (succeeded + failed)`, or 1 before any call ends. */
   successRate: number;
   /** Wall time from the first call to the last response, in ms. */
@@ -5038,6 +5046,8 @@ export interface TimelinePoint {
   windows: Record<string, { used: number; limit: number }>;
   /** Events noted in this stretch (see {@linkcode Stats.note}), e.g. a fatal stop. */
   notes?: string[];
+  /** The pace found from 429s when it changed in this stretch: the last value (see {@linkcode StatsSnapshot.pace}). */
+  pace?: Record<string, number>;
 }
 
 /** A timeline bucket as kept (wait as sum and count, to merge exactly). */
@@ -5160,6 +5170,7 @@ export class Stats {
   #output = 0;
   #cacheRead = 0;
   #cacheWrite = 0;
+  #pace: Record<string, number> | undefined;
   #first = -1;
   #last = -1;
   #latency = new Sample();
@@ -5251,6 +5262,7 @@ export class Stats {
         if (!o || w.used > o.used) q.windows[k] = { ...w };
       }
       if (p.notes) q.notes = [...(q.notes ?? []), ...p.notes];
+      if (p.pace) q.pace = p.pace;
     }
     this.#points = out;
   }
@@ -5309,11 +5321,12 @@ export class Stats {
    * @returns A copy of the points.
    */
   timeline(): TimelinePoint[] {
-    return this.#points.map(({ waitSum, windows, notes, ...p }) => ({
+    return this.#points.map(({ waitSum, windows, notes, pace, ...p }) => ({
       ...p,
       queueWaitMs: p.sent ? waitSum / p.sent : 0,
       windows: { ...windows },
       ...(notes ? { notes: [...notes] } : {}),
+      ...(pace ? { pace: { ...pace } } : {}),
     }));
   }
 
@@ -5403,6 +5416,17 @@ export class Stats {
     b.outputTokens += output;
   }
 
+  /**
+   * Records the pace found from 429s (amounts per second by key), for the
+   * snapshot and the timeline; {@linkcode rateLimitedFetch} calls it.
+   *
+   * @param perSecond The pace now; `undefined` when there is none.
+   */
+  pace(perSecond: Record<string, number> | undefined): void {
+    this.#pace = perSecond && { ...perSecond };
+    if (perSecond) this.#bucket().pace = { ...perSecond };
+  }
+
   /** Adds prompt-cache reads and writes (tokens). */
   cache(read: number, write: number): void {
     this.#cacheRead += read;
@@ -5430,6 +5454,7 @@ export class Stats {
       outputTokens: this.#output,
       cacheReadTokens: this.#cacheRead,
       cacheWriteTokens: this.#cacheWrite,
+      ...(this.#pace ? { pace: { ...this.#pace } } : {}),
       successRate: ended ? this.#succeeded / ended : 1,
       elapsedMs: elapsed,
       requestsPerMinute: perMin(this.#requests),
@@ -5474,6 +5499,13 @@ export class Stats {
       } tokens/min over ${(s.elapsedMs / 1000).toFixed(1)} s`,
       `latency      ${ms(s.latencyMs)}`,
       `queue wait   ${ms(s.queueWaitMs)}`,
+      ...(s.pace?.requests !== undefined
+        ? [
+          `pace found   ${+s.pace.requests.toPrecision(
+            3,
+          )} requests/s from 429s (no limits were known)`,
+        ]
+        : []),
     ].join("\n");
   }
 }
@@ -6749,6 +6781,18 @@ export interface RateLimitedFetchOptions {
   learn?: boolean | { windowMs?: number };
   /** Widen the limiter's margins after a 429 it did not expect, narrowing slowly later. Default true. */
   adaptiveMargin?: boolean;
+  /**
+   * Find the pace from 429s alone while no limits are known: none given
+   * in `limiter`, and no limit headers in the responses (a relay that
+   * passes on only 429s). Until the first response with limit headers (or
+   * the first 429), few requests go at once: one at first, more every
+   * 500 ms. From the first 429 on, requests go evenly spaced at a rate
+   * estimated from what was accepted, raised with care while it holds and
+   * cut when it draws a 429; it shows in {@linkcode StatsSnapshot.pace}.
+   * `false`: without limits, only `concurrency` holds requests back (a
+   * server with no rate limits). Default `true`, unless `learn` is `false`.
+   */
+  findPace?: boolean;
   /** The fetch to wrap; default `globalThis.fetch`. */
   fetch?: typeof fetch;
   /** Time source; default {@linkcode systemClock}. */
@@ -6815,6 +6859,7 @@ const FETCH_OPTIONS = new Set([
   "promptCache",
   "learn",
   "adaptiveMargin",
+  "findPace",
   "fetch",
   "clock",
   "stats",
@@ -6904,6 +6949,8 @@ interface FetchSettings {
   /** The learned windows' length; `undefined`: learning is off. */
   learnMs: number | undefined;
   adaptiveMargin: boolean;
+  /** Whether the pace is found from 429s when no limits are known. */
+  findPace: boolean;
   fetch: typeof fetch;
   lanes: LaneOptions;
 }
@@ -6920,16 +6967,18 @@ function fetchSettings(options: RateLimitedFetchOptions): FetchSettings {
     promptCache = true,
     learn = true,
     adaptiveMargin = true,
+    findPace = learn !== false,
     clock = systemClock,
   } = options;
   const usage = options.usage ??
     ((b: unknown) => usageOf(b, { cacheReadCounts }));
   checkCount(concurrency, "concurrency", where);
   for (
-    const [name, v] of [["cacheReadCounts", cacheReadCounts], [
-      "promptCache",
-      promptCache,
-    ]] as const
+    const [name, v] of [
+      ["cacheReadCounts", cacheReadCounts],
+      ["promptCache", promptCache],
+      ["findPace", findPace],
+    ] as const
   ) {
     if (typeof v !== "boolean") {
       throw new TypeError(
@@ -6974,6 +7023,7 @@ function fetchSettings(options: RateLimitedFetchOptions): FetchSettings {
     cacheReadCounts,
     learnMs: learn === false ? undefined : learnMs,
     adaptiveMargin,
+    findPace,
     fetch: baseFetch,
     lanes,
   };
@@ -7206,15 +7256,16 @@ class ModelLanes {
  * Header learning: limits the user did not give, from the providers'
  * limit headers (every provider's, as relays mix them), as windows of
  * `learnMs`; and capacity used by others sharing the key, when `remaining`
- * is lower than our own log says.
+ * is lower than our own log says. Returns whether any limit header came.
  */
 function learnLimits(
   h: Headers,
   lane: Lane,
   userKeys: Set<string>,
   learnMs: number,
-): void {
+): boolean {
   const limiter = lane.limiter;
+  let seen = false;
   let windows: WindowUsage[] | undefined; // read once, refreshed after changes
   const find = (key: string): WindowUsage | undefined => {
     windows ??= limiter.usage();
@@ -7227,6 +7278,7 @@ function learnLimits(
     const limit = Number(v);
     if (!(limit > 0) || !Number.isFinite(limit)) continue;
     if (header.unless?.some((name) => h.has(name))) continue;
+    seen = true;
     const key = header.key;
     if (!userKeys.has(key)) {
       const w = find(key);
@@ -7255,6 +7307,7 @@ function learnLimits(
       windows = undefined;
     }
   }
+  return seen;
 }
 
 /**
@@ -7503,8 +7556,389 @@ class CacheTicket {
   }
 }
 
+/** One request's turn in a {@linkcode PaceFinder}: what it costs, and what was sent before it. */
+interface PaceTurn {
+  readonly requests: number;
+  readonly inputTokens: number;
+  /** Requests and input tokens sent before this one, and when it went. */
+  before: [number, number];
+  sentAt: number;
+  /** Sent and not yet answered. */
+  inflight: boolean;
+  resolve: (() => void) | undefined;
+  reject: ((reason: unknown) => void) | undefined;
+  signal: AbortSignal | undefined;
+  onAbort: (() => void) | undefined;
+  cancelled: boolean;
+}
+
+/** The pace is kept in requests and input tokens; both move together. */
+const PACE_KEYS = ["requests", "inputTokens"] as const;
+type PaceKey = typeof PACE_KEYS[number];
+
 /**
- * Admission: one attempt's hold on capacity: an in-flight slot, then the
+ * Which limit a rate-limit 429's body names, if it says: "… 3000 input
+ * tokens per minute" (Anthropic), "… on tokens per min (TPM)" or
+ * `"type": "tokens"` (OpenAI); "… 50 requests per minute", "RPM".
+ */
+function limitNamedIn(json: unknown): PaceKey | undefined {
+  if (json === undefined) return undefined;
+  const text = JSON.stringify(json);
+  if (/tokens?\b|\bTPM\b/i.test(text)) return "inputTokens";
+  if (/\brequests\b|\bRPM\b/i.test(text)) return "requests";
+  return undefined;
+}
+/** In the start phase, the in-flight cap grows this often while it binds. */
+const RAMP_MS = 500;
+
+/**
+ * Pace finding from 429s alone: a part of the request path, on only while
+ * no limits are known (none given, no limit headers seen), as behind a
+ * relay that passes on nothing but 429s. Two phases:
+ *
+ * - **Start**: at most a few requests in flight, one at first, one more
+ *   (a quarter more when many) every 500 ms while the cap binds, so the
+ *   first 429 finds few requests already on their way (each would be
+ *   refused too). TCP's slow start, in time rather than per answer.
+ * - **Pacing**, from the first 429: requests go evenly spaced (a virtual
+ *   schedule per key, as GCRA keeps one) at a rate first estimated from
+ *   the start: what was accepted, over the time from the first send to
+ *   when the 429 said capacity returns. Even spacing keeps any window,
+ *   however short, at or below the rate, and ends the herd after a pause:
+ *   waiters leave one by one. Then a bracketed search, as
+ *   TCP's AIMD and BIC do: `good` is the fastest rate that held a whole
+ *   stretch (a window's length, as the start estimated it) while it bound,
+ *   `bad` the slowest that drew a 429. Below a known `bad`, it probes
+ *   (half way, at least 10 % up) only after some quiet stretches, twice as
+ *   many after each failed probe, so an unchanged limit costs a 429 rarely;
+ *   a probe that holds is probed past at once, and past an old `bad` the
+ *   search climbs by a quarter per stretch, so a raised limit is found
+ *   within a few windows. A 429 at `good` (the limit dropped) cuts to 70 %.
+ *   The 429s of requests sent before a cut are one signal, not many.
+ *
+ * Estimates of latency-based limiters (Vegas, BBR, Netflix's
+ * concurrency-limits) read queueing delay, which a relay's 429s do not
+ * show; a rate found per stretch is what the server's windows count.
+ */
+class PaceFinder {
+  #phase: "start" | "pacing" | "off";
+  #clock: Clock;
+  #stats: Stats;
+  #maxCap: number;
+  #cap = 1;
+  #inflight = 0;
+  #grownAt = -Infinity;
+  #firstSend = -1;
+  /** Requests and input tokens sent. */
+  #sent: [number, number] = [0, 0];
+  /** Amounts per ms at scale 1; the rate is `base × scale`. */
+  #base: [number, number] = [0, 0];
+  #scale = 1;
+  #good = 1;
+  #bad: number | undefined;
+  /** The virtual schedule: the earliest next send per key. */
+  #next: [number, number] = [0, 0];
+  /**
+   * The keys whose schedule holds requests back: those the 429s named,
+   * both while none did. (Two strict schedules together are slower than
+   * either: a large prompt's wait in tokens is lost to the requests.)
+   */
+  #paced: [boolean, boolean] = [true, true];
+  #named: [boolean, boolean] = [false, false];
+  #pausedUntil = 0;
+  /** 429s of requests sent before this are part of a signal already taken. */
+  #cutAt = -Infinity;
+  #stretchMs = 1000;
+  #stretchStart = 0;
+  #stretchSent: [number, number] = [0, 0];
+  #quiet = 0;
+  #patience = 4;
+  #queue: (PaceTurn | undefined)[] = [];
+  #head = 0;
+  #timer: AbortController | undefined;
+  #timerAt = Infinity;
+
+  constructor(clock: Clock, stats: Stats, maxCap: number, on: boolean) {
+    this.#clock = clock;
+    this.#stats = stats;
+    this.#maxCap = maxCap;
+    this.#phase = on ? "start" : "off";
+  }
+
+  /** Whether requests go through it (no limits known). */
+  get active(): boolean {
+    return this.#phase !== "off";
+  }
+
+  /** The rates found, per second, by key; `undefined` before the first 429. */
+  get perSecond(): Record<string, number> | undefined {
+    if (this.#phase !== "pacing") return undefined;
+    const out: Record<string, number> = {};
+    PACE_KEYS.forEach((k, i) => {
+      if (this.#base[i]! > 0) out[k] = this.#base[i]! * this.#scale * 1000;
+    });
+    return out;
+  }
+
+  /** Whether a 429's pause began after the turn was taken (it should not go yet). */
+  pausedSince(turn: PaceTurn): boolean {
+    return this.#phase !== "off" && turn.inflight &&
+      this.#pausedUntil > turn.sentAt;
+  }
+
+  /** Limits became known (from headers): everyone waiting goes on, and it stays off. */
+  off(): void {
+    if (this.#phase === "off") return;
+    this.#phase = "off";
+    this.#disarm();
+    this.#pump();
+  }
+
+  /** A new turn for a request of `cost`. */
+  turn(cost: Cost): PaceTurn {
+    return {
+      requests: cost.requests ?? 1,
+      inputTokens: cost.inputTokens ?? cost.tokens ?? 0,
+      before: [0, 0],
+      sentAt: 0,
+      inflight: false,
+      resolve: undefined,
+      reject: undefined,
+      signal: undefined,
+      onAbort: undefined,
+      cancelled: false,
+    };
+  }
+
+  /** Waits for the turn's time; `undefined` when it may go at once (it is sent). */
+  wait(
+    turn: PaceTurn,
+    signal: AbortSignal | undefined,
+  ): Promise<void> | undefined {
+    const now = this.#clock.now();
+    if (this.#head === this.#queue.length && this.#delay(turn, now) <= 0) {
+      this.#take(turn, now);
+      return undefined;
+    }
+    if (signal?.aborted) return Promise.reject(signal.reason);
+    return new Promise<void>((resolve, reject) => {
+      turn.resolve = resolve;
+      turn.reject = reject;
+      if (signal) {
+        turn.signal = signal;
+        turn.onAbort = () => {
+          turn.cancelled = true;
+          reject(signal.reason);
+          this.#pump();
+        };
+        signal.addEventListener("abort", turn.onAbort, { once: true });
+      }
+      this.#queue.push(turn);
+      this.#pump();
+    });
+  }
+
+  /** The turn's request was answered (or failed): its place in flight is free. */
+  done(turn: PaceTurn): void {
+    if (!turn.inflight) return;
+    turn.inflight = false;
+    this.#inflight--;
+    if (this.#head < this.#queue.length) this.#pump();
+  }
+
+  /**
+   * The turn's request drew a rate-limit 429, the server saying `told` ms
+   * and, perhaps, which key's limit it hit.
+   */
+  refused(
+    turn: PaceTurn,
+    told: number | undefined,
+    key: PaceKey | undefined,
+  ): void {
+    if (this.#phase === "off") return;
+    const now = this.#clock.now();
+    if (key) {
+      this.#named[PACE_KEYS.indexOf(key)] = true;
+      this.#paced = [...this.#named];
+    }
+    if (told !== undefined) {
+      this.#pausedUntil = Math.max(this.#pausedUntil, now + told);
+    }
+    if (turn.sentAt <= this.#cutAt) return;
+    if (this.#phase === "start") this.#estimate(turn, told);
+    else if (this.#scale > this.#good) { // a probe failed
+      this.#bad = this.#scale;
+      this.#scale = this.#good;
+      this.#patience = Math.min(this.#patience * 2, 64);
+    } else { // at the pace that held: the limit dropped
+      this.#bad = this.#scale;
+      this.#scale = this.#good = this.#scale * 0.7;
+    }
+    this.#cutAt = now;
+    this.#quiet = 0;
+    this.#newStretch(Math.max(now, this.#pausedUntil));
+    this.#stats.pace(this.perSecond);
+    this.#pump();
+  }
+
+  /** The first 429: the rate from what the start saw, and pacing from now. */
+  #estimate(turn: PaceTurn, told: number | undefined): void {
+    const wait = told ?? 1000;
+    const span = Math.max(turn.sentAt + wait - this.#firstSend, 1);
+    for (let i = 0; i < 2; i++) {
+      // Those sent before it, taken as accepted (any still on their way
+      // are refused too, if at all, after this).
+      this.#base[i] = Math.max(turn.before[i]!, i === 0 ? 1 : 0) / span;
+    }
+    // A whole-second wait on a short span says little of the window's
+    // length: climb from here. A precise one says the rate: stay under it.
+    const precise = told !== undefined &&
+      (told % 1000 !== 0 || span >= 10_000);
+    this.#good = this.#scale = precise ? 0.95 : 1;
+    this.#bad = precise ? 1 : undefined;
+    this.#stretchMs = Math.min(Math.max(span, RAMP_MS), 60_000);
+    this.#phase = "pacing";
+    this.#disarm();
+  }
+
+  #newStretch(at: number): void {
+    this.#stretchStart = at;
+    this.#stretchSent[0] = this.#stretchSent[1] = 0;
+  }
+
+  /**
+   * A stretch passed without a 429. If the pace bound it (the sends kept up
+   * with it), the pace held: climb, or after enough quiet, probe.
+   */
+  #endStretch(now: number): void {
+    const span = now - this.#stretchStart;
+    let bound = false;
+    for (let i = 0; i < 2; i++) {
+      const expected = this.#base[i]! * this.#scale * span;
+      if (expected > 0 && this.#stretchSent[i]! >= 0.8 * expected) bound = true;
+    }
+    this.#newStretch(now);
+    if (!bound) return;
+    if (this.#scale > this.#good) {
+      this.#good = this.#scale;
+      if (this.#bad !== undefined && this.#good >= this.#bad) {
+        this.#bad = undefined;
+      }
+      this.#quiet = this.#patience; // a probe held: probe again now
+    }
+    const bad = this.#bad;
+    if (bad === undefined) this.#scale = this.#good * 1.25;
+    else if (++this.#quiet >= this.#patience) {
+      this.#scale = Math.max(this.#good * 1.1, (this.#good + bad) / 2);
+      this.#quiet = 0;
+    } else return;
+    this.#stats.pace(this.perSecond);
+  }
+
+  /** Ms until a turn may go: 0 now, `Infinity` until a request ends. */
+  #delay(turn: PaceTurn, now: number): number {
+    if (this.#phase === "off") return 0;
+    let at = this.#pausedUntil;
+    if (this.#phase === "start") {
+      if (this.#inflight >= this.#cap) return Infinity;
+    } else {
+      if (this.#paced[0]) at = Math.max(at, this.#next[0]);
+      if (this.#paced[1] && turn.inputTokens > 0) {
+        at = Math.max(at, this.#next[1]);
+      }
+    }
+    return at - now;
+  }
+
+  /** The turn goes now: count it and move the schedule on. */
+  #take(turn: PaceTurn, now: number): void {
+    if (this.#phase === "off") return;
+    if (this.#firstSend < 0) this.#firstSend = this.#grownAt = now;
+    turn.sentAt = now;
+    turn.inflight = true;
+    turn.before[0] = this.#sent[0];
+    turn.before[1] = this.#sent[1];
+    this.#sent[0] += turn.requests;
+    this.#sent[1] += turn.inputTokens;
+    this.#inflight++;
+    if (this.#phase !== "pacing") return;
+    if (now - this.#stretchStart >= this.#stretchMs) this.#endStretch(now);
+    this.#stretchSent[0] += turn.requests;
+    this.#stretchSent[1] += turn.inputTokens;
+    const amounts = [turn.requests, turn.inputTokens];
+    for (let i = 0; i < 2; i++) {
+      const rate = this.#base[i]! * this.#scale;
+      if (rate > 0) {
+        this.#next[i] = Math.max(this.#next[i]!, now) + amounts[i]! / rate;
+      }
+    }
+  }
+
+  /** Lets waiting turns go while they may; else arms a timer for the head. */
+  #pump(): void {
+    const q = this.#queue;
+    const now = this.#clock.now();
+    while (this.#head < q.length) {
+      const turn = q[this.#head]!;
+      if (turn.cancelled) {
+        q[this.#head++] = undefined;
+        continue;
+      }
+      const delay = this.#delay(turn, now);
+      if (delay > 0) {
+        if (delay !== Infinity) this.#arm(now + delay);
+        else if (this.#cap < this.#maxCap) {
+          this.#arm(Math.max(now, this.#grownAt + RAMP_MS));
+        }
+        break;
+      }
+      q[this.#head++] = undefined;
+      if (turn.onAbort) turn.signal!.removeEventListener("abort", turn.onAbort);
+      this.#take(turn, now);
+      turn.resolve!();
+    }
+    if (this.#head === q.length) {
+      q.length = this.#head = 0;
+      this.#disarm();
+    }
+  }
+
+  /** One timer at a time, for the earliest time something may change. */
+  #arm(at: number): void {
+    if (this.#timer && this.#timerAt <= at) return;
+    this.#disarm();
+    const timer = new AbortController();
+    this.#timer = timer;
+    this.#timerAt = at;
+    this.#clock.sleep(at - this.#clock.now(), timer.signal).then(() => {
+      if (this.#timer !== timer) return;
+      this.#timer = undefined;
+      this.#timerAt = Infinity;
+      const now = this.#clock.now();
+      if (
+        this.#phase === "start" && this.#inflight >= this.#cap &&
+        now - this.#grownAt >= RAMP_MS
+      ) {
+        this.#cap = Math.min(
+          this.#maxCap,
+          this.#cap + Math.max(1, Math.floor(this.#cap / 4)),
+        );
+        this.#grownAt = now;
+      }
+      this.#pump();
+    }, () => {});
+  }
+
+  #disarm(): void {
+    this.#timer?.abort();
+    this.#timer = undefined;
+    this.#timerAt = Infinity;
+  }
+}
+
+/**
+ * Admission: one attempt's hold on capacity: an in-flight slot, then
+ * (while no limits are known) its turn in the pace being found, then the
  * model's permit, then the key's, then the model's pause, re-stamped so
  * the windows count from the send. It is the one owner of the slot:
  * {@linkcode Admission.release} returns it once, whatever path ends the
@@ -7521,6 +7955,8 @@ class Admission {
   #permit: Permit | undefined;
   #modelPermit: Permit | undefined;
   #ticket: CacheTicket | undefined;
+  /** Its turn in the pace being found, when no limits are known. */
+  turn: PaceTurn | undefined;
 
   constructor(
     path: RequestPath,
@@ -7549,6 +7985,11 @@ class Admission {
     this.#state = "waiting";
     const lane = this.#lane;
     try {
+      const pacer = this.#path.pacer;
+      if (pacer.active) {
+        const turn = this.turn = pacer.turn(this.#cost);
+        await pacer.wait(turn, signal);
+      }
       if (lane !== lanes.key) {
         this.#modelPermit = await lane.limiter.acquire(this.#cost, { signal });
       }
@@ -7564,6 +8005,14 @@ class Admission {
       if (this.#modelPermit && clock.now() > this.#modelPermit.at) {
         this.#modelPermit.restamp();
       }
+      // A pause (a 429 answered meanwhile) held it after its turn: the
+      // pace's schedule moved on, so it takes a new turn.
+      const turn = this.turn;
+      if (turn && pacer.pausedSince(turn)) {
+        pacer.done(turn);
+        await pacer.wait(this.turn = pacer.turn(this.#cost), signal);
+      }
+
       // Aborted while it waited: never sent, so it uses nothing.
       if (signal?.aborted) throw signal.reason;
     } catch (error) {
@@ -7611,6 +8060,7 @@ class Admission {
     else this.#path.gauge.active--;
     this.#state = "done";
     this.#path.slots.release();
+    if (this.turn) this.#path.pacer.done(this.turn);
   }
 
   /** Records the attempt in the stats; it is over (see {@linkcode CacheTicket.end}). */
@@ -7637,6 +8087,7 @@ class RequestPath {
   readonly lanes: ModelLanes;
   readonly gauge: FlightGauge;
   readonly cache: PromptCache;
+  readonly pacer: PaceFinder;
   #s: FetchSettings;
 
   constructor(settings: FetchSettings) {
@@ -7647,6 +8098,13 @@ class RequestPath {
     this.lanes = new ModelLanes(settings.limiter, settings.lanes);
     this.gauge = new FlightGauge(this.stats, this.lanes);
     this.cache = new PromptCache(settings.clock);
+    this.pacer = new PaceFinder(
+      settings.clock,
+      settings.stats,
+      settings.concurrency,
+      settings.findPace && settings.lanes.userKeys.size === 0 &&
+        settings.limiter.usage().length === 0,
+    );
   }
 
   /** One call of the wrapped fetch, retries included. */
@@ -7730,14 +8188,15 @@ class RequestPath {
       throw error;
     }
     track(lane, cost, -1);
-    if (this.#s.learnMs !== undefined) {
+    if (
+      this.#s.learnMs !== undefined &&
       learnLimits(
         response.headers,
         lane,
         this.#s.lanes.userKeys,
         this.#s.learnMs,
-      );
-    }
+      )
+    ) this.pacer.off();
     return readResponse(this, request.url, response, admission, lane);
   }
 
@@ -7757,9 +8216,17 @@ class RequestPath {
    * A rate-limit 429 the limiter admitted: pause the lane for the
    * server-told wait and widen the margins (our view of the window is off).
    */
-  rateLimited(response: Response, lane: Lane): void {
+  rateLimited(
+    response: Response,
+    lane: Lane,
+    admission: Admission,
+    json: unknown,
+  ): void {
     const told = parseRetryAfter(response.headers);
     const key = this.lanes.key;
+    if (admission.turn) {
+      this.pacer.refused(admission.turn, told, limitNamedIn(json));
+    }
     if (told !== undefined) {
       const until = this.clock.now() + told;
       lane.limiter.pauseUntil(until);
@@ -7836,7 +8303,7 @@ async function readResponse(
     );
   } else if (response.status === 429) {
     if (quotaCode(json)) kind = "quota";
-    else path.rateLimited(response, lane);
+    else path.rateLimited(response, lane, admission, json);
   }
   admission.record(response.status, kind);
   if (text === undefined) return response;

@@ -9,6 +9,7 @@ import {
   estimateCost,
   HttpError,
   ManualClock,
+  mapConcurrent,
   openaiProvider,
   outputCapOf,
   parseRetryAfter,
@@ -466,6 +467,7 @@ describe("request path: response reading", () => {
     const f = rateLimitedFetch({
       clock,
       retry: false,
+      findPace: false, // per model, as limits learned from headers are
       fetch: () =>
         Promise.resolve(
           Response.json(bodies[i++], {
@@ -772,5 +774,262 @@ describe("mod.ts opens with an index of every export", () => {
     expect(exported.length).toBeGreaterThan(80);
     expect(exported.filter((name) => !doc.includes(`{@linkcode ${name}}`)))
       .toEqual([]);
+  });
+});
+
+/**
+ * A relay that says nothing but 429s, on a manual clock: a sliding window
+ * of `limit` (requests, or input tokens with `tokens`) per `windowMs`,
+ * counted at arrival, half the latency after the send; a 429 carries a
+ * whole-second `retry-after` (rounded up), and no limit headers.
+ */
+function silentRelay(
+  clock: ManualClock,
+  o: { limit: number; windowMs: number; latencyMs: number; tokens?: boolean },
+) {
+  const log: { t: number; amount: number }[] = [];
+  let head = 0;
+  let used = 0;
+  const st = {
+    received: 0,
+    accepted: 0,
+    refused: 0,
+    refusedAt: [] as number[],
+  };
+  const relay = {
+    limit: o.limit,
+    st,
+    fetch: async (_url: RequestInfo | URL, init?: RequestInit) => {
+      await clock.sleep(o.latencyMs / 2);
+      const now = clock.now();
+      st.received++;
+      const body = JSON.parse(String(init?.body));
+      const amount = o.tokens ? body.tokens as number : 1;
+      while (head < log.length && log[head]!.t + o.windowMs <= now) {
+        used -= log[head++]!.amount;
+      }
+      let response: Response;
+      if (used + amount > relay.limit) {
+        st.refused++;
+        st.refusedAt.push(now);
+        let excess = used + amount - relay.limit;
+        let i = head;
+        while (excess > 0 && i < log.length) excess -= log[i++]!.amount;
+        const wait = log[i - 1]!.t + o.windowMs - now;
+        response = Response.json(
+          {
+            error: {
+              type: "rate_limit_error",
+              // Some relays name the limit; some say nothing of it.
+              message: o.tokens
+                ? `over ${relay.limit} input tokens`
+                : "slow down",
+            },
+          },
+          {
+            status: 429,
+            headers: {
+              "retry-after": String(Math.max(1, Math.ceil(wait / 1000))),
+            },
+          },
+        );
+      } else {
+        log.push({ t: now, amount });
+        used += amount;
+        st.accepted++;
+        response = Response.json({
+          usage: { input_tokens: amount, output_tokens: 1 },
+        });
+      }
+      await clock.sleep(o.latencyMs / 2);
+      return response;
+    },
+  };
+  return relay;
+}
+
+/** Runs `n` requests through `f` (8 at a time) on the manual clock; returns when each ended. */
+async function runPaced(
+  clock: ManualClock,
+  f: (url: string, init: RequestInit) => Promise<Response>,
+  n: number,
+  tokens = (_i: number) => 10,
+): Promise<number[]> {
+  const endedAt: number[] = [];
+  let done = false;
+  const run = mapConcurrent(
+    Array.from({ length: n }, (_, i) => i),
+    async (i) => {
+      const n = tokens(i);
+      const res = await f(
+        ANTHROPIC,
+        post({
+          model: "m",
+          max_tokens: 1,
+          messages: [{ role: "user", content: "word ".repeat(n) }],
+          tokens: n,
+        }),
+      );
+      expect(res.status).toBe(200);
+      await res.text();
+      endedAt[i] = clock.now();
+    },
+    { concurrency: 8 },
+  ).then(() => done = true);
+  for (let i = 0; i < 200_000 && !done; i++) {
+    const next = clock.nextAt;
+    await (next === undefined
+      ? clock.flush()
+      : clock.advance(next - clock.now()));
+  }
+  await run;
+  return endedAt;
+}
+
+describe("request path: pace finding (no limits known, 429s alone)", () => {
+  /** `n` requests through a fresh fetch with no limits, against a silent relay. */
+  async function paceRun(
+    o: Parameters<typeof silentRelay>[1] & { limitAt?: (t: number) => number },
+    n: number,
+    tokens?: (i: number) => number,
+  ) {
+    const clock = new ManualClock();
+    const relay = silentRelay(clock, o);
+    const f = rateLimitedFetch({
+      clock,
+      concurrency: 8,
+      fetch: (u, i) => {
+        if (o.limitAt) relay.limit = o.limitAt(clock.now());
+        return relay.fetch(u, i);
+      },
+      retry: { random: () => 0.5 },
+    });
+    const makespan = Math.max(...await runPaced(clock, f, n, tokens));
+    const pace = f.stats.timeline().filter((p) => p.pace)
+      .map((p) => [p.t, p.pace!.requests!] as const);
+    return { st: relay.st, f, makespan, pace };
+  }
+
+  it("from above: 20 per 2 s; the first 429s find few on their way, then it holds just under", async () => {
+    const { st, f, makespan } = await paceRun(
+      { limit: 20, windowMs: 2000, latencyMs: 100 },
+      200,
+    );
+    const minimum = ((200 - 20) / 20) * 2000; // 20 at once, then 20 per window
+    expect(st.refused).toBeLessThanOrEqual(5);
+    expect(makespan / minimum).toBeLessThanOrEqual(1.3);
+    const pace = f.stats.toJSON().pace!;
+    expect(pace.requests).toBeGreaterThan(8);
+    expect(pace.requests).toBeLessThanOrEqual(11);
+  });
+
+  it("from below: 5 per 200 ms with a whole-second retry-after; climbs to near the limit", async () => {
+    const { st, makespan, pace } = await paceRun(
+      { limit: 5, windowMs: 200, latencyMs: 100 },
+      200,
+    );
+    const minimum = ((200 - 5) / 5) * 200;
+    expect(st.refused).toBeLessThanOrEqual(8);
+    expect(makespan / minimum).toBeLessThanOrEqual(2.5);
+    // It climbed: from the start's estimate to at least three fifths of 25/s.
+    expect(pace[0]![1]).toBeLessThan(12);
+    expect(Math.max(...pace.map(([, r]) => r))).toBeGreaterThan(15);
+  });
+
+  it("input tokens: 3,000 per 2 s, prompts of 50 to 250 tokens; the pace is kept in tokens too", async () => {
+    const size = (i: number) => 50 + ((i * 37) % 201);
+    const { st, makespan } = await paceRun(
+      { limit: 3000, windowMs: 2000, latencyMs: 100, tokens: true },
+      200,
+      size,
+    );
+    let total = 0;
+    for (let i = 0; i < 200; i++) total += size(i);
+    const minimum = ((total - 3000) / 3000) * 2000;
+    expect(st.refused).toBeLessThanOrEqual(5);
+    expect(makespan / minimum).toBeLessThanOrEqual(1.3);
+  });
+
+  it("a limit that drops mid-run costs at most 3 more 429s; one that rises is found again within a few windows", async () => {
+    // 20 per 2 s, then 10 from 30 s, then 40 from 60 s.
+    const { st, pace } = await paceRun({
+      limit: 20,
+      windowMs: 2000,
+      latencyMs: 100,
+      limitAt: (t) => t < 30_000 ? 20 : t < 60_000 ? 10 : 40,
+    }, 900);
+    // Dropped to 5/s at 30 s: at most 3 more 429s before it holds again.
+    expect(st.refusedAt.filter((t) => t >= 30_000 && t < 60_000).length)
+      .toBeLessThanOrEqual(3);
+    const before60 = pace.filter(([t]) => t < 60_000).at(-1)![1];
+    expect(before60).toBeLessThanOrEqual(5);
+    expect(before60).toBeGreaterThan(3.5);
+    // Raised to 20/s at 60 s: found again (80 %) within 10 windows.
+    const found = pace.find(([t, r]) => t >= 60_000 && r >= 16);
+    expect(found).toBeDefined();
+    expect(found![0] - 60_000).toBeLessThanOrEqual(10 * 2000);
+  });
+
+  it("starts with one request in flight, one more every 500 ms; limit headers, given limits or findPace: false start at full concurrency; an aborted waiter is never sent", async () => {
+    const inFlightAt = async (
+      options: Parameters<typeof rateLimitedFetch>[0],
+      headers: Record<string, string> = {},
+    ) => {
+      const clock = new ManualClock();
+      let now = 0;
+      const seen: number[] = [];
+      const f = rateLimitedFetch({
+        clock,
+        concurrency: 8,
+        ...options,
+        fetch: async () => {
+          now++;
+          await clock.sleep(1000);
+          now--;
+          return Response.json(
+            { usage: { input_tokens: 1, output_tokens: 1 } },
+            {
+              headers,
+            },
+          );
+        },
+      });
+      const abort = new AbortController();
+      const calls = Array.from(
+        { length: 12 },
+        (_, i) =>
+          f(ANTHROPIC, {
+            ...post(ask()),
+            signal: i === 11 ? abort.signal : undefined,
+          })
+            .then((r) => r.text()),
+      );
+      const settled = Promise.allSettled(calls);
+      for (const t of [0, 250, 500, 750, 1000]) {
+        await clock.advance(t - clock.now());
+        seen.push(now);
+      }
+      abort.abort(new Error("stop"));
+      await clock.advance(10_000);
+      const ended = await settled;
+      return { seen, ended, stats: f.stats.toJSON() };
+    };
+    const slow = await inFlightAt({});
+    expect(slow.seen).toEqual([1, 1, 2, 2, 3]);
+    expect(slow.ended[11]).toMatchObject({
+      status: "rejected",
+      reason: { message: "stop" },
+    });
+    expect(slow.stats.requests).toBe(11); // the aborted one never went
+    expect(slow.stats.pace).toBeUndefined(); // no 429: nothing found
+    const learned = await inFlightAt({}, {
+      "anthropic-ratelimit-requests-limit": "1000",
+    });
+    expect(learned.seen).toEqual([1, 1, 2, 2, 8]); // headers came at 1 s
+    expect((await inFlightAt({ limiter: { rpm: 1000 } })).seen[0]).toBe(8);
+    expect((await inFlightAt({ findPace: false })).seen[0]).toBe(8);
+    expect((await inFlightAt({ learn: false })).seen[0]).toBe(8);
+    expect(() => rateLimitedFetch({ findPace: 1 as unknown as boolean }))
+      .toThrow(/'findPace' must be a boolean: received 1/);
   });
 });

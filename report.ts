@@ -119,7 +119,9 @@ export function cacheNote(
  * time; the one that did so longest is named, with how high the others
  * went. Otherwise, if requests in flight sat at `concurrency` for at least
  * half of the busy time, concurrency bound it; otherwise nothing did for
- * long (the server's latency and the input set the pace).
+ * long (the server's latency and the input set the pace). With no windows
+ * but a pace found from 429s (a server that sent no limit headers), that
+ * pace bound it.
  *
  * @param points The run's {@linkcode Stats.timeline}.
  * @param options `concurrency` (most in flight), `lang`.
@@ -190,6 +192,8 @@ export function verdict(
         }的时间用量在上限 ${num(best.limit)} 的 95 % 以上${tail}。`,
     };
   }
+  const paced = rows.length ? undefined : paceVerdict(points, lang);
+  if (paced) return paced;
   const busy = points.filter((p) => p.inFlight > 0 || p.queued > 0);
   const c = options.concurrency;
   if (c && busy.length) {
@@ -221,6 +225,21 @@ export function verdict(
       : `本次运行没有长时间受限${
         rows.length ? `（${others()}）` : ""
       }：速度由服务器延迟和输入规模决定。`,
+  };
+}
+
+/** With no windows at all: the pace found from 429s bound the run, if one was. */
+function paceVerdict(points: TimelinePoint[], lang: Lang): Verdict | undefined {
+  const paced = points.filter((p) => p.pace?.requests !== undefined);
+  if (!paced.length) return undefined;
+  const last = paced[paced.length - 1]!.pace!.requests!;
+  const refused = points.reduce((a, p) => a + p.rateLimited, 0);
+  const rate = last >= 10 ? num(last) : String(+last.toFixed(2));
+  return {
+    kind: "limit",
+    text: lang === "en"
+      ? `The server's own limit bound this run: it sent no limit headers, so paceline found the pace from its 429s (${refused} in all) and held it at about ${rate} requests per second at the end.`
+      : `本次运行的瓶颈是服务器自己的限额：它的响应头里没有限额，paceline 从它的 429（共 ${refused} 次）中找到了速度，最后保持在每秒约 ${rate} 个请求。`,
   };
 }
 
@@ -256,7 +275,41 @@ function windowChart(
   const line = series.map((p) =>
     `${x(p.t + p.ms / 2).toFixed(1)},${y(p.windows[label]!.used).toFixed(1)}`
   ).join(" ");
-  const marks = points.flatMap((p) => {
+  const ly = y(limit).toFixed(1);
+  return `<figure class="chart">
+<figcaption>${esc(windowName(label, lang))}</figcaption>
+<svg class="window" data-window="${
+    esc(label)
+  }" data-points="${series.length}" viewBox="0 0 ${W} ${H}" width="${W}" height="${H}" role="img" aria-label="${
+    esc(windowName(label, lang))
+  }">
+${axes(end)}
+<line class="limit" x1="${PAD.l}" x2="${W - PAD.r}" y1="${ly}" y2="${ly}"/>
+<text class="lbl" x="${
+    PAD.l - 6
+  }" y="${ly}" text-anchor="end" dominant-baseline="middle">${num(limit)}</text>
+<polyline class="use" points="${line}"/>
+${marks(points, x)}
+</svg></figure>`;
+}
+
+/** The axes, with 0 and the run's length. */
+function axes(end: number): string {
+  return `<line class="axis" x1="${PAD.l}" x2="${PAD.l}" y1="${PAD.t}" y2="${
+    H - PAD.b
+  }"/>
+<line class="axis" x1="${PAD.l}" x2="${W - PAD.r}" y1="${H - PAD.b}" y2="${
+    H - PAD.b
+  }"/>
+<text class="lbl" x="${PAD.l - 6}" y="${H - PAD.b}" text-anchor="end">0</text>
+<text class="lbl" x="${W - PAD.r}" y="${H - 6}" text-anchor="end">${
+    fmtTime(end)
+  }</text>`;
+}
+
+/** 429 ticks below, retry ticks on top, and event lines, at their points' times. */
+function marks(points: TimelinePoint[], x: (t: number) => number): string {
+  return points.flatMap((p) => {
     const out: string[] = [];
     const cx = x(p.t + p.ms / 2).toFixed(1);
     if (p.rateLimited) {
@@ -281,29 +334,47 @@ function windowChart(
       );
     }
     return out;
-  });
-  const ly = y(limit).toFixed(1);
+  }).join("\n");
+}
+
+/**
+ * The pace found from 429s (no limits given or sent in headers): requests
+ * sent per second against the pace, a step line as it was found, cut and
+ * raised.
+ */
+function paceChart(points: TimelinePoint[], end: number, lang: Lang): string {
+  const first = points.findIndex((p) => p.pace?.requests !== undefined);
+  if (first < 0) return "";
+  const sent = points.map((p) => p.sent / (p.ms / 1000));
+  let pace = NaN;
+  const steps = points.map((p) => pace = p.pace?.requests ?? pace);
+  const top = Math.max(...sent, ...steps.filter((v) => v >= 0)) * 1.1 || 1;
+  const x = (t: number): number =>
+    PAD.l + (end > 0 ? (t / end) * (W - PAD.l - PAD.r) : 0);
+  const y = (v: number): number => PAD.t + (1 - v / top) * (H - PAD.t - PAD.b);
+  const use = points.map((p, i) =>
+    `${x(p.t + p.ms / 2).toFixed(1)},${y(sent[i]!).toFixed(1)}`
+  ).join(" ");
+  const step = points.slice(first).flatMap((p, i) => {
+    const v = y(steps[first + i]!).toFixed(1);
+    return [`${x(p.t).toFixed(1)},${v}`, `${x(p.t + p.ms).toFixed(1)},${v}`];
+  }).join(" ");
+  const last = steps[steps.length - 1]!;
+  const caption = lang === "en"
+    ? "Requests per second: sent, and the pace found from 429s"
+    : "每秒请求数：实际发出，与从 429 中找到的速度";
   return `<figure class="chart">
-<figcaption>${esc(windowName(label, lang))}</figcaption>
-<svg class="window" data-window="${
-    esc(label)
-  }" data-points="${series.length}" viewBox="0 0 ${W} ${H}" width="${W}" height="${H}" role="img" aria-label="${
-    esc(windowName(label, lang))
-  }">
-<line class="axis" x1="${PAD.l}" x2="${PAD.l}" y1="${PAD.t}" y2="${H - PAD.b}"/>
-<line class="axis" x1="${PAD.l}" x2="${W - PAD.r}" y1="${H - PAD.b}" y2="${
-    H - PAD.b
-  }"/>
-<line class="limit" x1="${PAD.l}" x2="${W - PAD.r}" y1="${ly}" y2="${ly}"/>
-<text class="lbl" x="${
-    PAD.l - 6
-  }" y="${ly}" text-anchor="end" dominant-baseline="middle">${num(limit)}</text>
-<text class="lbl" x="${PAD.l - 6}" y="${H - PAD.b}" text-anchor="end">0</text>
-<text class="lbl" x="${W - PAD.r}" y="${H - 6}" text-anchor="end">${
-    fmtTime(end)
-  }</text>
-<polyline class="use" points="${line}"/>
-${marks.join("\n")}
+<figcaption>${caption}</figcaption>
+<svg class="pace" data-points="${points.length}" data-pace="${
+    last.toFixed(2)
+  }" viewBox="0 0 ${W} ${H}" width="${W}" height="${H}" role="img" aria-label="${caption}">
+${axes(end)}
+<polyline class="limit" fill="none" points="${step}"/>
+<text class="lbl" x="${PAD.l - 6}" y="${
+    y(last).toFixed(1)
+  }" text-anchor="end" dominant-baseline="middle">${+last.toFixed(2)}/s</text>
+<polyline class="use" points="${use}"/>
+${marks(points, x)}
 </svg></figure>`;
 }
 
@@ -408,13 +479,21 @@ ${options.stopped ? `<p class="stopped">${esc(options.stopped)}</p>` : ""}
   }</span><span><i class="sw" style="background:#111"></i>${
     en ? "events (e.g. a fatal stop)" : "事件（如致命错误停止）"
   }</span></div>
+${labels.map((l) => windowChart(l, points, end, lang)).join("\n")}
 ${
     labels.length
-      ? labels.map((l) => windowChart(l, points, end, lang)).join("\n")
+      ? ""
       : `<p>${
-        en ? "No limits were given or learned." : "没有给出或学到任何限额。"
+        s.pace
+          ? (en
+            ? "No limits were given, and the server sent none in its headers: paceline found the pace from its 429s."
+            : "没有给出限额，服务器响应头里也没有：paceline 从它的 429 中找到了速度。")
+          : (en
+            ? "No limits were given or learned."
+            : "没有给出或学到任何限额。")
       }</p>`
   }
+${paceChart(points, end, lang)}
 <h2>${en ? "Latency" : "延迟"}</h2>
 ${histogram(stats.latencies(), lang)}
 <h2>${en ? "Totals" : "总计"}</h2>
