@@ -142,6 +142,8 @@ interface RunOptions {
   /** How long one line may keep drawing rate-limit 429s, from its first (they use no retries). */
   maxRateLimitedMs: number;
   stream: boolean;
+  /** False with `--no-find-pace`. */
+  findPace: boolean;
   quiet: boolean;
   /** Also redo lines whose recorded result is errored. */
   retryErrored?: boolean;
@@ -2081,6 +2083,7 @@ class BatchRun {
         shouldRetry: (e) => (gate.stopping || isStop(e) ? false : undefined),
       },
       learn: { windowMs: o.windowMs },
+      findPace: o.findPace,
       perModel: o.perModel ?? "learned",
       // The send hook: once the run is stopping, nothing more goes out.
       fetch: gate.send(globalThis.fetch),
@@ -2433,6 +2436,7 @@ export async function demo(
       concurrency: 8,
       retries: 5,
       maxRateLimitedMs: 900_000,
+      findPace: true,
       stream: false,
       quiet: o.quiet,
       report: join(dir, "report.html"),
@@ -2586,6 +2590,15 @@ const RUN_FLAGS: Flag[] = [
   perFlag("per-key", false, [
     "everything for the key as a whole, learned limits too",
   ]),
+  {
+    name: "no-find-pace",
+    help: [
+      "with no limits given or in the headers, do not find the",
+      "pace from 429s (start at full --concurrency: for a server",
+      "with no rate limits)",
+    ],
+    set: (o) => o.findPace = false,
+  },
   {
     name: "redis",
     arg: "URL",
@@ -2942,6 +2955,7 @@ export async function main(argv: string[], io: {
       retries: o.retries ?? 5,
       maxRateLimitedMs: o.maxRateLimitedMs ?? 900_000,
       stream: o.stream ?? false,
+      findPace: o.findPace ?? true,
       quiet: o.quiet ?? false,
       retryErrored: o.retryErrored ?? false,
       dryRun: o.dryRun ?? false,

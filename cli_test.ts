@@ -819,6 +819,26 @@ describe("paceline run: journal, stalls and fatal stops", () => {
     const html = readFileSync(report, "utf8");
     expect(html).toMatch(/<svg class="pace"/);
     expect(html).toMatch(/paceline found the pace from its 429s/);
+    // --no-find-pace: all 8 go at once (none has answered by then), and
+    // the relay refuses those past its 5.
+    const u = await sim({
+      limits: { requests: 5, windowMs: 200 },
+      limitHeaders: false,
+      latency: { baseMs: 300 },
+    });
+    const few = batchFiles(lines.slice(0, 8).join("\n"));
+    const off = await runCli([
+      "run",
+      few.input,
+      "-o",
+      few.output,
+      "--base-url",
+      u.url,
+      "--no-find-pace",
+    ], NO_KEYS);
+    expect(off.code).toBe(0);
+    expect(u.stats().rateLimited.requests).toBeGreaterThanOrEqual(2);
+    expect(off.err).not.toMatch(/pace found/);
     // A line that can never get through still ends, by its time budget.
     const t = await sim({
       perClientFaults: { "req-0": { status: 429, retryAfter: "1" } },

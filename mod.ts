@@ -6785,8 +6785,8 @@ export interface RateLimitedFetchOptions {
    * Find the pace from 429s alone while no limits are known: none given
    * in `limiter`, and no limit headers in the responses (a relay that
    * passes on only 429s). Until the first response with limit headers (or
-   * the first 429), few requests go at once: one at first, more every
-   * 500 ms. From the first 429 on, requests go evenly spaced at a rate
+   * the first 429), few requests go at once: one at first, one more every
+   * 500 ms (half again from four on). From the first 429 on, requests go evenly spaced at a rate
    * estimated from what was accepted, raised with care while it holds and
    * cut when it draws a 429; it shows in {@linkcode StatsSnapshot.pace}.
    * `false`: without limits, only `concurrency` holds requests back (a
@@ -7597,7 +7597,7 @@ const RAMP_MS = 500;
  * relay that passes on nothing but 429s. Two phases:
  *
  * - **Start**: at most a few requests in flight, one at first, one more
- *   (a quarter more when many) every 500 ms while the cap binds, so the
+ *   (half again from four on) every 500 ms while the cap binds, so the
  *   first 429 finds few requests already on their way (each would be
  *   refused too). TCP's slow start, in time rather than per answer.
  * - **Pacing**, from the first 429: requests go evenly spaced (a virtual
@@ -7919,9 +7919,10 @@ class PaceFinder {
         this.#phase === "start" && this.#inflight >= this.#cap &&
         now - this.#grownAt >= RAMP_MS
       ) {
+        const cap = this.#cap;
         this.#cap = Math.min(
           this.#maxCap,
-          this.#cap + Math.max(1, Math.floor(this.#cap / 4)),
+          cap < 4 ? cap + 1 : Math.ceil(cap * 1.5),
         );
         this.#grownAt = now;
       }
