@@ -49,6 +49,8 @@ import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import {
   assembleStream,
+  AZURE_API_VERSION,
+  azureProvider,
   type BatchOutcome,
   type CachePrefix,
   type Cost,
@@ -56,6 +58,7 @@ import {
   HttpError,
   type Limiter,
   mapConcurrentUnordered,
+  openaiProvider,
   parseRetryAfter,
   type Provider,
   providerOf,
@@ -144,6 +147,9 @@ interface RunOptions {
   stream: boolean;
   /** False with `--no-find-pace`. */
   findPace: boolean;
+  /** Azure OpenAI: the deployment (default: each line's `model`) and `api-version`. */
+  deployment?: string;
+  apiVersion?: string;
   quiet: boolean;
   /** Also redo lines whose recorded result is errored. */
   retryErrored?: boolean;
@@ -620,8 +626,10 @@ async function validate(
 
 /** Where requests go and how they are signed. Never printed: it holds the key. */
 interface Endpoint {
-  /** The URL for an endpoint path such as `/v1/embeddings`. */
-  url: (path: string) => string;
+  /** The URL for an endpoint path such as `/v1/embeddings` (and, for Azure, the body's deployment). */
+  url: (path: string, body?: Record<string, unknown>) => string;
+  /** The host requests go to. */
+  host: string;
   headers: Record<string, string>;
   /** The key itself, only to scrub it from messages. */
   apiKey: string | undefined;
@@ -639,14 +647,25 @@ function endpoint(o: RunOptions, p: Provider): Endpoint {
       `no API key: set ${keyVar} (or give --base-url for a relay or simulator that needs none). Nothing was sent.`,
     );
   }
+  if (!baseURL && !p.baseURL) {
+    throw new UsageError(
+      `--provider ${p.name} needs the resource's endpoint: --base-url https://<resource>.openai.azure.com, or set ${p.baseURLVar}. Nothing was sent.`,
+    );
+  }
   if (apiKey !== undefined && !/^[\x21-\x7e]+$/.test(apiKey)) {
     throw new UsageError(
       `${keyVar} has characters an HTTP header cannot carry`,
     );
   }
   const base = baseURL ?? p.baseURL;
+  const { deployment, apiVersion } = o;
   return {
-    url: (path) => p.url(base, path),
+    url: (path, body) =>
+      p.url(base, path, {
+        model: deployment ?? (body?.model as string | undefined),
+        apiVersion,
+      }),
+    host: new URL(base).host,
     headers: p.headers(apiKey),
     apiKey,
     keyVar,
@@ -1226,7 +1245,7 @@ async function perform(
     ? provider.streamBody(item.body)
     : { ...item.body, stream: false };
   try {
-    const response = await f(ep.url(item.path), {
+    const response = await f(ep.url(item.path, item.body), {
       method: "POST",
       headers: ep.headers,
       body: JSON.stringify(body),
@@ -1954,8 +1973,7 @@ function limiterNameFor(provider: Provider, ep: Endpoint): string {
   const hash = ep.apiKey
     ? createHash("sha256").update(ep.apiKey).digest("hex").slice(0, 16)
     : "no-key";
-  const base = new URL(ep.url("/v1/messages")).host;
-  return `${provider.name}:${base}:${hash}`;
+  return `${provider.name}:${ep.host}:${hash}`;
 }
 
 async function runBatch(
@@ -1963,12 +1981,9 @@ async function runBatch(
   shared: SharedLimits,
 ): Promise<number> {
   // 1. Read & validate: the whole input, before anything is sent.
-  const { provider, ids, paths } = await validate(o.input, o.shard);
-  if (o.provider && o.provider !== provider.name) {
-    throw new UsageError(
-      `--provider ${o.provider} but the input is in the ${provider.name} batch format`,
-    );
-  }
+  const read = await validate(o.input, o.shard);
+  const { ids, paths } = read;
+  const provider = providerFor(o, read.provider);
   if (o.dryRun) {
     const all = (): boolean => true;
     await checkFits(o.input, all, windowsFor(o.limits, o.windowMs), o.shard);
@@ -1988,6 +2003,34 @@ async function runBatch(
   batch.announce(paths);
   await batch.execute();
   return batch.conclude();
+}
+
+/**
+ * The provider a run talks to: the input format's, or Azure OpenAI for
+ * OpenAI batch lines with `--provider azure` or an Azure base URL.
+ */
+function providerFor(o: RunOptions, format: Provider): Provider {
+  const base = o.baseURL ?? (process.env[azureProvider.baseURLVar] || "");
+  const wanted = o.provider ??
+    (format === openaiProvider && azureProvider.matches!(base)
+      ? azureProvider.name
+      : format.name);
+  const batchOf = (p: Provider): Provider =>
+    providers.find((q) => q.batch === p.batch) ?? p;
+  const provider = providers.find((p) => p.name === wanted)!;
+  if (batchOf(provider) !== format) {
+    throw new UsageError(
+      `--provider ${wanted} but the input is in the ${format.name} batch format`,
+    );
+  }
+  if (provider !== azureProvider && (o.deployment || o.apiVersion)) {
+    throw new UsageError(
+      `${
+        o.deployment ? "--deployment" : "--api-version"
+      } is for --provider azure (Azure OpenAI); this run is for ${provider.name}`,
+    );
+  }
+  return provider;
 }
 
 /** Opens the limits shared through `--redis` under a name. */
@@ -2561,6 +2604,28 @@ const RUN_FLAGS: Flag[] = [
     },
   },
   {
+    name: "deployment",
+    arg: "NAME",
+    help: [
+      "Azure OpenAI: the deployment every line goes to",
+      '(default: each line\'s "model")',
+    ],
+    set: (o, v, flag) =>
+      o.deployment = checked(v, flag, /^[\w.-]+$/, "a deployment name"),
+  },
+  {
+    name: "api-version",
+    arg: "V",
+    help: [`Azure OpenAI: the api-version (default ${AZURE_API_VERSION})`],
+    set: (o, v, flag) =>
+      o.apiVersion = checked(
+        v,
+        flag,
+        /^\d{4}-\d{2}-\d{2}(-preview)?$/,
+        "a version such as 2024-10-21",
+      ),
+  },
+  {
     name: "base-url",
     arg: "URL",
     help: [
@@ -2956,6 +3021,8 @@ export async function main(argv: string[], io: {
       maxRateLimitedMs: o.maxRateLimitedMs ?? 900_000,
       stream: o.stream ?? false,
       findPace: o.findPace ?? true,
+      deployment: o.deployment,
+      apiVersion: o.apiVersion,
       quiet: o.quiet ?? false,
       retryErrored: o.retryErrored ?? false,
       dryRun: o.dryRun ?? false,

@@ -18,7 +18,7 @@ import {
   readFileSync,
   writeFileSync,
 } from "node:fs";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { estimateCost } from "./mod.ts";
 
 describe("paceline run", () => {
@@ -781,6 +781,98 @@ describe("paceline run: journal, stalls and fatal stops", () => {
     const b = await runCli(["run", bad, "--dry-run"], NO_KEYS);
     expect(b.code).toBe(2);
     expect(b.err).toMatch(/line 2: invalid JSON/);
+  });
+
+  it("--provider azure: OpenAI batch lines to deployments with an api-version and api-key, --rpm's short windows kept: every line once, in order, ≤ 1 × 429; an Azure base URL alone picks it; mistakes are named", async () => {
+    const s = await sim({
+      limits: { requests: 60, windowMs: 2000 },
+      apiKey: "az-key",
+    });
+    const lines = openaiLines(120);
+    const { input, output } = batchFiles(lines.join("\n"));
+    const args = [
+      "run",
+      input,
+      "-o",
+      output,
+      "--base-url",
+      s.url,
+      "--api-version",
+      "2024-10-21",
+      "--rpm",
+      "60",
+      "--window-ms",
+      "2000",
+      "--margin-ms",
+      "120",
+      "--concurrency",
+      "16",
+    ];
+    const env = { ...NO_KEYS, AZURE_OPENAI_API_KEY: "az-key" };
+    const r = await runCli([...args, "--provider", "azure"], env);
+    expect(r.code).toBe(0);
+    const rows = readFileSync(output, "utf8").trim().split("\n").map((l) =>
+      JSON.parse(l)
+    );
+    expect(rows.map((x) => x.custom_id)).toEqual(
+      lines.map((l) => JSON.parse(l).custom_id),
+    );
+    expect(rows.every((x) => x.response?.status_code === 200)).toBe(true);
+    const st = s.stats();
+    expect(st.accepted).toBe(120);
+    expect(st.rateLimited.requests).toBeLessThanOrEqual(1);
+    expect(st.rejected.auth).toBe(0);
+    // Mistakes, each named before anything is sent.
+    const anthropicInput = batchFiles(anthropicLines(2).join("\n"));
+    const wrong = await runCli(
+      ["run", anthropicInput.input, "--dry-run", "--deployment", "d1"],
+      env,
+    );
+    expect(wrong.code).toBe(2);
+    expect(wrong.err).toMatch(/--deployment is for --provider azure/);
+    const noEndpoint = await runCli(
+      [
+        "run",
+        input,
+        "-o",
+        join(dirname(output), "x.jsonl"),
+        "--provider",
+        "azure",
+      ],
+      env,
+    );
+    expect(noEndpoint.code).toBe(2);
+    expect(noEndpoint.err).toMatch(
+      /--provider azure needs the resource's endpoint: --base-url https:\/\/<resource>\.openai\.azure\.com, or set AZURE_OPENAI_ENDPOINT/,
+    );
+    const badVersion = await runCli([...args, "--api-version", "latest"], env);
+    expect(badVersion.code).toBe(2);
+    expect(badVersion.err).toMatch(
+      /--api-version needs a version such as 2024-10-21: received "latest"/,
+    );
+    // An Azure host alone picks Azure (so --deployment is taken).
+    const picked = await runCli([
+      "run",
+      input,
+      "--dry-run",
+      "--base-url",
+      "https://my-res.openai.azure.com",
+      "--deployment",
+      "d1",
+    ], env);
+    expect(picked.code).toBe(0);
+    const notAzure = await runCli([
+      "run",
+      input,
+      "--dry-run",
+      "--base-url",
+      "https://relay.example.com/v1",
+      "--deployment",
+      "d1",
+    ], env);
+    expect(notAzure.code).toBe(2);
+    expect(notAzure.err).toMatch(/--deployment is for --provider azure/);
+    expect(s.stats().received).toBe(120 + st.rateLimited.requests);
   });
 
   it("a silent relay: the pace is found from its 429s (≤ 8 of them), shown in the summary and the report; no line written off; a line that never gets through ends by its time budget", async () => {

@@ -3,7 +3,7 @@
 import { describe, expect, it } from "vitest";
 import { sim } from "./test/sims.ts";
 import Anthropic from "@anthropic-ai/sdk";
-import OpenAI from "openai";
+import OpenAI, { AzureOpenAI } from "openai";
 import {
   anthropic,
   estimateCost,
@@ -582,6 +582,94 @@ describe("rateLimitedFetch end to end", () => {
       expect(c.stats.report()).not.toContain(key);
       expect(JSON.stringify(c.stats.toJSON())).not.toContain(key);
     }
+  });
+});
+
+describe("Azure OpenAI", () => {
+  it("AzureOpenAI (openai package) through rateLimitedFetch, --rpm's short windows kept: 120 chats and 40 streamed, ≤ 1 × 429, every call once, usage settled", async () => {
+    const windowMs = 2000;
+    await warmUp();
+    // Azure's rule, compressed: 60 requests per 2 s, and a sixth of that
+    // (10) per sixth of the window.
+    const azureSim = () =>
+      sim({ limits: { requests: 60, windowMs }, apiKey: "az-key" });
+    const limiter = {
+      windows: [{ key: "requests", limit: 60, ms: windowMs }],
+      marginMs: 60,
+    };
+    const s = await azureSim();
+    const f = rateLimitedFetch({ limiter, concurrency: 16 });
+    const client = new AzureOpenAI({
+      endpoint: s.url,
+      apiKey: "az-key",
+      apiVersion: "2024-10-21",
+      fetch: f,
+      maxRetries: 0,
+    });
+    const ask = (p: string) => ({
+      model: "gpt-4o-mini", // the deployment
+      max_tokens: 30,
+      messages: [{ role: "user" as const, content: p }],
+    });
+    const out = await mapConcurrent(prompts(160), async (p, i) => {
+      if (i % 4 !== 0) {
+        return (await client.chat.completions.create(ask(p))).choices[0]!
+          .message
+          .content;
+      }
+      let text = "";
+      const stream = await client.chat.completions.create({
+        ...ask(p),
+        stream: true,
+        stream_options: { include_usage: true },
+      });
+      for await (const c of stream) text += c.choices[0]?.delta.content ?? "";
+      return text;
+    }, { concurrency: 16 });
+    expect(out.every((t) => typeof t === "string" && t.length > 0)).toBe(true);
+    const st = s.stats();
+    expect(st.accepted).toBe(160);
+    expect(st.rateLimited.requests).toBeLessThanOrEqual(1);
+    expect(st.received).toBe(160 + st.rateLimited.requests);
+    expect(f.stats.toJSON().inputTokens).toBe(st.usage.inputTokens);
+    expect(f.stats.toJSON().outputTokens).toBe(st.usage.outputTokens);
+    // The short windows were kept: a sixth and a sixtieth of the window.
+    expect(f.limiter.usage().map((w) => [w.ms, w.limit])).toEqual(
+      expect.arrayContaining([[windowMs, 60], [windowMs / 6, 10], [
+        windowMs / 60,
+        1,
+      ]]),
+    );
+    // Without them (the client sees a plain OpenAI URL; the network takes it
+    // to the Azure route), the same burst draws 429s from the short rule.
+    const t = await azureSim();
+    const plain = rateLimitedFetch({
+      limiter,
+      concurrency: 16,
+      retry: false,
+      fetch: (u, i) =>
+        fetch(
+          String(u).replace(
+            "/v1/chat/completions",
+            "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21",
+          ),
+          i,
+        ),
+    });
+    const bare = new OpenAI({
+      apiKey: "az-key",
+      baseURL: `${t.url}/v1`,
+      fetch: plain,
+      maxRetries: 0,
+    });
+    await mapConcurrentSettled(
+      prompts(30),
+      (p) => bare.chat.completions.create(ask(p)),
+      {
+        concurrency: 16,
+      },
+    );
+    expect(t.stats().rateLimited.requests).toBeGreaterThan(1);
   });
 });
 

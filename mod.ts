@@ -36,14 +36,15 @@
  *    {@linkcode Percentiles}.
  * 8. **Providers** (everything paceline knows about each API family, in one
  *    description each): {@linkcode anthropicProvider},
- *    {@linkcode openaiProvider}, {@linkcode providers},
+ *    {@linkcode openaiProvider}, {@linkcode azureProvider},
+ *    {@linkcode AZURE_API_VERSION}, {@linkcode providers},
  *    {@linkcode providerOf}, {@linkcode estimateTokens},
  *    {@linkcode outputCapOf}, {@linkcode estimateCost}, {@linkcode usageOf};
  *    {@linkcode Provider}, {@linkcode ProviderEndpoint},
  *    {@linkcode LimitHeaders}, {@linkcode StreamAssembler},
  *    {@linkcode BatchFormat}, {@linkcode BatchOutcome},
  *    {@linkcode ProviderMatch}, {@linkcode UsageOptions},
- *    {@linkcode CachePrefix}, {@linkcode CacheUsage}.
+ *    {@linkcode CachePrefix}, {@linkcode CacheUsage}, {@linkcode UrlTarget}.
  * 9. **Fetch**: {@linkcode rateLimitedFetch} (a `fetch` for the official
  *    SDKs), {@linkcode windowLoads}, {@linkcode SseParser};
  *    {@linkcode RateLimitedFetchOptions}, {@linkcode RateLimitedFetch},
@@ -5724,8 +5725,27 @@ export interface Provider {
   readonly baseURL: string;
   /** The endpoints, most specific path first. */
   readonly endpoints: readonly ProviderEndpoint[];
-  /** The full URL of an endpoint `path` (as in {@linkcode ProviderEndpoint.path}) under `base`. */
-  url(base: string, path: string): string;
+  /**
+   * The full URL of an endpoint `path` (as in {@linkcode ProviderEndpoint.path})
+   * under `base`; `target` names what else the URL holds (Azure's
+   * deployment and API version).
+   */
+  url(base: string, path: string, target?: UrlTarget): string;
+  /**
+   * Whether a URL is this provider's whatever its path ends in (Azure's
+   * hosts and deployment paths); tried before the endpoints' paths.
+   */
+  matches?(url: string): boolean;
+  /**
+   * Shorter windows the provider also enforces per-minute limits over
+   * (Azure evaluates requests per minute over 1 or 10 seconds): each
+   * window of one of `keys` is also kept as `limit / d` per `ms / d` for
+   * each `d` in `divisors` (when that is at least 1).
+   */
+  readonly shortWindows?: {
+    keys: readonly string[];
+    divisors: readonly number[];
+  };
   /** The headers of every request: content type, version, and the key's header when a key is given. */
   headers(apiKey: string | undefined): Record<string, string>;
   /** The rate-limit headers its responses carry. */
@@ -5756,6 +5776,43 @@ export interface Provider {
   /** The batch file format. */
   readonly batch: BatchFormat;
 }
+
+/**
+ * What a provider's URL names besides the endpoint: Azure's deployment
+ * and API version.
+ *
+ * @example
+ * ```ts
+ * import { azureProvider, type UrlTarget } from "./mod.ts";
+ *
+ * const target: UrlTarget = { model: "gpt-4o-mini", apiVersion: "2024-10-21" };
+ * const url = azureProvider.url("https://r.openai.azure.com", "/v1/chat/completions", target);
+ * if (url !== "https://r.openai.azure.com/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21") {
+ *   throw new Error(url);
+ * }
+ * ```
+ */
+export interface UrlTarget {
+  /** The model, or Azure's deployment (by default the body's `model`). */
+  model?: string;
+  /** Azure's `api-version` query parameter; default {@linkcode AZURE_API_VERSION}. */
+  apiVersion?: string;
+}
+
+/**
+ * The Azure OpenAI `api-version` paceline sends unless told otherwise: the
+ * last dated generally available inference version, "2024-10-21"
+ * (learn.microsoft.com/azure/ai-foundry/openai/reference; the newer `v1`
+ * API takes none).
+ *
+ * @example
+ * ```ts
+ * import { AZURE_API_VERSION } from "./mod.ts";
+ *
+ * if (!/^\d{4}-\d{2}-\d{2}/.test(AZURE_API_VERSION)) throw new Error();
+ * ```
+ */
+export const AZURE_API_VERSION = "2024-10-21";
 
 /** Tokens charged per image or document part (its bytes are not text). */
 const MEDIA_TOKENS = 1600;
@@ -6363,6 +6420,73 @@ export const openaiProvider: Provider = {
   },
 };
 
+/** Azure OpenAI's hosts: `{resource}.openai.azure.com`, `{resource}.cognitiveservices.azure.com`. */
+const AZURE_HOST =
+  /^https?:\/\/[^/?#]*\.(?:openai\.azure\.com|cognitiveservices\.azure\.com)(?:[:/?#]|$)/i;
+
+/**
+ * Azure OpenAI: OpenAI's API (chat completions, completions, embeddings,
+ * and the same batch lines) behind a resource's endpoint, as
+ * `{endpoint}/openai/deployments/{deployment}/chat/completions?api-version=…`
+ * (learn.microsoft.com/azure/ai-foundry/openai/reference). The deployment
+ * is the request body's `model` unless given. The key goes in `api-key`.
+ * Its responses carry `x-ratelimit-remaining-requests` and `-tokens` but
+ * no limit headers, so a limit is learned as at most what is left plus
+ * what is in the window; its 429s carry `retry-after-ms` and
+ * `x-ms-retry-after-ms`. Requests per minute are "evaluated over a small
+ * period of time, typically 1 or 10 seconds": a 600-RPM deployment
+ * refuses more than 10 in one second (learn.microsoft.com/azure/ai-foundry/
+ * openai/how-to/quota, "Understanding rate limits"), so a requests limit is
+ * also kept per tenth and per sixtieth of its window. Tokens per minute
+ * are counted at arrival from the prompt plus `max_tokens`, as
+ * {@linkcode estimateCost} does.
+ *
+ * @example
+ * ```ts
+ * import { azureProvider, providerOf } from "./mod.ts";
+ *
+ * const url = "https://my-res.openai.azure.com/openai/deployments/d1/embeddings?api-version=2024-10-21";
+ * if (providerOf(url)?.provider !== azureProvider) throw new Error();
+ * if (azureProvider.headers("k")["api-key"] !== "k") throw new Error();
+ * ```
+ */
+export const azureProvider: Provider = {
+  ...openaiProvider,
+  name: "azure",
+  keyVar: "AZURE_OPENAI_API_KEY",
+  baseURLVar: "AZURE_OPENAI_ENDPOINT",
+  // No default: every resource has its own endpoint.
+  baseURL: "",
+  endpoints: openaiProvider.endpoints.filter((e) =>
+    ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"].includes(
+      e.path,
+    )
+  ),
+  matches: (url) =>
+    AZURE_HOST.test(url) || url.includes("/openai/deployments/"),
+  url(base, path, target = {}) {
+    const deployment = target.model;
+    if (typeof deployment !== "string" || deployment === "") {
+      throw new TypeError(
+        `Azure OpenAI needs a deployment for ${path}: the body's "model", or a deployment given: received ${
+          JSON.stringify(deployment)
+        }`,
+      );
+    }
+    return `${base}/openai/deployments/${encodeURIComponent(deployment)}${
+      path.replace(/^\/v1/, "")
+    }?api-version=${
+      encodeURIComponent(target.apiVersion ?? AZURE_API_VERSION)
+    }`;
+  },
+  headers(apiKey) {
+    const h: Record<string, string> = { "content-type": "application/json" };
+    if (apiKey !== undefined) h["api-key"] = apiKey;
+    return h;
+  },
+  shortWindows: { keys: ["requests"], divisors: [6, 60] },
+};
+
 /**
  * Every provider paceline knows, in the order a URL is matched against
  * their endpoints.
@@ -6371,20 +6495,25 @@ export const openaiProvider: Provider = {
  * ```ts
  * import { providers } from "./mod.ts";
  *
- * if (providers.map((p) => p.name).join() !== "anthropic,openai") throw new Error();
+ * if (providers.map((p) => p.name).join() !== "anthropic,openai,azure") throw new Error();
  * ```
  */
 export const providers: readonly Provider[] = [
   anthropicProvider,
   openaiProvider,
+  azureProvider,
 ];
 
-/** Every provider's limit headers, in order. */
-const LIMIT_HEADERS: readonly LimitHeaders[] = providers.flatMap((p) =>
-  p.limitHeaders
-);
+/** Every provider's limit headers, in order, each once (Azure's are OpenAI's). */
+const LIMIT_HEADERS: readonly LimitHeaders[] = [
+  ...new Map(
+    providers.flatMap((p) => p.limitHeaders).map((h) => [h.remaining, h]),
+  ).values(),
+];
 /** Every provider's event fields that hold a body with usage. */
-const USAGE_IN_EVENT: readonly string[] = providers.map((p) => p.usageInEvent);
+const USAGE_IN_EVENT: readonly string[] = [
+  ...new Set(providers.map((p) => p.usageInEvent)),
+];
 /** Every provider's quota codes. */
 const QUOTA_CODES = new Set(providers.flatMap((p) => p.quotaCodes));
 
@@ -6412,7 +6541,9 @@ export interface ProviderMatch {
 /**
  * The provider and endpoint a URL is for: the first endpoint (providers in
  * the order of {@linkcode providers}, each most specific path first) that
- * the URL's path ends with, `/v1` aside, so relays under any prefix match.
+ * the URL's path ends with, `/v1` aside, so relays under any prefix match;
+ * a URL a provider claims as its own ({@linkcode Provider.matches}: Azure's
+ * hosts and deployment paths) is matched against that provider only.
  *
  * @param url A request URL.
  * @returns The match, or `undefined` for a URL no provider describes.
@@ -6432,7 +6563,8 @@ export function providerOf(url: string): ProviderMatch | undefined {
   const q = url.indexOf("?");
   const path = q < 0 ? url : url.slice(0, q);
   let found: ProviderMatch | undefined;
-  search: for (const provider of providers) {
+  const own = providers.find((p) => p.matches?.(url));
+  search: for (const provider of own ? [own] : providers) {
     for (const endpoint of provider.endpoints) {
       if (path.endsWith(endpoint.path.slice(3))) { // "/v1" aside
         found = { provider, endpoint };
@@ -7263,6 +7395,7 @@ function learnLimits(
   lane: Lane,
   userKeys: Set<string>,
   learnMs: number,
+  cost: Cost,
 ): boolean {
   const limiter = lane.limiter;
   let seen = false;
@@ -7274,7 +7407,13 @@ function learnLimits(
   };
   for (const header of LIMIT_HEADERS) {
     const v = h.get(header.limit);
-    if (v === null) continue;
+    if (v === null) {
+      if (learnFromRemaining(h, header, lane, userKeys, learnMs, cost)) {
+        seen = true;
+        windows = undefined;
+      }
+      continue;
+    }
     const limit = Number(v);
     if (!(limit > 0) || !Number.isFinite(limit)) continue;
     if (header.unless?.some((name) => h.has(name))) continue;
@@ -7308,6 +7447,39 @@ function learnLimits(
     }
   }
   return seen;
+}
+
+/**
+ * A `remaining` header without its `limit` (Azure): the limit is at most
+ * what is left plus what the window holds (this request and those in
+ * flight, before a window exists), less when others share the key; the
+ * least such bound seen is kept. Returns whether it learned anything.
+ */
+function learnFromRemaining(
+  h: Headers,
+  header: LimitHeaders,
+  lane: Lane,
+  userKeys: Set<string>,
+  learnMs: number,
+  cost: Cost,
+): boolean {
+  const r = h.get(header.remaining);
+  const remaining = r === null ? NaN : Number(r);
+  const key = header.key;
+  if (!(remaining >= 0) || !Number.isFinite(remaining) || userKeys.has(key)) {
+    return false;
+  }
+  const limiter = lane.limiter;
+  const w = limiter.usage().find((u) => u.key === key && u.ms === learnMs);
+  const own = key === "tokens"
+    ? (cost.inputTokens ?? 0) + (cost.outputTokens ?? 0)
+    : cost[key] ?? 0;
+  const bound = remaining + (w ? w.used : (lane.inflight[key] ?? 0) + own);
+  if (w && bound >= w.limit) return true;
+  limiter.setLimit(key, Math.max(1, bound), learnMs);
+  // A new window: the server has counted this request and those in flight.
+  if (!w) limiter.record({ [key]: (lane.inflight[key] ?? 0) + own });
+  return true;
 }
 
 /**
@@ -8089,6 +8261,8 @@ class RequestPath {
   readonly gauge: FlightGauge;
   readonly cache: PromptCache;
   readonly pacer: PaceFinder;
+  /** Per limiter, the windows that are a provider's short copies (`key/ms`). */
+  #short = new WeakMap<Limiter, Set<string>>();
   #s: FetchSettings;
 
   constructor(settings: FetchSettings) {
@@ -8124,13 +8298,18 @@ class RequestPath {
     }
     const cost = this.#s.estimate(request.url, request.json);
     const lane = this.lanes.of(request.json);
-    const prefix = this.#cachePrefix(request);
+    const match = providerOf(request.url);
+    const prefix = this.#cachePrefix(request, match);
+    const provider = match?.provider;
+    if (provider?.shortWindows && !this.#short.has(this.lanes.key.limiter)) {
+      shortWindows(this.lanes.key.limiter, provider, this.#short);
+    }
     const retry = this.#s.retry;
     try {
       const response = retry === undefined || !request.replayable
-        ? await this.#attempt(request, lane, cost, prefix)
+        ? await this.#attempt(request, lane, cost, prefix, provider)
         : await retryChecked(
-          () => this.#attempt(request, lane, cost, prefix),
+          () => this.#attempt(request, lane, cost, prefix, provider),
           { ...retry, signal: request.signal },
         );
       stats.end(response.ok);
@@ -8149,13 +8328,15 @@ class RequestPath {
   }
 
   /** The request's cacheable prefix, when prompt caching is followed. */
-  #cachePrefix(request: OutgoingRequest): CachePrefix | undefined {
+  #cachePrefix(
+    request: OutgoingRequest,
+    match: ProviderMatch | undefined,
+  ): CachePrefix | undefined {
     const json = request.json;
     if (!this.#s.promptCache || !json || typeof json !== "object") {
       return undefined;
     }
-    const endpoint = providerOf(request.url)?.endpoint;
-    return endpoint?.cachePrefix?.(json as Record<string, unknown>);
+    return match?.endpoint.cachePrefix?.(json as Record<string, unknown>);
   }
 
   /** One attempt: its place in the prompt cache, admit, send, and read the response. */
@@ -8164,6 +8345,7 @@ class RequestPath {
     lane: Lane,
     cost: Cost,
     prefix: CachePrefix | undefined,
+    provider: Provider | undefined,
   ): Promise<Response> {
     const signal = request.signal;
     let ticket: CacheTicket | undefined;
@@ -8196,8 +8378,14 @@ class RequestPath {
         lane,
         this.#s.lanes.userKeys,
         this.#s.learnMs,
+        cost,
       )
-    ) this.pacer.off();
+    ) {
+      this.pacer.off();
+      if (provider?.shortWindows) {
+        shortWindows(lane.limiter, provider, this.#short);
+      }
+    }
     return readResponse(this, request.url, response, admission, lane);
   }
 
@@ -8243,6 +8431,32 @@ class RequestPath {
       if (lane !== key) widened = key.margins.widen() || widened;
     }
     this.stats.unexpected429(widened);
+  }
+}
+
+/**
+ * A provider's short windows ({@linkcode Provider.shortWindows}): each
+ * window of its keys that is not itself a short copy is also kept as
+ * `limit / d` per `ms / d`, its margin scaled alike. Copies follow their
+ * window's limit when it changes.
+ */
+function shortWindows(
+  limiter: Limiter,
+  provider: Provider,
+  done: WeakMap<Limiter, Set<string>>,
+): void {
+  const short = provider.shortWindows!;
+  let made = done.get(limiter);
+  if (!made) done.set(limiter, made = new Set());
+  for (const w of limiter.usage()) {
+    if (!short.keys.includes(w.key) || made.has(`${w.key}/${w.ms}`)) continue;
+    for (const d of short.divisors) {
+      const limit = Math.floor(w.limit / d);
+      if (limit < 1) continue;
+      made.add(`${w.key}/${w.ms / d}`);
+      limiter.setLimit(w.key, limit, w.ms / d);
+      limiter.setMargin(w.key, w.marginMs / d, w.ms / d);
+    }
   }
 }
 

@@ -6,6 +6,7 @@ import { describe, expect, it } from "vitest";
 import {
   anthropicProvider,
   assembleStream,
+  azureProvider,
   estimateCost,
   HttpError,
   ManualClock,
@@ -50,7 +51,7 @@ describe("providers: each described once", () => {
       "/v1/messages",
     );
     expect(providerOf("https://x.example/v1/files")).toBeUndefined();
-    expect(providers.map((p) => p.name)).toEqual(["anthropic", "openai"]);
+    expect(providers.map((p) => p.name)).toEqual(["anthropic", "openai", "azure"]);
   });
 
   it("the estimate is the endpoint's input estimate and its output cap", () => {
@@ -1031,5 +1032,141 @@ describe("request path: pace finding (no limits known, 429s alone)", () => {
     expect((await inFlightAt({ learn: false })).seen[0]).toBe(8);
     expect(() => rateLimitedFetch({ findPace: 1 as unknown as boolean }))
       .toThrow(/'findPace' must be a boolean: received 1/);
+  });
+});
+
+describe("Azure OpenAI: one more description", () => {
+  const AZURE =
+    "https://my-res.openai.azure.com/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21";
+
+  it("its URLs (hosts, deployment paths) are Azure's; it builds them from a deployment and an api-version; the key goes in api-key", () => {
+    expect(providerOf(AZURE)).toMatchObject({
+      provider: azureProvider,
+      endpoint: { path: "/v1/chat/completions" },
+    });
+    // A relay or simulator with Azure's path shape, and Azure's newer host.
+    expect(
+      providerOf(
+        "http://127.0.0.1:9/openai/deployments/d/embeddings?api-version=x",
+      )
+        ?.provider,
+    ).toBe(azureProvider);
+    expect(
+      providerOf(
+        "https://r.cognitiveservices.azure.com/openai/deployments/d/completions",
+      )
+        ?.endpoint.path,
+    ).toBe("/v1/completions");
+    expect(providerOf("https://api.openai.com/v1/chat/completions")?.provider)
+      .toBe(openaiProvider);
+    expect(
+      azureProvider.url("https://r.openai.azure.com", "/v1/embeddings", {
+        model: "text embedding 3",
+        apiVersion: "2025-01-01-preview",
+      }),
+    ).toBe(
+      "https://r.openai.azure.com/openai/deployments/text%20embedding%203/embeddings?api-version=2025-01-01-preview",
+    );
+    expect(() =>
+      azureProvider.url("https://r.openai.azure.com", "/v1/chat/completions")
+    )
+      .toThrow(
+        /needs a deployment for \/v1\/chat\/completions.*received undefined/,
+      );
+    expect(azureProvider.headers("k")).toEqual({
+      "content-type": "application/json",
+      "api-key": "k",
+    });
+    expect(azureProvider.batch).toBe(openaiProvider.batch); // the same lines
+  });
+
+  it("a per-minute requests limit is also kept per 10 s and per 1 s (a sixth and a sixtieth), margins scaled; other providers' requests add nothing", async () => {
+    const make = () =>
+      rateLimitedFetch({
+        limiter: { rpm: 600, tpm: 100_000, marginMs: 600 },
+        fetch: () => Promise.resolve(usage(1, 1)),
+      });
+    const f = make();
+    await (await f(
+      AZURE,
+      post({ messages: [{ role: "user", content: "hi" }] }),
+    ))
+      .text();
+    const windows = f.limiter.usage().map((
+      w,
+    ) => [w.key, w.ms, w.limit, w.marginMs]);
+    expect(windows).toEqual(expect.arrayContaining([
+      ["requests", 60_000, 600, 600],
+      ["requests", 10_000, 100, 100],
+      ["requests", 1000, 10, 10],
+      ["tokens", 60_000, 100_000, 600],
+    ]));
+    expect(windows).toHaveLength(4);
+    const g = make();
+    await (await g(ANTHROPIC, post(ask()))).text();
+    expect(g.limiter.usage()).toHaveLength(2);
+  });
+
+  it("remaining-only headers: the limit is learned as at most what is left plus what the window holds, the least bound kept (and no pace is searched for)", async () => {
+    const clock = new ManualClock();
+    let left = 99;
+    const f = rateLimitedFetch({
+      clock,
+      fetch: () =>
+        Promise.resolve(
+          Response.json({ usage: { prompt_tokens: 5, completion_tokens: 1 } }, {
+            headers: { "x-ratelimit-remaining-requests": String(left--) },
+          }),
+        ),
+    });
+    const body = post({
+      model: "gpt-4o-mini",
+      messages: [{ role: "user", content: "hi" }],
+    });
+    await (await f(AZURE, body)).text();
+    const learned = () =>
+      f.models.get("gpt-4o-mini")?.usage().filter((w) => w.key === "requests")
+        .map((w) => [w.ms, w.limit]);
+    // 99 left after this one: at most 100; and its short copies.
+    expect(learned()).toEqual([[60_000, 100], [10_000, 16], [1000, 1]]);
+    left = 90; // someone else used 8
+    await clock.advance(1100); // the 1-s copy holds 1 (and a margin)
+    await (await f(AZURE, body)).text();
+    expect(learned()?.[0]).toEqual([60_000, 92]);
+    left = 500; // a new fixed minute on the server: a looser bound is not taken
+    await clock.advance(1100);
+    await (await f(AZURE, body)).text();
+    expect(learned()?.[0]).toEqual([60_000, 92]);
+    expect(f.stats.toJSON().pace).toBeUndefined();
+  });
+
+  it("retry-after-ms and x-ms-retry-after-ms are obeyed to the millisecond, before a whole-second retry-after", async () => {
+    for (const name of ["retry-after-ms", "x-ms-retry-after-ms"]) {
+      const clock = new ManualClock();
+      const sentAt: number[] = [];
+      let n = 0;
+      const f = rateLimitedFetch({
+        clock,
+        limiter: { rpm: 1000 },
+        retry: { random: () => 0.5 },
+        fetch: () => {
+          sentAt.push(clock.now());
+          return Promise.resolve(
+            n++ === 0
+              ? Response.json({ error: { code: "429", message: "slow" } }, {
+                status: 429,
+                headers: { [name]: "1234", "retry-after": "2" },
+              })
+              : usage(1, 1),
+          );
+        },
+      });
+      const done = f(AZURE, post({ messages: [] })).then((r) => r.text());
+      await clock.advance(1233);
+      expect(sentAt).toEqual([0]);
+      await clock.advance(1);
+      await done;
+      expect(sentAt).toEqual([0, 1234]);
+    }
   });
 });

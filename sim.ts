@@ -4,7 +4,13 @@
  * completions, embeddings and moderations APIs closely enough for the
  * official SDKs, enforces rate limits strictly (sliding log) or as a token
  * bucket — for the whole key, or per model — sends the providers'
- * rate-limit headers, and injects faults from a seeded PRNG. paceline's tests, demo and benchmarks run
+ * rate-limit headers, and injects faults from a seeded PRNG. Azure OpenAI
+ * routes (`/openai/deployments/{deployment}/chat/completions`,
+ * `completions`, `embeddings`) need an `api-version` query parameter, take
+ * the key in `api-key`, count against the deployment's windows and also a
+ * sixth of the requests limit per sixth of the window (Azure's short
+ * windows), send only `x-ratelimit-remaining-*` headers, and answer 429s
+ * with `retry-after`, `retry-after-ms` and `x-ms-retry-after-ms`. paceline's tests, demo and benchmarks run
  * against it.
  *
  * Standalone: `node dist/sim.js --port 8787 --rpm 50 --itpm 30000 --otpm 8000`
@@ -272,6 +278,9 @@ export type Kind =
   | "moderations";
 const ROUTE =
   /\/v1\/(messages(?:\/count_tokens)?|chat\/completions|responses|completions|embeddings|moderations)$/;
+/** Azure OpenAI: `/openai/deployments/{deployment}/{chat/completions|completions|embeddings}`. */
+const AZURE_ROUTE =
+  /\/openai\/deployments\/([^/]+)\/(chat\/completions|completions|embeddings)$/;
 /** Tokens of a `prompt`/`input` value: a string, strings, token arrays, or parts. */
 function textOrTokens(v: unknown): number {
   if (typeof v === "string") return countTokens(v);
@@ -617,6 +626,8 @@ function newStats(): SimStats {
 interface Exchange {
   id: string;
   kind: Kind;
+  /** Sent to an Azure OpenAI route. */
+  azure: boolean;
   body: Record<string, unknown>;
   res: ServerResponse;
   /** The windows it counts against. */
@@ -798,6 +809,8 @@ class SimServer {
   #random: () => number;
   /** The windows of each model in `modelLimits`, and of all others (""). */
   #meterSets = new Map<string, Partial<Record<Dim, Meter>>>();
+  /** Azure's short windows, by the requests window they shorten. */
+  #short = new Map<Meter, Meter>();
   #cache: SimCache | undefined;
   #seq = 0;
 
@@ -812,6 +825,7 @@ class SimServer {
     const s = this.#s;
     this.#random = prng(s.seed);
     this.#meterSets = new Map();
+    this.#short = new Map();
     for (
       const [model, l] of [["", s.limits], ...Object.entries(s.modelLimits)]
     ) {
@@ -841,9 +855,11 @@ class SimServer {
     this.stats.received++;
     const id = `req_sim${String(++this.#seq).padStart(6, "0")}`;
     const raw = await readBody(req);
-    const path = (req.url ?? "/").split("?")[0]!;
-    const kind = ROUTE.exec(path)?.[1] as Kind | undefined;
+    const [path, query = ""] = (req.url ?? "/").split("?") as [string, string?];
+    const azure = AZURE_ROUTE.exec(path);
+    const kind = (azure?.[2] ?? ROUTE.exec(path)?.[1]) as Kind | undefined;
     const reply = new Replier(this, res, id, kind);
+    reply.azure = azure !== null;
     if (req.method === "GET" && path === "/_sim/stats") {
       // For a simulator in another process (benchmarks): its counters.
       this.stats.received--;
@@ -862,6 +878,18 @@ class SimServer {
     if (!this.#authorized(req)) return reply.unauthorized();
     const route = ROUTES[kind];
     const body = parseObject(raw);
+    if (azure) {
+      if (!new URLSearchParams(query).get("api-version")) {
+        this.stats.rejected.invalid++;
+        return reply.error(
+          400,
+          "invalid_request_error",
+          "Missing required query parameter: api-version",
+        );
+      }
+      // The deployment names the model; a body's "model" is not needed.
+      if (body) body.model = decodeURIComponent(azure[1]!);
+    }
     const invalid = body === undefined
       ? "body: invalid JSON"
       : invalidFor(route, kind, body);
@@ -879,6 +907,7 @@ class SimServer {
     const client = clientOf(req, body);
     if (await this.#scripted(client, reply)) return;
     const x = this.#exchange(id, kind, body, res, reply.meters, input, client);
+    x.azure = reply.azure;
     if (await this.#faulted(req, reply, x)) return;
     if (this.#overQuota(reply)) return;
     x.cache = this.#cache?.lookup(x, arrived);
@@ -896,10 +925,21 @@ class SimServer {
   }
 
   /** The rate-limit headers of a set of windows: Anthropic's and OpenAI's names. */
-  rateHeaders(meters: Partial<Record<Dim, Meter>>): Record<string, string> {
+  rateHeaders(
+    meters: Partial<Record<Dim, Meter>>,
+    azure = false,
+  ): Record<string, string> {
     const now = performance.now();
     const h: Record<string, string> = {};
     if (!this.#s.limitHeaders) return h;
+    if (azure) {
+      // Azure sends what is left, never the limit.
+      for (const d of ["requests", "tokens"] as const) {
+        const m = meters[d];
+        if (m) h[`x-ratelimit-remaining-${d}`] = String(m.remaining(now));
+      }
+      return h;
+    }
     const wall = Date.now();
     for (const [d, anthropic, openai] of HEADER_NAMES) {
       const m = meters[d];
@@ -938,7 +978,7 @@ class SimServer {
     const apiKey = this.#s.apiKey;
     if (apiKey === undefined) return true;
     const auth = req.headers["authorization"];
-    const given = req.headers["x-api-key"] ??
+    const given = req.headers["x-api-key"] ?? req.headers["api-key"] ??
       (typeof auth === "string" && auth.startsWith("Bearer ")
         ? auth.slice(7)
         : undefined);
@@ -996,6 +1036,7 @@ class SimServer {
     return {
       id,
       kind,
+      azure: false,
       body,
       res,
       meters,
@@ -1091,6 +1132,26 @@ class SimServer {
   }
 
   /** Strict admission against every window: charged, or refused with a 429. */
+  /**
+   * Azure's short window for a set of windows: requests per minute
+   * evaluated over a sixth of the window, at a sixth of the limit.
+   */
+  #shortMeter(meters: Partial<Record<Dim, Meter>>): Meter | undefined {
+    const m = meters.requests;
+    if (!m) return undefined;
+    let short = this.#short.get(m);
+    if (!short) {
+      short = new Meter(
+        Math.max(1, Math.floor(m.limit / 6)),
+        m.windowMs / 6,
+        this.#s.mode === "bucket",
+        performance.now(),
+      );
+      this.#short.set(m, short);
+    }
+    return short;
+  }
+
   #admit(x: Exchange, now: number, reply: Replier): boolean {
     const outTokens = x.words.length;
     const outCharge = this.#s.outputCounting === "max_tokens"
@@ -1120,6 +1181,12 @@ class SimServer {
         refusedBy = d;
       }
     }
+    const short = reply.azure ? this.#shortMeter(x.meters) : undefined;
+    const shortWait = short?.waitFor(1, now) ?? 0;
+    if (shortWait > wait) {
+      wait = shortWait;
+      refusedBy = "requests";
+    }
     const stats = this.stats;
     if (refusedBy) {
       stats.rateLimited[refusedBy]++;
@@ -1127,10 +1194,11 @@ class SimServer {
         refusedBy,
         wait,
         this.#s.windowMs,
-        this.#s.retryAfterMs,
+        this.#s.retryAfterMs || reply.azure,
       );
       return false;
     }
+    short?.charge(1, now);
     for (const d of DIMS) {
       const m = x.meters[d];
       if (!m) continue;
@@ -1155,6 +1223,8 @@ const HEADER_NAMES: [Dim, string, string | undefined][] = [
 /** Writes one request's non-streaming answers, in its provider's error shape. */
 class Replier {
   meters: Partial<Record<Dim, Meter>>;
+  /** An Azure OpenAI route: its headers and short windows. */
+  azure = false;
   #sim: SimServer;
   #res: ServerResponse;
   #id: string;
@@ -1183,7 +1253,7 @@ class Replier {
       "content-type": "application/json",
       "request-id": this.#id,
       "x-request-id": this.#id,
-      ...this.#sim.rateHeaders(this.meters),
+      ...this.#sim.rateHeaders(this.meters, this.azure),
       ...headers,
     });
     this.#res.end(JSON.stringify(body));
@@ -1255,6 +1325,7 @@ class Replier {
     if (wait !== Infinity) {
       headers["retry-after"] = String(Math.max(1, Math.ceil(wait / 1000)));
       if (retryAfterMs) headers["retry-after-ms"] = String(Math.ceil(wait));
+      if (this.azure) headers["x-ms-retry-after-ms"] = String(Math.ceil(wait));
     }
     const what = refusedBy === "requests"
       ? "requests"
@@ -1665,7 +1736,7 @@ async function streamReply(
     "cache-control": "no-cache",
     "request-id": x.id,
     "x-request-id": x.id,
-    ...sim.rateHeaders(x.meters),
+    ...sim.rateHeaders(x.meters, x.azure),
   });
   res.flushHeaders();
   x.begin();

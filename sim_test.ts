@@ -690,3 +690,51 @@ describe("simulator CLI flags", () => {
     }
   });
 });
+
+describe("simulator: Azure OpenAI routes", () => {
+  it("deployments need an api-version and the key in api-key; a sixth of the requests limit per sixth of the window; only remaining headers; 429s in milliseconds too", async () => {
+    const s = await sim({
+      limits: { requests: 60, windowMs: 6000 },
+      apiKey: "az",
+    });
+    const path = "/openai/deployments/gpt-4o-mini/chat/completions";
+    const body = { messages: [{ role: "user", content: "hi" }], max_tokens: 5 };
+    const noVersion = await post(s.url, path, body, { "api-key": "az" });
+    expect(noVersion.status).toBe(400);
+    expect(await noVersion.text()).toMatch(/api-version/);
+    const q = `${path}?api-version=2024-10-21`;
+    expect((await post(s.url, q, body, { "api-key": "nope" })).status)
+      .toBe(401);
+    const ok = await post(s.url, q, body, { "api-key": "az" });
+    expect(ok.status).toBe(200);
+    const j = await ok.json();
+    expect(j.model).toBe("gpt-4o-mini"); // the deployment names the model
+    expect(ok.headers.get("x-ratelimit-remaining-requests")).toBe("59");
+    expect(ok.headers.get("x-ratelimit-limit-requests")).toBeNull();
+    // 10 per second (a sixth of 60 per 6 s): 9 more pass, the 11th is refused.
+    const more = await Promise.all(
+      Array.from(
+        { length: 10 },
+        () => post(s.url, q, body, { "api-key": "az" }),
+      ),
+    );
+    const refused = more.filter((r) => r.status === 429);
+    expect(refused).toHaveLength(1);
+    const h = refused[0]!.headers;
+    const ms = Number(h.get("x-ms-retry-after-ms"));
+    expect(ms).toBeGreaterThan(0);
+    expect(ms).toBeLessThanOrEqual(1000);
+    expect(h.get("retry-after-ms")).toBe(String(ms));
+    expect(h.get("retry-after")).toBe("1");
+    await Promise.all(more.map((r) => r.text()));
+    // The plain OpenAI route has no short window.
+    const t = await sim({ limits: { requests: 60, windowMs: 6000 } });
+    const plain = await Promise.all(
+      Array.from(
+        { length: 20 },
+        () => post(t.url, "/v1/chat/completions", body),
+      ),
+    );
+    expect(plain.every((r) => r.status === 200)).toBe(true);
+  });
+});

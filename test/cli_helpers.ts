@@ -146,6 +146,8 @@ export const NO_KEYS = {
   OPENAI_API_KEY: undefined,
   ANTHROPIC_BASE_URL: undefined,
   OPENAI_BASE_URL: undefined,
+  AZURE_OPENAI_API_KEY: undefined,
+  AZURE_OPENAI_ENDPOINT: undefined,
 };
 
 export function spawnCli(args: string[]) {
