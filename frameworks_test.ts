@@ -1,5 +1,6 @@
 // The frameworks people build on, through rateLimitedFetch against the
-// simulator: Vercel AI SDK (ai + @ai-sdk/anthropic, @ai-sdk/openai) and
+// simulator: Vercel AI SDK (ai + @ai-sdk/anthropic, @ai-sdk/openai,
+// @ai-sdk/azure against the simulator's Azure routes) and
 // LangChain.js (@langchain/anthropic, @langchain/openai). Their own retries
 // are off (maxRetries: 0) because paceline retries; every call must reach
 // the server once, draw no 429, and settle its real usage into fetch.stats,
@@ -8,6 +9,7 @@ import { describe, expect, it } from "vitest";
 import { generateText, streamText } from "ai";
 import { createAnthropic } from "@ai-sdk/anthropic";
 import { createOpenAI } from "@ai-sdk/openai";
+import { createAzure } from "@ai-sdk/azure";
 import { ChatAnthropic } from "@langchain/anthropic";
 import { ChatOpenAI } from "@langchain/openai";
 import { rateLimitedFetch } from "./mod.ts";
@@ -102,6 +104,24 @@ describe("Vercel AI SDK through rateLimitedFetch", () => {
     });
     await generateAndStream(openai.chat("gpt-sim"));
     expectClean(s, f);
+  });
+
+  it("@ai-sdk/azure (deployment URLs, chat): generateText and streamText, Azure's short window kept", async () => {
+    const { s, f } = await limited();
+    const azure = createAzure({
+      apiKey: "k",
+      baseURL: `${s.url}/openai`,
+      useDeploymentBasedUrls: true,
+      apiVersion: "2024-10-21",
+      fetch: f,
+    });
+    await generateAndStream(azure.chat("gpt-4o-mini"));
+    expectClean(s, f);
+    // A sixth of the limit per sixth of the window: 1 per 167 ms.
+    expect(f.limiter.usage().map((w) => [w.ms, w.limit])).toContainEqual([
+      WINDOW_MS / 6,
+      1,
+    ]);
   });
 });
 
