@@ -478,6 +478,11 @@ function parseLine(
     );
   }
   const o = v as Record<string, unknown>;
+  if (o.custom_id === undefined && "key" in o && "request" in o) {
+    throw new UsageError(
+      `line ${n}: a Gemini batch line ("key", "request"): paceline run does not read Gemini batch files yet (rateLimitedFetch and gemini() speak Gemini in scripts). Nothing was sent.`,
+    );
+  }
   if (typeof o.custom_id !== "string" || o.custom_id === "") {
     throw new UsageError(
       `line ${n}: "custom_id" must be a non-empty string: ${

@@ -781,6 +781,17 @@ describe("paceline run: journal, stalls and fatal stops", () => {
     const b = await runCli(["run", bad, "--dry-run"], NO_KEYS);
     expect(b.code).toBe(2);
     expect(b.err).toMatch(/line 2: invalid JSON/);
+    const { input: geminiFile } = batchFiles(
+      JSON.stringify({
+        key: "g1",
+        request: { contents: [{ parts: [{ text: "hi" }] }] },
+      }),
+    );
+    const g = await runCli(["run", geminiFile, "--dry-run"], NO_KEYS);
+    expect(g.code).toBe(2);
+    expect(g.err).toMatch(
+      /line 1: a Gemini batch line \("key", "request"\): paceline run does not read Gemini batch files yet/,
+    );
   });
 
   it("--provider azure: OpenAI batch lines to deployments with an api-version and api-key, --rpm's short windows kept: every line once, in order, ≤ 1 × 429; an Azure base URL alone picks it; mistakes are named", async () => {

@@ -8,6 +8,7 @@ import {
   anthropic,
   estimateCost,
   estimateTokens,
+  gemini,
   HttpError,
   ManualClock,
   mapConcurrent,
@@ -1209,6 +1210,30 @@ describe("prompt caching end to end", () => {
 });
 
 describe("thin clients", () => {
+  it("gemini(): generate and stream against the simulator's Gemini routes; usage settled; a per-day quota is a QuotaError naming it", async () => {
+    const s = await sim({ quotaAfter: 3 });
+    const g = gemini({ apiKey: "k", baseURL: `${s.url}/v1beta` });
+    const body = {
+      contents: [{ role: "user", parts: [{ text: "What is a window?" }] }],
+      generationConfig: { maxOutputTokens: 20 },
+    };
+    const r = await g.generate("gemini-sim", body);
+    expect(r.candidates?.[0]?.content?.parts[0]?.text).toMatch(/\w/);
+    const stream = g.stream("gemini-sim", body);
+    let chunks = 0;
+    for await (const c of stream) chunks += c.candidates ? 1 : 0;
+    expect(chunks).toBeGreaterThan(1);
+    expect(await g.stream("gemini-sim", body).text()).toMatch(/\w/);
+    const st = s.stats();
+    expect(g.stats.toJSON().inputTokens).toBe(st.usage.inputTokens);
+    expect(g.stats.toJSON().outputTokens).toBe(st.usage.outputTokens);
+    const spent = await g.generate("gemini-sim", body).catch((e) => e);
+    expect(spent).toBeInstanceOf(QuotaError);
+    expect(String(spent.message)).toMatch(
+      /GenerateRequestsPerDayPerProjectPerModel/,
+    );
+    expect(s.stats().received).toBe(4); // not retried
+  });
   it("anthropic: stream text and final message; conversation keeps history", async () => {
     const s = await sim();
     const claude = anthropic({ apiKey: "k", baseURL: s.url });

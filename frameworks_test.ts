@@ -10,6 +10,8 @@ import { generateText, streamText } from "ai";
 import { createAnthropic } from "@ai-sdk/anthropic";
 import { createOpenAI } from "@ai-sdk/openai";
 import { createAzure } from "@ai-sdk/azure";
+import { createGoogleGenerativeAI } from "@ai-sdk/google";
+import { GoogleGenAI } from "@google/genai";
 import { ChatAnthropic } from "@langchain/anthropic";
 import { ChatOpenAI } from "@langchain/openai";
 import { rateLimitedFetch } from "./mod.ts";
@@ -142,6 +144,50 @@ async function invokeAndStream(chat: ChatAnthropic | ChatOpenAI) {
   );
   expect(texts.every((t) => t.length > 0)).toBe(true);
 }
+
+describe("Gemini through rateLimitedFetch", () => {
+  it("@ai-sdk/google: generateText and streamText", async () => {
+    const { s, f } = await limited();
+    const google = createGoogleGenerativeAI({
+      apiKey: "k",
+      baseURL: `${s.url}/v1beta`,
+      fetch: f,
+    });
+    await generateAndStream(google("gemini-sim"));
+    expectClean(s, f);
+  });
+
+  it("@google/genai: generateContent and generateContentStream", async () => {
+    const { s, f } = await limited();
+    const ai = new GoogleGenAI({
+      apiKey: "k",
+      httpOptions: { baseUrl: s.url, fetch: f },
+    });
+    const texts = await Promise.all(
+      Array.from({ length: CALLS }, async (_, i) => {
+        const request = {
+          model: "gemini-sim",
+          contents: prompt(i),
+          config: { maxOutputTokens: 30 },
+        };
+        if (i % 3 === 0) {
+          let text = "";
+          for await (
+            const c of await ai.models.generateContentStream(request)
+          ) {
+            text += c.text ?? "";
+          }
+          return text;
+        }
+        return (await ai.models.generateContent(request)).text ?? "";
+      }),
+    );
+    expect(texts.every((t) => t.length > 0)).toBe(true);
+    expectClean(s, f);
+    // Gemini's limits are per model: the lane is the URL's model.
+    expect([...f.models.keys()]).toEqual(["gemini-sim"]);
+  });
+});
 
 describe("LangChain.js through rateLimitedFetch", () => {
   it("ChatAnthropic: invoke and stream", async () => {

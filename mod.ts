@@ -37,6 +37,7 @@
  * 8. **Providers** (everything paceline knows about each API family, in one
  *    description each): {@linkcode anthropicProvider},
  *    {@linkcode openaiProvider}, {@linkcode azureProvider},
+ *    {@linkcode geminiProvider},
  *    {@linkcode AZURE_API_VERSION}, {@linkcode providers},
  *    {@linkcode providerOf}, {@linkcode estimateTokens},
  *    {@linkcode outputCapOf}, {@linkcode estimateCost}, {@linkcode usageOf};
@@ -53,6 +54,8 @@
  *    `Admission` (with `PaceFinder` while no limits are known),
  *    `learnLimits`, `readResponse`, wired by `RequestPath`.
  * 10. **Clients**: {@linkcode anthropic}, {@linkcode openai},
+ *    {@linkcode gemini}, {@linkcode GeminiClient}, {@linkcode GeminiRequest},
+ *    {@linkcode GeminiResponse},
  *    {@linkcode assembleStream}; {@linkcode ClientOptions},
  *    {@linkcode AnthropicOptions}, {@linkcode AnthropicClient},
  *    {@linkcode AnthropicRequest}, {@linkcode AnthropicMessage},
@@ -3838,7 +3841,7 @@ async function retryChecked<T>(
     const told = parseRetryAfter(failure.headers, o.dateNow(), {
       resetHeaders: failure.status === 429,
       maxMs: Infinity,
-    });
+    }) ?? failure.bodyTold;
     let delayMs: number;
     if (told !== undefined) {
       if (told > o.maxRetryAfterMs || told > ABSURD_MS) {
@@ -3892,6 +3895,8 @@ interface Failure {
   retryable: boolean;
   quota: string | undefined;
   summary: string;
+  /** A wait the error body told (Gemini's `google.rpc.RetryInfo`), ms. */
+  bodyTold?: number;
 }
 
 function isRetryableStatus(r: Response): boolean {
@@ -3921,6 +3926,7 @@ async function describeResponse(response: Response): Promise<Failure> {
     retryable: isRetryableStatus(response),
     quota: response.status === 429 ? quotaCode(error.body) : undefined,
     summary: error.message,
+    bodyTold: retryDelayIn(error.body),
   };
 }
 
@@ -4004,6 +4010,8 @@ function isNetworkError(error: unknown): boolean {
 
 /** The quota/billing code in an error body (any of the providers' shapes), if any. */
 function quotaCode(body: unknown): string | undefined {
+  const daily = quotaViolations(body).find((v) => /PerDay/i.test(v.quotaId));
+  if (daily) return daily.quotaId;
   const seen = new Set<unknown>();
   const visit = (v: unknown, depth: number): string | undefined => {
     if (typeof v !== "object" || v === null || depth > 4 || seen.has(v)) {
@@ -4022,6 +4030,60 @@ function quotaCode(body: unknown): string | undefined {
     return undefined;
   };
   return visit(body, 0);
+}
+
+/** One violated quota of a Gemini 429 (`google.rpc.QuotaFailure`). */
+interface QuotaViolation {
+  /** E.g. `GenerateContentInputTokensPerModelPerMinute-FreeTier`. */
+  quotaId: string;
+  /** The quota's value, when the body gives it. */
+  value: number | undefined;
+  /** The model it is for, when the body names one. */
+  model: string | undefined;
+}
+
+/** The details of a Google error body (`{error: {details: [...]}}`). */
+function googleDetails(body: unknown): Record<string, unknown>[] {
+  const details = (body as { error?: { details?: unknown } } | null)?.error
+    ?.details;
+  return Array.isArray(details)
+    ? details.filter((d) => typeof d === "object" && d !== null)
+    : [];
+}
+
+/**
+ * The quotas a Gemini 429 says were exceeded
+ * (ai.google.dev/gemini-api/docs/troubleshooting: `RESOURCE_EXHAUSTED`
+ * with `google.rpc.QuotaFailure` details).
+ */
+function quotaViolations(body: unknown): QuotaViolation[] {
+  const out: QuotaViolation[] = [];
+  for (const d of googleDetails(body)) {
+    if (!String(d["@type"]).endsWith("google.rpc.QuotaFailure")) continue;
+    for (const v of Array.isArray(d.violations) ? d.violations : []) {
+      const id = (v as { quotaId?: unknown })?.quotaId;
+      if (typeof id !== "string") continue;
+      const value = Number((v as { quotaValue?: unknown }).quotaValue);
+      const model = (v as { quotaDimensions?: { model?: unknown } })
+        .quotaDimensions?.model;
+      out.push({
+        quotaId: id,
+        value: value > 0 && Number.isFinite(value) ? value : undefined,
+        model: typeof model === "string" ? model : undefined,
+      });
+    }
+  }
+  return out;
+}
+
+/** The wait a Google error body's `google.rpc.RetryInfo` asks for (`"26s"`, `"1.5s"`), ms. */
+function retryDelayIn(body: unknown): number | undefined {
+  for (const d of googleDetails(body)) {
+    if (!String(d["@type"]).endsWith("google.rpc.RetryInfo")) continue;
+    const m = /^(\d+(?:\.\d+)?)s$/.exec(String(d.retryDelay));
+    if (m) return Math.ceil(Number(m[1]) * 1000);
+  }
+  return undefined;
 }
 
 function formatMs(ms: number): string {
@@ -5531,10 +5593,10 @@ export interface ProviderEndpoint {
   /** The path as the provider's batch files name it, e.g. `/v1/chat/completions`. */
   readonly path: string;
   /** The body field a request cannot do without. */
-  readonly needs: "messages" | "input" | "prompt";
+  readonly needs: "messages" | "input" | "prompt" | "contents";
   /** Other body fields the API insists on. */
   readonly requires: readonly string[];
-  /** The body fields that cap output tokens, the first one set wins. */
+  /** The body fields that cap output tokens, the first one set wins (`a.b`: field `b` of `a`). */
   readonly outputCaps: readonly string[];
   /** Output tokens when no cap is set (the API's own default); 0 for endpoints with no output. */
   readonly defaultOutput: number;
@@ -5736,6 +5798,8 @@ export interface Provider {
    * hosts and deployment paths); tried before the endpoints' paths.
    */
   matches?(url: string): boolean;
+  /** The model a URL names (Gemini's `models/{model}:…`, Azure's deployment), when it names one. */
+  modelOf?(url: string): string | undefined;
   /**
    * Shorter windows the provider also enforces per-minute limits over
    * (Azure evaluates requests per minute over 1 or 10 seconds): each
@@ -6464,6 +6528,10 @@ export const azureProvider: Provider = {
   ),
   matches: (url) =>
     AZURE_HOST.test(url) || url.includes("/openai/deployments/"),
+  modelOf: (url) => {
+    const m = /\/openai\/deployments\/([^/?#]+)\//.exec(url);
+    return m ? decodeURIComponent(m[1]!) : undefined;
+  },
   url(base, path, target = {}) {
     const deployment = target.model;
     if (typeof deployment !== "string" || deployment === "") {
@@ -6487,6 +6555,175 @@ export const azureProvider: Provider = {
   shortWindows: { keys: ["requests"], divisors: [6, 60] },
 };
 
+/** Gemini's text of `contents` (and `systemInstruction`), parts by parts. */
+function geminiTokens(b: Record<string, unknown>): number {
+  let n = 4;
+  const add = (parts: unknown): void => {
+    for (const p of Array.isArray(parts) ? parts : []) {
+      const part = p as Record<string, unknown>;
+      if (typeof part.text === "string") n += estimateTokens(part.text);
+      else if (part.inlineData || part.fileData) n += MEDIA_TOKENS;
+      else n += estimateTokens(JSON.stringify(part));
+    }
+  };
+  for (const c of Array.isArray(b.contents) ? b.contents : []) {
+    add((c as { parts?: unknown })?.parts);
+    n += 4;
+  }
+  add((b.systemInstruction as { parts?: unknown } | undefined)?.parts);
+  if (b.tools) n += estimateTokens(JSON.stringify(b.tools));
+  return n;
+}
+
+/** Gemini's API key variables: `GEMINI_API_KEY`, else `GOOGLE_API_KEY` (as its SDK reads them). */
+const GEMINI_HOST =
+  /^https?:\/\/generativelanguage\.googleapis\.com(?:[:/?#]|$)/i;
+
+/** Folds Gemini's streamed chunks (each a partial response) into one. */
+class GeminiAssembler implements StreamAssembler {
+  complete = false;
+  #text = "";
+  #last: Record<string, unknown> = {};
+  #finish: unknown;
+
+  add(data: unknown): void {
+    const c = data as Record<string, unknown> | null;
+    if (!c || typeof c !== "object") return;
+    if (c.error) {
+      throw HttpError.from(
+        new Response(null, { status: 500 }),
+        JSON.stringify(c),
+      );
+    }
+    const cand = (c.candidates as Record<string, unknown>[] | undefined)?.[0];
+    const parts = (cand?.content as { parts?: { text?: string }[] })?.parts;
+    for (const p of parts ?? []) this.#text += p.text ?? "";
+    if (cand?.finishReason) {
+      this.#finish = cand.finishReason;
+      this.complete = true; // Gemini's stream has no end marker but this
+    }
+    this.#last = c;
+  }
+
+  result(): Record<string, unknown> {
+    return {
+      ...this.#last,
+      candidates: [{
+        index: 0,
+        content: { role: "model", parts: [{ text: this.#text }] },
+        finishReason: this.#finish,
+      }],
+    };
+  }
+}
+
+/**
+ * Google's Gemini API (generativelanguage.googleapis.com):
+ * `POST {base}/models/{model}:generateContent` and
+ * `:streamGenerateContent?alt=sse` (ai.google.dev/api/generate-content),
+ * the key in `x-goog-api-key`. Usage is `usageMetadata`:
+ * `promptTokenCount` in (cached tokens included), `candidatesTokenCount`
+ * plus `thoughtsTokenCount` out, `cachedContentTokenCount` read from the
+ * cache. The output cap is `generationConfig.maxOutputTokens`. It sends no
+ * rate-limit headers; its limits (requests and input tokens per minute,
+ * requests per day, per project and model) show in its 429s' bodies:
+ * `google.rpc.QuotaFailure` violations and `google.rpc.RetryInfo`'s
+ * `retryDelay` (ai.google.dev/gemini-api/docs/rate-limits).
+ *
+ * @example
+ * ```ts
+ * import { geminiProvider, providerOf } from "./mod.ts";
+ *
+ * const url = geminiProvider.url(geminiProvider.baseURL, ":generateContent", { model: "gemini-2.5-flash" });
+ * if (url !== "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent") throw new Error(url);
+ * if (providerOf(url)?.provider !== geminiProvider) throw new Error();
+ * ```
+ */
+export const geminiProvider: Provider = {
+  name: "gemini",
+  keyVar: "GEMINI_API_KEY",
+  baseURLVar: "GEMINI_BASE_URL",
+  baseURL: "https://generativelanguage.googleapis.com/v1beta",
+  endpoints: [":streamGenerateContent", ":generateContent"].map((path) => ({
+    path,
+    needs: "contents" as const,
+    requires: [],
+    outputCaps: ["generationConfig.maxOutputTokens"],
+    defaultOutput: 8192,
+    streams: path === ":streamGenerateContent",
+    inputTokens: geminiTokens,
+  })),
+  matches: (url) =>
+    GEMINI_HOST.test(url) ||
+    /\/models\/[^/?#]+:(?:stream)?[gG]enerateContent(?:[?#]|$)/.test(url),
+  modelOf: (url) => {
+    const m = /\/models\/([^/?#:]+):/.exec(url);
+    return m ? decodeURIComponent(m[1]!) : undefined;
+  },
+  url(base, path, target = {}) {
+    const model = target.model;
+    if (typeof model !== "string" || model === "") {
+      throw new TypeError(
+        `Gemini needs a model for ${path}: received ${JSON.stringify(model)}`,
+      );
+    }
+    const name = model.startsWith("models/") ? model.slice(7) : model;
+    return `${base}/models/${encodeURIComponent(name)}${path}${
+      path === ":streamGenerateContent" ? "?alt=sse" : ""
+    }`;
+  },
+  headers(apiKey) {
+    const h: Record<string, string> = { "content-type": "application/json" };
+    if (apiKey !== undefined) h["x-goog-api-key"] = apiKey;
+    return h;
+  },
+  limitHeaders: [],
+  errorStatus: {
+    INVALID_ARGUMENT: 400,
+    PERMISSION_DENIED: 403,
+    NOT_FOUND: 404,
+    RESOURCE_EXHAUSTED: 429,
+    INTERNAL: 500,
+    UNAVAILABLE: 503,
+    DEADLINE_EXCEEDED: 504,
+  },
+  quotaCodes: [],
+  usage(body) {
+    const u = (body as { usageMetadata?: Record<string, unknown> } | null)
+      ?.usageMetadata;
+    if (!u || typeof u !== "object") return undefined;
+    const input = count(u.promptTokenCount);
+    const output = (count(u.candidatesTokenCount) ?? 0) +
+      (count(u.thoughtsTokenCount) ?? 0);
+    if (input === undefined) return undefined;
+    return { inputTokens: input, outputTokens: output };
+  },
+  cacheUsage(body) {
+    const u = (body as { usageMetadata?: Record<string, unknown> } | null)
+      ?.usageMetadata;
+    if (!u || count(u.promptTokenCount) === undefined) return undefined;
+    return { read: count(u.cachedContentTokenCount) ?? 0, write: 0 };
+  },
+  usageInEvent: "",
+  streamBody: (body) => body,
+  streamEnd: "",
+  assembler: () => new GeminiAssembler(),
+  batch: {
+    name: 'Gemini batch ("request")',
+    bodyField: "request",
+    pathOf: () => ":generateContent",
+    result: (key, _line, o) =>
+      o.ok ? { key, response: o.body } : {
+        key,
+        error: (o.body as { error?: unknown } | undefined)?.error ?? {
+          code: o.status ?? 0,
+          message: o.message,
+          status: o.errorType ?? "UNAVAILABLE",
+        },
+      },
+  },
+};
+
 /**
  * Every provider paceline knows, in the order a URL is matched against
  * their endpoints.
@@ -6495,13 +6732,14 @@ export const azureProvider: Provider = {
  * ```ts
  * import { providers } from "./mod.ts";
  *
- * if (providers.map((p) => p.name).join() !== "anthropic,openai,azure") throw new Error();
+ * if (providers.map((p) => p.name).join() !== "anthropic,openai,azure,gemini") throw new Error();
  * ```
  */
 export const providers: readonly Provider[] = [
   anthropicProvider,
   openaiProvider,
   azureProvider,
+  geminiProvider,
 ];
 
 /** Every provider's limit headers, in order, each once (Azure's are OpenAI's). */
@@ -6566,7 +6804,7 @@ export function providerOf(url: string): ProviderMatch | undefined {
   const own = providers.find((p) => p.matches?.(url));
   search: for (const provider of own ? [own] : providers) {
     for (const endpoint of provider.endpoints) {
-      if (path.endsWith(endpoint.path.slice(3))) { // "/v1" aside
+      if (path.endsWith(endpoint.path.replace(/^\/v1\//, "/"))) { // "/v1" aside
         found = { provider, endpoint };
         break search;
       }
@@ -6643,7 +6881,11 @@ export function outputCapOf(
 ): number {
   let value: unknown;
   for (const cap of endpoint.outputCaps) {
-    value = body[cap];
+    const dot = cap.indexOf(".");
+    value = dot < 0
+      ? body[cap]
+      : (body[cap.slice(0, dot)] as Record<string, unknown> | undefined)
+        ?.[cap.slice(dot + 1)];
     if (value !== undefined && value !== null) break;
   }
   const max = Number(value ?? endpoint.defaultOutput);
@@ -7332,9 +7574,9 @@ class ModelLanes {
     this.key = this.#newLane(key);
   }
 
-  /** The lane a request body goes through: its model's, or the key's. */
-  of(json: unknown): Lane {
-    const model = (json as { model?: unknown } | undefined)?.model;
+  /** The lane a request goes through: its model's (the URL's, else the body's), or the key's. */
+  of(json: unknown, urlModel?: string): Lane {
+    const model = urlModel ?? (json as { model?: unknown } | undefined)?.model;
     return this.#options.perModel !== false && typeof model === "string" &&
         model
       ? this.#model(model)
@@ -7447,6 +7689,37 @@ function learnLimits(
     }
   }
   return seen;
+}
+
+/**
+ * A Gemini 429's violated per-minute quotas, learned as windows of
+ * `learnMs` on the lane (the request's model: quotas are per model): the
+ * quota id says which (`…Requests…`, `…InputTokens…`), `quotaValue` the
+ * limit. Per-day quotas stop the run instead (see `quotaCode`). Returns
+ * whether it learned anything.
+ */
+function learnFromQuota(json: unknown, lane: Lane, s: FetchSettings): boolean {
+  let learned = false;
+  for (const v of quotaViolations(json)) {
+    if (v.value === undefined || !/PerMinute/i.test(v.quotaId)) continue;
+    const key = /InputTokens/i.test(v.quotaId)
+      ? "inputTokens"
+      : /Requests/i.test(v.quotaId)
+      ? "requests"
+      : undefined;
+    if (!key || s.lanes.userKeys.has(key)) continue;
+    const w = lane.limiter.usage().find((u) =>
+      u.key === key && u.ms === s.learnMs
+    );
+    if (w?.limit === v.value) continue;
+    lane.limiter.setLimit(key, v.value, s.learnMs!);
+    // The server counted what is in flight; a new window has not.
+    if (!w && lane.inflight[key]) {
+      lane.limiter.record({ [key]: lane.inflight[key] });
+    }
+    learned = true;
+  }
+  return learned;
 }
 
 /**
@@ -8297,8 +8570,11 @@ class RequestPath {
       throw error;
     }
     const cost = this.#s.estimate(request.url, request.json);
-    const lane = this.lanes.of(request.json);
     const match = providerOf(request.url);
+    const lane = this.lanes.of(
+      request.json,
+      match?.provider.modelOf?.(request.url),
+    );
     const prefix = this.#cachePrefix(request, match);
     const provider = match?.provider;
     if (provider?.shortWindows && !this.#short.has(this.lanes.key.limiter)) {
@@ -8411,8 +8687,11 @@ class RequestPath {
     admission: Admission,
     json: unknown,
   ): void {
-    const told = parseRetryAfter(response.headers);
+    const told = parseRetryAfter(response.headers) ?? retryDelayIn(json);
     const key = this.lanes.key;
+    if (this.#s.learnMs !== undefined && learnFromQuota(json, lane, this.#s)) {
+      this.pacer.off();
+    }
     if (admission.turn) {
       this.pacer.refused(admission.turn, told, limitNamedIn(json));
     }
@@ -9551,4 +9830,157 @@ export function openai(options: ClientOptions = {}): OpenAIClient {
     };
   };
   return { chat, stream, fetch: f, stats: f.stats, limiter: f.limiter };
+}
+
+/**
+ * A Gemini `generateContent` request body (the fields paceline reads;
+ * anything else the API takes passes through).
+ *
+ * @example
+ * ```ts
+ * import type { GeminiRequest } from "./mod.ts";
+ *
+ * const r: GeminiRequest = { contents: [{ role: "user", parts: [{ text: "Hi" }] }], generationConfig: { maxOutputTokens: 64 } };
+ * if (r.contents.length !== 1) throw new Error();
+ * ```
+ */
+export interface GeminiRequest {
+  /** The conversation: `{role: "user" | "model", parts: [{text}]}` turns. */
+  contents: {
+    role?: string;
+    parts: { text?: string; [k: string]: unknown }[];
+  }[];
+  /** A system prompt. */
+  systemInstruction?: { parts: { text?: string }[] };
+  /** `maxOutputTokens` caps (and is charged as) the output. */
+  generationConfig?: { maxOutputTokens?: number; [k: string]: unknown };
+  /** Anything else the API takes (`tools`, `safetySettings` …), passed through. */
+  [k: string]: unknown;
+}
+
+/**
+ * A Gemini `generateContent` response (or one streamed chunk of it).
+ *
+ * @example
+ * ```ts
+ * import type { GeminiResponse } from "./mod.ts";
+ *
+ * const r: GeminiResponse = { candidates: [{ content: { parts: [{ text: "Hi" }] } }] };
+ * if (r.candidates?.[0]?.content?.parts[0]?.text !== "Hi") throw new Error();
+ * ```
+ */
+export interface GeminiResponse {
+  /** The answers (one unless `candidateCount` asks for more). */
+  candidates?: {
+    content?: { role?: string; parts: { text?: string }[] };
+    finishReason?: string;
+  }[];
+  /** Token counts: `promptTokenCount`, `candidatesTokenCount`, `thoughtsTokenCount` … */
+  usageMetadata?: Record<string, number>;
+  /** Anything else it holds (`modelVersion`, `responseId` …). */
+  [k: string]: unknown;
+}
+
+/**
+ * The thin Gemini client from {@linkcode gemini}.
+ *
+ * @example
+ * ```ts
+ * import { gemini, type GeminiClient } from "./mod.ts";
+ *
+ * const g: GeminiClient = gemini({ apiKey: "k", fetch: () => Promise.resolve(Response.json({})) });
+ * if (typeof g.generate !== "function") throw new Error();
+ * ```
+ */
+export interface GeminiClient {
+  /**
+   * `POST {baseURL}/models/{model}:generateContent`, rate limited and retried.
+   *
+   * @throws {HttpError} For an HTTP error after retries.
+   * @throws {QuotaError} When a per-day quota is spent.
+   */
+  generate(
+    model: string,
+    body: GeminiRequest,
+    options?: { signal?: AbortSignal },
+  ): Promise<GeminiResponse>;
+  /** `:streamGenerateContent?alt=sse`: the chunks, and `text()`; the request starts on first use. */
+  stream(
+    model: string,
+    body: GeminiRequest,
+    options?: { signal?: AbortSignal },
+  ): AsyncIterable<GeminiResponse> & { text(): Promise<string> };
+  /** The rate-limited fetch underneath. */
+  readonly fetch: RateLimitedFetch;
+  /** Its stats. */
+  readonly stats: Stats;
+  /** Its limiter. */
+  readonly limiter: Limiter;
+}
+
+/**
+ * A small typed client for Google's Gemini API over
+ * {@linkcode rateLimitedFetch}. Key and base URL from the options or
+ * `GEMINI_API_KEY` (else `GOOGLE_API_KEY`) / `GEMINI_BASE_URL` (the base
+ * URL includes `/v1beta`). Gemini sends no limit headers: limits you do not
+ * give are learned from its 429s (see {@linkcode geminiProvider}), per
+ * model.
+ *
+ * @param options Key, base URL, limits; see {@linkcode ClientOptions}.
+ * @returns The client.
+ * @throws {TypeError} If no key is given or set and no `baseURL` either.
+ *
+ * @example
+ * ```ts ignore
+ * import { gemini } from "./mod.ts";
+ *
+ * const g = gemini({ limiter: { rpm: 10, itpm: 250_000 } });
+ * const r = await g.generate("gemini-2.5-flash", { contents: [{ role: "user", parts: [{ text: "你好" }] }] });
+ * console.log(r.candidates?.[0]?.content?.parts[0]?.text);
+ * ```
+ */
+export function gemini(options: ClientOptions = {}): GeminiClient {
+  const { headers = {} } = options;
+  const p = geminiProvider;
+  const { key, base, fetch: f } = clientSetup({
+    ...options,
+    apiKey: options.apiKey ?? env("GEMINI_API_KEY") ?? env("GOOGLE_API_KEY"),
+  }, p);
+  const h = { ...p.headers(key), ...headers };
+  const send = (
+    model: string,
+    path: string,
+    body: GeminiRequest,
+    signal?: AbortSignal,
+  ): Promise<Response> =>
+    f(p.url(base, path, { model }), {
+      method: "POST",
+      headers: h,
+      body: JSON.stringify(body),
+      signal,
+    });
+  return {
+    async generate(model, body, opts = {}) {
+      return okJSON<GeminiResponse>(
+        await send(model, ":generateContent", body, opts.signal),
+      );
+    },
+    stream(model, body, opts = {}) {
+      const chunks = new AssembledStream<GeminiResponse>(
+        p,
+        () => send(model, ":streamGenerateContent", body, opts.signal),
+      );
+      return {
+        [Symbol.asyncIterator]: () => chunks.iterate("gemini"),
+        async text() {
+          await chunks.drain();
+          const done = chunks.result() as GeminiResponse;
+          return done.candidates?.[0]?.content?.parts[0]?.text ?? "";
+        },
+      };
+    },
+    fetch: f,
+    stats: f.stats,
+    limiter: f.limiter,
+  };
 }

@@ -8,6 +8,7 @@ import {
   assembleStream,
   azureProvider,
   estimateCost,
+  geminiProvider,
   HttpError,
   ManualClock,
   mapConcurrent,
@@ -51,7 +52,12 @@ describe("providers: each described once", () => {
       "/v1/messages",
     );
     expect(providerOf("https://x.example/v1/files")).toBeUndefined();
-    expect(providers.map((p) => p.name)).toEqual(["anthropic", "openai", "azure"]);
+    expect(providers.map((p) => p.name)).toEqual([
+      "anthropic",
+      "openai",
+      "azure",
+      "gemini",
+    ]);
   });
 
   it("the estimate is the endpoint's input estimate and its output cap", () => {
@@ -1168,5 +1174,128 @@ describe("Azure OpenAI: one more description", () => {
       await done;
       expect(sentAt).toEqual([0, 1234]);
     }
+  });
+});
+
+describe("Gemini: one more description, limits learned from its 429s", () => {
+  const URL_ =
+    "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent";
+  const ask = {
+    contents: [{ role: "user", parts: [{ text: "hello there" }] }],
+    systemInstruction: { parts: [{ text: "be brief" }] },
+    generationConfig: { maxOutputTokens: 77 },
+  };
+  const quota429 = (quotaId: string, value: string, delay: string) =>
+    Response.json({
+      error: {
+        code: 429,
+        status: "RESOURCE_EXHAUSTED",
+        message: "You exceeded your current quota.",
+        details: [
+          {
+            "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+            violations: [{
+              quotaId,
+              quotaValue: value,
+              quotaDimensions: {
+                location: "global",
+                model: "gemini-2.5-flash",
+              },
+            }],
+          },
+          {
+            "@type": "type.googleapis.com/google.rpc.RetryInfo",
+            retryDelay: delay,
+          },
+        ],
+      },
+    }, { status: 429 });
+
+  it("its URLs, model, estimate (output cap in generationConfig) and usageMetadata (thoughts are output)", () => {
+    expect(providerOf(URL_)).toMatchObject({
+      provider: geminiProvider,
+      endpoint: { path: ":generateContent", needs: "contents" },
+    });
+    expect(
+      providerOf(
+        URL_.replace(":generateContent", ":streamGenerateContent?alt=sse"),
+      )
+        ?.endpoint.path,
+    ).toBe(":streamGenerateContent");
+    expect(geminiProvider.modelOf!(URL_)).toBe("gemini-2.5-flash");
+    expect(
+      geminiProvider.url("http://h/v1beta", ":streamGenerateContent", {
+        model: "models/g",
+      }),
+    )
+      .toBe("http://h/v1beta/models/g:streamGenerateContent?alt=sse");
+    expect(geminiProvider.headers("k")["x-goog-api-key"]).toBe("k");
+    const cost = estimateCost(URL_, ask);
+    expect(cost.outputTokens).toBe(77);
+    expect(cost.inputTokens).toBeGreaterThan(4);
+    expect(usageOf({
+      usageMetadata: {
+        promptTokenCount: 12,
+        candidatesTokenCount: 5,
+        thoughtsTokenCount: 30,
+        cachedContentTokenCount: 8,
+      },
+    })).toEqual({ inputTokens: 12, outputTokens: 35 });
+  });
+
+  it("a per-minute quota's 429 teaches the model's limit (no pace search), and its retryDelay is obeyed to the millisecond", async () => {
+    const clock = new ManualClock();
+    const sentAt: number[] = [];
+    const f = rateLimitedFetch({
+      clock,
+      retry: { random: () => 0.5 },
+      fetch: () => {
+        sentAt.push(clock.now());
+        return Promise.resolve(
+          sentAt.length === 1
+            ? quota429(
+              "GenerateContentInputTokensPerModelPerMinute-FreeTier",
+              "250000",
+              "1.5s",
+            )
+            : Response.json({
+              usageMetadata: { promptTokenCount: 9, candidatesTokenCount: 3 },
+            }),
+        );
+      },
+    });
+    const done = f(URL_, post(ask)).then((r) => r.text());
+    await clock.advance(1499);
+    expect(sentAt).toEqual([0]);
+    await clock.advance(1);
+    await done;
+    expect(sentAt).toEqual([0, 1500]);
+    const windows = f.models.get("gemini-2.5-flash")!.usage();
+    expect(windows.map((w) => [w.key, w.limit, w.ms])).toEqual([
+      ["inputTokens", 250_000, 60_000],
+    ]);
+    expect(f.stats.toJSON().pace).toBeUndefined();
+    expect(f.stats.toJSON().inputTokens).toBe(9);
+  });
+
+  it("a per-day quota's 429 is not retried (its short retryDelay notwithstanding): the run's quota is spent", async () => {
+    let calls = 0;
+    const f = rateLimitedFetch({
+      fetch: () => {
+        calls++;
+        return Promise.resolve(
+          quota429(
+            "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+            "250",
+            "20s",
+          ),
+        );
+      },
+    });
+    const res = await f(URL_, post(ask));
+    expect(res.status).toBe(429);
+    await res.text();
+    expect(calls).toBe(1);
+    expect(f.stats.toJSON().errors).toEqual({ quota: 1 });
   });
 });

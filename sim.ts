@@ -104,7 +104,11 @@ export interface SimulatorOptions {
   outputCounting?: "actual" | "max_tokens";
   /** Fault injection. */
   faults?: SimFaults;
-  /** After this many accepted requests, every request gets the non-retryable spend-limit 429. */
+  /**
+   * After this many accepted requests, every request gets the
+   * non-retryable spend-limit 429 (Gemini routes: the per-day requests
+   * quota's 429, which names it and carries a short `retryDelay`).
+   */
   quotaAfter?: number;
   /** Latency model: `baseMs + perOutputTokenMs × output tokens`. Default 0 and 0. */
   latency?: { baseMs?: number; perOutputTokenMs?: number };
@@ -275,9 +279,13 @@ export type Kind =
   | "responses"
   | "completions"
   | "embeddings"
-  | "moderations";
+  | "moderations"
+  | "generateContent";
 const ROUTE =
   /\/v1\/(messages(?:\/count_tokens)?|chat\/completions|responses|completions|embeddings|moderations)$/;
+/** Gemini: `/v1beta/models/{model}:generateContent` (or `:streamGenerateContent`). */
+const GEMINI_ROUTE =
+  /\/models\/([^/:]+):(generateContent|streamGenerateContent)$/;
 /** Azure OpenAI: `/openai/deployments/{deployment}/{chat/completions|completions|embeddings}`. */
 const AZURE_ROUTE =
   /\/openai\/deployments\/([^/]+)\/(chat\/completions|completions|embeddings)$/;
@@ -304,6 +312,14 @@ export function inputTokensOf(
   kind: Kind = "messages",
 ): number {
   if (kind === "completions") return 1 + textOrTokens(body.prompt);
+  if (kind === "generateContent") {
+    const system = body.systemInstruction as { parts?: unknown } | undefined;
+    let n = 1 + countTokens(contentText(system?.parts));
+    for (const c of Array.isArray(body.contents) ? body.contents : []) {
+      n += 3 + countTokens(contentText((c as { parts?: unknown })?.parts));
+    }
+    return n;
+  }
   if (kind === "embeddings" || kind === "moderations") {
     return textOrTokens(body.input);
   }
@@ -857,7 +873,11 @@ class SimServer {
     const raw = await readBody(req);
     const [path, query = ""] = (req.url ?? "/").split("?") as [string, string?];
     const azure = AZURE_ROUTE.exec(path);
-    const kind = (azure?.[2] ?? ROUTE.exec(path)?.[1]) as Kind | undefined;
+    const gemini = GEMINI_ROUTE.exec(path);
+    const kind =
+      (gemini ? "generateContent" : azure?.[2] ?? ROUTE.exec(path)?.[1]) as
+        | Kind
+        | undefined;
     const reply = new Replier(this, res, id, kind);
     reply.azure = azure !== null;
     if (req.method === "GET" && path === "/_sim/stats") {
@@ -890,6 +910,10 @@ class SimServer {
       // The deployment names the model; a body's "model" is not needed.
       if (body) body.model = decodeURIComponent(azure[1]!);
     }
+    if (gemini && body) {
+      body.model = decodeURIComponent(gemini[1]!);
+      if (gemini[2] === "streamGenerateContent") body.stream = true;
+    }
     const invalid = body === undefined
       ? "body: invalid JSON"
       : invalidFor(route, kind, body);
@@ -897,6 +921,7 @@ class SimServer {
       this.stats.rejected.invalid++;
       return reply.error(400, "invalid_request_error", invalid!);
     }
+    if (typeof body.model === "string") reply.model = body.model;
     if (typeof body.model === "string" && this.#meterSets.has(body.model)) {
       reply.meters = this.#meterSets.get(body.model)!;
     }
@@ -979,6 +1004,7 @@ class SimServer {
     if (apiKey === undefined) return true;
     const auth = req.headers["authorization"];
     const given = req.headers["x-api-key"] ?? req.headers["api-key"] ??
+      req.headers["x-goog-api-key"] ??
       (typeof auth === "string" && auth.startsWith("Bearer ")
         ? auth.slice(7)
         : undefined);
@@ -1127,7 +1153,7 @@ class SimServer {
       return false;
     }
     this.stats.rejected.quota++;
-    reply.quota();
+    reply.quota(quotaAfter);
     return true;
   }
 
@@ -1212,6 +1238,17 @@ class SimServer {
   }
 }
 
+/** gRPC status names of the HTTP statuses the simulator answers Gemini requests with. */
+const GRPC_STATUS: Record<number, string> = {
+  400: "INVALID_ARGUMENT",
+  403: "PERMISSION_DENIED",
+  404: "NOT_FOUND",
+  429: "RESOURCE_EXHAUSTED",
+  500: "INTERNAL",
+  503: "UNAVAILABLE",
+  529: "UNAVAILABLE",
+};
+
 /** Rate-limit header names per window: Anthropic's, and OpenAI's where it has one. */
 const HEADER_NAMES: [Dim, string, string | undefined][] = [
   ["requests", "requests", "requests"],
@@ -1225,6 +1262,9 @@ class Replier {
   meters: Partial<Record<Dim, Meter>>;
   /** An Azure OpenAI route: its headers and short windows. */
   azure = false;
+  /** The request's model (Gemini's 429s name it). */
+  model: string | undefined;
+  #gemini = false;
   #sim: SimServer;
   #res: ServerResponse;
   #id: string;
@@ -1241,6 +1281,7 @@ class Replier {
     this.#id = id;
     // An unknown route gets OpenAI's error shape.
     this.#openai = kind === undefined || ROUTES[kind].style === "openai";
+    this.#gemini = kind !== undefined && ROUTES[kind].style === "gemini";
     this.meters = sim.meterSetOf("");
   }
 
@@ -1267,6 +1308,16 @@ class Replier {
     headers: Record<string, string> = {},
     extra: Record<string, unknown> = {},
   ): void {
+    if (this.#gemini) {
+      return this.json(status, {
+        error: {
+          code: status,
+          message,
+          status: GRPC_STATUS[status] ?? "UNKNOWN",
+          ...extra,
+        },
+      }, headers);
+    }
     this.json(
       status,
       this.#openai
@@ -1280,7 +1331,48 @@ class Replier {
     );
   }
 
+  /**
+   * Gemini's 429: `RESOURCE_EXHAUSTED` with a `google.rpc.QuotaFailure`
+   * naming the quota and its value, and a `google.rpc.RetryInfo` delay
+   * (a per-day quota's is short too, though it resets only at midnight).
+   */
+  #geminiQuota(id: string, what: string, limit: number, wait: number): void {
+    const model = String(this.model ?? "");
+    const delay = `${Math.max(1, Math.ceil(wait / 1000))}s`;
+    this.json(429, {
+      error: {
+        code: 429,
+        message:
+          `You exceeded your current quota, please check your plan and billing details. Quota exceeded for metric: ${what}, limit: ${limit}, model: ${model}. Please retry in ${delay}.`,
+        status: "RESOURCE_EXHAUSTED",
+        details: [
+          {
+            "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+            violations: [{
+              quotaMetric: `generativelanguage.googleapis.com/${what}`,
+              quotaId: id,
+              quotaDimensions: { location: "global", model },
+              quotaValue: String(limit),
+            }],
+          },
+          {
+            "@type": "type.googleapis.com/google.rpc.RetryInfo",
+            retryDelay: delay,
+          },
+        ],
+      },
+    });
+  }
+
   unauthorized(): void {
+    if (this.#gemini) {
+      // Gemini answers a bad key with 400 INVALID_ARGUMENT.
+      return this.error(
+        400,
+        "",
+        "API key not valid. Please pass a valid API key.",
+      );
+    }
     if (!this.#openai) {
       return this.error(401, "authentication_error", "invalid x-api-key");
     }
@@ -1294,7 +1386,15 @@ class Replier {
     });
   }
 
-  quota(): void {
+  quota(perDay: number): void {
+    if (this.#gemini) {
+      return this.#geminiQuota(
+        "GenerateRequestsPerDayPerProjectPerModel",
+        "requests",
+        perDay,
+        1000,
+      );
+    }
     if (!this.#openai) {
       return this.error(
         429,
@@ -1330,6 +1430,17 @@ class Replier {
     const what = refusedBy === "requests"
       ? "requests"
       : refusedBy.replace("T", " t").toLowerCase();
+    if (this.#gemini) {
+      const id = refusedBy === "requests"
+        ? "GenerateRequestsPerMinutePerProjectPerModel"
+        : "GenerateContentInputTokensPerModelPerMinute";
+      return this.#geminiQuota(
+        id,
+        refusedBy,
+        this.meters[refusedBy]!.limit,
+        wait,
+      );
+    }
     if (!this.#openai) {
       return this.error(
         429,
@@ -1386,7 +1497,7 @@ const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 /** One endpoint the simulator serves: its checks, its answer, its stream. */
 interface Route {
   /** Whose wire format: error bodies and auth failures follow it. */
-  style: "anthropic" | "openai";
+  style: "anthropic" | "openai" | "gemini";
   /** Whether it answers with output tokens (embeddings and moderations do not). */
   output: boolean;
   /** The field a request cannot do without, and its check. */
@@ -1442,8 +1553,68 @@ function finishReason(x: Exchange): string {
   return x.stop === "end_turn" ? "stop" : "length";
 }
 
+/** Gemini's answer body (the whole, or a streamed chunk's). */
+function geminiBody(
+  x: Exchange,
+  text: string,
+  done: boolean,
+): Record<string, unknown> {
+  return {
+    candidates: [{
+      content: { role: "model", parts: [{ text }] },
+      ...(done
+        ? { finishReason: x.stop === "end_turn" ? "STOP" : "MAX_TOKENS" }
+        : {}),
+      index: 0,
+    }],
+    usageMetadata: {
+      promptTokenCount: x.input,
+      ...(done
+        ? {
+          candidatesTokenCount: x.words.length,
+          totalTokenCount: x.input + x.words.length,
+        }
+        : { totalTokenCount: x.input }),
+    },
+    modelVersion: x.model,
+    responseId: x.id,
+  };
+}
+
+function* geminiStream(
+  x: Exchange,
+  write: (s: string) => void,
+): Generator<number, boolean> {
+  for (let i = 0; i < x.words.length; i++) {
+    if (i === breakAt(x)) return false;
+    yield i;
+    const last = i === x.words.length - 1;
+    write(
+      `data: ${
+        JSON.stringify(geminiBody(x, (i ? " " : "") + x.words[i], last))
+      }\r\n\r\n`,
+    );
+  }
+  if (!x.words.length) {
+    write(`data: ${JSON.stringify(geminiBody(x, "", true))}\r\n\r\n`);
+  }
+  return true;
+}
+
 /** Every route, by the path after `/v1/`. */
 const ROUTES: Record<Kind, Route> = {
+  "generateContent": {
+    style: "gemini",
+    output: true,
+    needs: { field: "contents", check: Array.isArray },
+    maxTokens: (b) =>
+      Number(
+        (b.generationConfig as { maxOutputTokens?: unknown } | undefined)
+          ?.maxOutputTokens ?? 8192,
+      ),
+    reply: (x) => geminiBody(x, x.text, true),
+    stream: geminiStream,
+  },
   "messages": {
     style: "anthropic",
     output: true,
