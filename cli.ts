@@ -55,6 +55,7 @@ import {
   type CachePrefix,
   type Cost,
   estimateCost,
+  geminiProvider,
   HttpError,
   type Limiter,
   mapConcurrentUnordered,
@@ -95,6 +96,9 @@ Input: JSONL in the providers' batch formats (detected per file):
   OpenAI:    {"custom_id": "a1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
              "url" is one of /v1/chat/completions, /v1/responses, /v1/embeddings,
              /v1/completions, /v1/moderations; a file may mix them and models
+             (Azure OpenAI: the same lines, with --provider azure)
+  Gemini:    {"key": "a1", "request": {"contents": [...], "generationConfig": {...}}}
+             with --model (or "model" in a request)
 
 Options for run:
 ${flagHelp(RUN_FLAGS)}
@@ -110,10 +114,12 @@ command again (after a crash, Ctrl-C or a fatal error) sends only the lines
 that have no result; requests in flight at a crash may be sent again, nothing
 that finished is. The journal is deleted when the output is complete.
 
-The API key comes from ANTHROPIC_API_KEY or OPENAI_API_KEY.
+The API key comes from ANTHROPIC_API_KEY, OPENAI_API_KEY, AZURE_OPENAI_API_KEY,
+or GEMINI_API_KEY (else GOOGLE_API_KEY).
 Exit codes: 0 all succeeded; 1 some lines errored (results written);
 2 usage or input error (nothing sent); 3 stopped by a fatal API error (401, 403,
-quota/billing 429: nothing more sent, those not recorded; fix it and run again);
+quota/billing 429, a spent per-day quota: nothing more sent, those not recorded;
+fix it, or wait for the quota, and run again);
 130 interrupted (run again to resume).
 `;
 }
@@ -147,6 +153,8 @@ interface RunOptions {
   stream: boolean;
   /** False with `--no-find-pace`. */
   findPace: boolean;
+  /** The model of lines that name none (Gemini's batch lines). */
+  model?: string;
   /** Azure OpenAI: the deployment (default: each line's `model`) and `api-version`. */
   deployment?: string;
   apiVersion?: string;
@@ -452,11 +460,18 @@ async function* lines(
   }
 }
 
+/** What the lines read so far say of the file. */
+interface InputFormat {
+  provider?: Provider;
+  /** The first Gemini line that names no model (`--model` must). */
+  modelless?: number;
+}
+
 /** Parses and checks one input line; throws a UsageError naming the line. */
 function parseLine(
   n: number,
   line: string,
-  format: { provider?: Provider },
+  format: InputFormat,
 ): Item {
   const jsonl =
     "paceline reads JSONL: one request per line, each a JSON object";
@@ -478,21 +493,16 @@ function parseLine(
     );
   }
   const o = v as Record<string, unknown>;
-  if (o.custom_id === undefined && "key" in o && "request" in o) {
+  const kind = providers.find((p) => p.batch.bodyField in o);
+  const idField = kind?.batch.idField ?? "custom_id";
+  const id = o[idField];
+  if (typeof id !== "string" || id === "") {
     throw new UsageError(
-      `line ${n}: a Gemini batch line ("key", "request"): paceline run does not read Gemini batch files yet (rateLimitedFetch and gemini() speak Gemini in scripts). Nothing was sent.`,
-    );
-  }
-  if (typeof o.custom_id !== "string" || o.custom_id === "") {
-    throw new UsageError(
-      `line ${n}: "custom_id" must be a non-empty string: ${
-        o.custom_id === undefined
-          ? "it is missing"
-          : `received ${JSON.stringify(o.custom_id)}`
+      `line ${n}: "${idField}" must be a non-empty string: ${
+        id === undefined ? "it is missing" : `received ${JSON.stringify(id)}`
       }`,
     );
   }
-  const kind = providers.find((p) => p.batch.bodyField in o);
   if (!kind) {
     throw new UsageError(
       `line ${n}: neither ${
@@ -518,7 +528,10 @@ function parseLine(
     throw new UsageError(`line ${n}: ${(e as Error).message}`);
   }
   checkBody(n, kind, path, body);
-  return { line: n, customId: o.custom_id, path, body };
+  if (kind === geminiProvider && typeof body.model !== "string") {
+    format.modelless ??= n;
+  }
+  return { line: n, customId: id, path, body };
 }
 
 /** Every output cap any endpoint knows: each must be a positive integer where given. */
@@ -590,9 +603,15 @@ async function validate(
   path: string,
   shard?: Shard,
 ): Promise<
-  { provider: Provider; count: number; ids: string[]; paths: Set<string> }
+  {
+    provider: Provider;
+    count: number;
+    ids: string[];
+    paths: Set<string>;
+    modelless?: number;
+  }
 > {
-  const format: { provider?: Provider } = {};
+  const format: InputFormat = {};
   const seen = new Map<string, number>();
   const ids: string[] = [];
   const paths = new Set<string>();
@@ -603,7 +622,7 @@ async function validate(
     const first = seen.get(item.customId);
     if (first !== undefined) {
       throw new UsageError(
-        `line ${n}: duplicate custom_id ${
+        `line ${n}: duplicate ${format.provider!.batch.idField} ${
           JSON.stringify(item.customId)
         } (first on line ${first})`,
       );
@@ -622,7 +641,13 @@ async function validate(
       `--shard ${shard.k}/${shard.n}: this shard has no lines (the file has ${g})`,
     );
   }
-  return { provider: format.provider, count: ids.length, ids, paths };
+  return {
+    provider: format.provider,
+    count: ids.length,
+    ids,
+    paths,
+    modelless: format.modelless,
+  };
 }
 
 // =============================================================================
@@ -644,7 +669,11 @@ interface Endpoint {
 
 function endpoint(o: RunOptions, p: Provider): Endpoint {
   const keyVar = p.keyVar;
-  const apiKey = o.apiKey ?? (process.env[keyVar] || undefined);
+  const apiKey = o.apiKey ?? (process.env[keyVar] || undefined) ??
+    // Gemini's SDK reads GOOGLE_API_KEY too.
+    (p === geminiProvider
+      ? process.env.GOOGLE_API_KEY || undefined
+      : undefined);
   const baseURL = (o.baseURL ?? (process.env[p.baseURLVar] || undefined))
     ?.replace(/\/+$/, "");
   if (!apiKey && !baseURL) {
@@ -667,7 +696,7 @@ function endpoint(o: RunOptions, p: Provider): Endpoint {
   return {
     url: (path, body) =>
       p.url(base, path, {
-        model: deployment ?? (body?.model as string | undefined),
+        model: deployment ?? (body?.model as string | undefined) ?? o.model,
         apiVersion,
       }),
     host: new URL(base).host,
@@ -1248,6 +1277,8 @@ async function perform(
   stream &&= provider.endpoints.some((e) => e.path === item.path && e.streams);
   const body = stream
     ? provider.streamBody(item.body)
+    : provider === geminiProvider // its API refuses unknown fields
+    ? item.body
     : { ...item.body, stream: false };
   try {
     const response = await f(ep.url(item.path, item.body), {
@@ -1335,10 +1366,45 @@ function fatalOf(outcome: Outcome): string | undefined {
   if (outcome.status === 403) {
     return "the API key is not allowed to do this (HTTP 403)";
   }
+  if (outcome.quota && /PerDay/i.test(outcome.quota)) {
+    return `the per-day quota ${outcome.quota} is spent; it resets at midnight Pacific time, ${
+      untilPacificMidnight(Date.now())
+    }`;
+  }
   if (outcome.quota) {
     return `the account's quota, credit or spend limit is exhausted (HTTP 429 ${outcome.quota})`;
   }
+  // Gemini refuses a bad key with 400 INVALID_ARGUMENT, reason API_KEY_INVALID.
+  if (
+    outcome.status === 400 &&
+    /API_KEY_INVALID|API key not valid/.test(JSON.stringify(outcome.body ?? ""))
+  ) {
+    return "the API key was refused (HTTP 400 API_KEY_INVALID)";
+  }
   return undefined;
+}
+
+/**
+ * When Gemini's per-day quotas reset: midnight Pacific time
+ * (ai.google.dev/gemini-api/docs/rate-limits), as "in 7h 12m (08:00 UTC)".
+ */
+export function untilPacificMidnight(now: number): string {
+  const parts = new Intl.DateTimeFormat("en-US", {
+    timeZone: "America/Los_Angeles",
+    hourCycle: "h23",
+    hour: "numeric",
+    minute: "numeric",
+    second: "numeric",
+  }).formatToParts(new Date(now));
+  const get = (t: string): number =>
+    Number(parts.find((p) => p.type === t)?.value ?? 0);
+  const sinceMidnight = ((get("hour") * 60 + get("minute")) * 60 +
+    get("second")) * 1000;
+  const left = 86_400_000 - sinceMidnight;
+  const at = new Date(now + left).toISOString().slice(11, 16);
+  return `in ${Math.floor(left / 3_600_000)}h ${
+    Math.floor(left / 60_000) % 60
+  }m (${at} UTC)`;
 }
 
 // =============================================================================
@@ -1392,7 +1458,13 @@ function writeAll(fd: number, data: string | Buffer): number {
 }
 
 /** Whether a results line records a failure (Anthropic or OpenAI shape). */
+/** A result line's id: `custom_id`, or Gemini's `key`. */
+function rowId(row: Record<string, unknown>): unknown {
+  return "custom_id" in row ? row.custom_id : row.key;
+}
+
 function isErrored(row: Record<string, unknown>): boolean {
+  if ("key" in row && !("custom_id" in row)) return row.error != null;
   if ("result" in row) {
     return (row.result as { type?: unknown } | null)?.type !== "succeeded";
   }
@@ -1450,9 +1522,9 @@ function scanOutput(output: string, ids: string[]): PriorOutput {
     } catch { /* below */ }
     if (!row) throw notOurs(`line ${n} is not a JSON object`);
     const k = prior.done;
-    if (k >= ids.length || row.custom_id !== ids[k]) {
+    if (k >= ids.length || rowId(row) !== ids[k]) {
       throw notOurs(
-        `its line ${n} has custom_id ${JSON.stringify(row.custom_id)}, ${
+        `its line ${n} has id ${JSON.stringify(rowId(row))}, ${
           k < ids.length
             ? `line ${k + 1} of the input has ${JSON.stringify(ids[k])}`
             : `the input has only ${ids.length} lines`
@@ -1476,7 +1548,7 @@ function scanOutput(output: string, ids: string[]): PriorOutput {
       Math.min(size - end, 32),
       true,
     );
-    if (!/^\{"(custom_id|id)":/.test(tail)) {
+    if (!/^\{"(custom_id|id|key)":/.test(tail)) {
       throw notOurs(`its last line is not a result line`);
     }
     truncateSync(output, end);
@@ -1517,7 +1589,7 @@ class Journal {
     if (existsSync(path)) {
       end = scanLines(path, (text, offset, n) => {
         const head = JOURNAL_HEAD.exec(text);
-        let row: { custom_id?: unknown } | undefined;
+        let row: Record<string, unknown> | undefined;
         if (head && text.endsWith("}")) {
           try {
             row = JSON.parse(text).r;
@@ -1528,10 +1600,10 @@ class Journal {
           return;
         }
         const i = Number(head[1]);
-        if (i >= ids.length || row.custom_id !== ids[i]) {
+        if (i >= ids.length || rowId(row) !== ids[i]) {
           throw new UsageError(
-            `${path}: line ${n} is for custom_id ${
-              JSON.stringify(row.custom_id)
+            `${path}: line ${n} is for ${
+              JSON.stringify(rowId(row))
             }, which is not line ${
               i + 1
             } of this input; this journal belongs to another input (delete it, or use another -o)`,
@@ -1989,6 +2061,11 @@ async function runBatch(
   const read = await validate(o.input, o.shard);
   const { ids, paths } = read;
   const provider = providerFor(o, read.provider);
+  if (read.modelless !== undefined && !o.model) {
+    throw new UsageError(
+      `line ${read.modelless}: no model: Gemini batch lines name none (the model belongs to the job); give --model, e.g. --model gemini-2.5-flash`,
+    );
+  }
   if (o.dryRun) {
     const all = (): boolean => true;
     await checkFits(o.input, all, windowsFor(o.limits, o.windowMs), o.shard);
@@ -2404,6 +2481,8 @@ class BatchRun {
       `${
         fatal.outcome.redis
           ? "Bring Redis back"
+          : fatal.outcome.quota && /PerDay/i.test(fatal.outcome.quota)
+          ? "Wait for the quota to reset"
           : fatal.outcome.quota
           ? "Raise the spend limit or add credit"
           : `Check the key in ${this.ep.keyVar}`
@@ -2607,6 +2686,16 @@ const RUN_FLAGS: Flag[] = [
       }
       o.provider = v;
     },
+  },
+  {
+    name: "model",
+    arg: "M",
+    help: [
+      "Gemini: the model of lines that name none (its batch",
+      'lines carry no model; a line\'s own "model" wins)',
+    ],
+    set: (o, v, flag) =>
+      o.model = checked(v, flag, /^(models\/)?[\w.-]+$/, "a model name"),
   },
   {
     name: "deployment",
@@ -3028,6 +3117,7 @@ export async function main(argv: string[], io: {
       findPace: o.findPace ?? true,
       deployment: o.deployment,
       apiVersion: o.apiVersion,
+      model: o.model,
       quiet: o.quiet ?? false,
       retryErrored: o.retryErrored ?? false,
       dryRun: o.dryRun ?? false,

@@ -781,17 +781,6 @@ describe("paceline run: journal, stalls and fatal stops", () => {
     const b = await runCli(["run", bad, "--dry-run"], NO_KEYS);
     expect(b.code).toBe(2);
     expect(b.err).toMatch(/line 2: invalid JSON/);
-    const { input: geminiFile } = batchFiles(
-      JSON.stringify({
-        key: "g1",
-        request: { contents: [{ parts: [{ text: "hi" }] }] },
-      }),
-    );
-    const g = await runCli(["run", geminiFile, "--dry-run"], NO_KEYS);
-    expect(g.code).toBe(2);
-    expect(g.err).toMatch(
-      /line 1: a Gemini batch line \("key", "request"\): paceline run does not read Gemini batch files yet/,
-    );
   });
 
   it("--provider azure: OpenAI batch lines to deployments with an api-version and api-key, --rpm's short windows kept: every line once, in order, ≤ 1 × 429; an Azure base URL alone picks it; mistakes are named", async () => {
@@ -884,6 +873,103 @@ describe("paceline run: journal, stalls and fatal stops", () => {
     expect(notAzure.code).toBe(2);
     expect(notAzure.err).toMatch(/--deployment is for --provider azure/);
     expect(s.stats().received).toBe(120 + st.rateLimited.requests);
+  });
+
+  it("Gemini batch lines with --model: results in Gemini's format, in order; limits given: 0 × 429; none given: learned from the 429 bodies (≤ 3 × 429); a spent per-day quota stops the run (exit 3, named, with its reset), results kept, and a rerun finishes", async () => {
+    const lines = Array.from({ length: 60 }, (_, i) =>
+      JSON.stringify({
+        key: `g-${i}`,
+        request: {
+          contents: [{
+            role: "user",
+            parts: [{ text: `Question ${i}: why pace?` }],
+          }],
+          generationConfig: { maxOutputTokens: 20 },
+        },
+      }));
+    const limits = { requests: 20, inputTokens: 400, windowMs: 2000 };
+    const run = async (
+      extra: string[],
+      s: { url: string },
+      files = batchFiles(lines.join("\n")),
+    ) => {
+      const r = await runCli([
+        "run",
+        files.input,
+        "-o",
+        files.output,
+        "--base-url",
+        `${s.url}/v1beta`,
+        "--model",
+        "gemini-sim",
+        "--window-ms",
+        "2000",
+        "--margin-ms",
+        "150",
+        "--concurrency",
+        "8",
+        ...extra,
+      ], { ...NO_KEYS, GEMINI_API_KEY: "gk" });
+      return { ...r, output: files.output, files };
+    };
+    const rows = (path: string) =>
+      readFileSync(path, "utf8").trim().split("\n").map((l) => JSON.parse(l));
+    // Limits given.
+    const s = await sim({
+      limits,
+      apiKey: "gk",
+      faults: { unavailable503: 0.05 },
+      seed: 5,
+    });
+    const given = await run(["--rpm", "20", "--itpm", "400"], s);
+    expect(given.code).toBe(0);
+    const out = rows(given.output);
+    expect(out.map((r) => r.key)).toEqual(lines.map((_, i) => `g-${i}`));
+    expect(
+      out.every((r) => r.response?.candidates?.[0]?.content?.parts?.[0]?.text),
+    ).toBe(true);
+    expect(s.stats().rateLimited.requests + s.stats().rateLimited.inputTokens)
+      .toBe(0);
+    expect(s.stats().faults.unavailable503).toBeGreaterThan(0);
+    // None given: the 429s' QuotaFailure says them.
+    const t = await sim({
+      limits,
+      apiKey: "gk",
+      faults: { unavailable503: 0.05 },
+      seed: 6,
+    });
+    const learned = await run([], t);
+    expect(learned.code).toBe(0);
+    expect(rows(learned.output).map((r) => r.key)).toEqual(
+      out.map((r) => r.key),
+    );
+    const refused = t.stats().rateLimited.requests +
+      t.stats().rateLimited.inputTokens;
+    expect(refused).toBeGreaterThan(0);
+    expect(refused).toBeLessThanOrEqual(3);
+    // A per-day quota of 25 requests: exit 3 naming it; 25 results kept.
+    const u = await sim({ apiKey: "gk", quotaAfter: 25 });
+    const first = await run([], u);
+    expect(first.code).toBe(3);
+    expect(first.err).toMatch(
+      /the per-day quota GenerateRequestsPerDayPerProjectPerModel is spent; it resets at midnight Pacific time, in \d+h \d+m \(\d\d:\d\d UTC\)/,
+    );
+    expect(first.err).toMatch(/Wait for the quota to reset/);
+    const kept = existsSync(first.output) ? rows(first.output) : [];
+    const journaled = existsSync(`${first.output}.journal`)
+      ? readFileSync(`${first.output}.journal`, "utf8").trim().split("\n")
+        .length
+      : 0;
+    expect(kept.length + journaled).toBeGreaterThanOrEqual(25 - 8);
+    expect(kept.every((r) => !r.error)).toBe(true); // refusals not recorded
+    // "Midnight": a fresh quota; the rerun sends only the rest.
+    const v = await sim({ apiKey: "gk" });
+    const rest = await run([], v, first.files);
+    expect(rest.code).toBe(0);
+    expect(rows(first.output).map((r) => r.key)).toEqual(
+      lines.map((_, i) => `g-${i}`),
+    );
+    expect(v.stats().received).toBeLessThanOrEqual(60 - kept.length);
   });
 
   it("a silent relay: the pace is found from its 429s (≤ 8 of them), shown in the summary and the report; no line written off; a line that never gets through ends by its time budget", async () => {

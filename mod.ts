@@ -5726,8 +5726,10 @@ export interface StreamAssembler {
 export interface BatchFormat {
   /** The format's name, for messages. */
   readonly name: string;
-  /** The line field that holds the request body: `params` or `body`. */
+  /** The line field that holds the request body: `params`, `body` or `request`. */
   readonly bodyField: string;
+  /** The line field that names it, and its result: `custom_id`, or Gemini's `key`. */
+  readonly idField: string;
   /**
    * The endpoint path a line is for; throws a `RangeError` whose message
    * names the bad field.
@@ -6314,6 +6316,7 @@ export const anthropicProvider: Provider = {
   batch: {
     name: 'Anthropic batch ("params")',
     bodyField: "params",
+    idField: "custom_id",
     pathOf: () => "/v1/messages",
     result(customId, _line, o) {
       const body = o.body;
@@ -6450,6 +6453,7 @@ export const openaiProvider: Provider = {
   batch: {
     name: 'OpenAI batch ("body")',
     bodyField: "body",
+    idField: "custom_id",
     pathOf(line) {
       const paths = openaiProvider.endpoints.map((e) => e.path);
       if (typeof line.url !== "string" || !paths.includes(line.url)) {
@@ -6711,6 +6715,7 @@ export const geminiProvider: Provider = {
   batch: {
     name: 'Gemini batch ("request")',
     bodyField: "request",
+    idField: "key",
     pathOf: () => ":generateContent",
     result: (key, _line, o) =>
       o.ok ? { key, response: o.body } : {
@@ -7695,8 +7700,9 @@ function learnLimits(
  * A Gemini 429's violated per-minute quotas, learned as windows of
  * `learnMs` on the lane (the request's model: quotas are per model): the
  * quota id says which (`…Requests…`, `…InputTokens…`), `quotaValue` the
- * limit. Per-day quotas stop the run instead (see `quotaCode`). Returns
- * whether it learned anything.
+ * limit; the quota is full at the server, so a new window starts full.
+ * Per-day quotas stop the run instead (see `quotaCode`). Returns whether it
+ * learned anything.
  */
 function learnFromQuota(json: unknown, lane: Lane, s: FetchSettings): boolean {
   let learned = false;
@@ -7713,10 +7719,12 @@ function learnFromQuota(json: unknown, lane: Lane, s: FetchSettings): boolean {
     );
     if (w?.limit === v.value) continue;
     lane.limiter.setLimit(key, v.value, s.learnMs!);
-    // The server counted what is in flight; a new window has not.
-    if (!w && lane.inflight[key]) {
-      lane.limiter.record({ [key]: lane.inflight[key] });
-    }
+    // The quota is full at the server now, with sends we never logged and
+    // whose times we do not know: a new window starts full (it empties a
+    // window from now, when the server's surely has), so the pause's end
+    // is not met by a burst the server still counts. One window's wait,
+    // once, instead of a 429 for each request in that burst.
+    if (!w) lane.limiter.record({ [key]: v.value });
     learned = true;
   }
   return learned;

@@ -1243,7 +1243,8 @@ describe("Gemini: one more description, limits learned from its 429s", () => {
     })).toEqual({ inputTokens: 12, outputTokens: 35 });
   });
 
-  it("a per-minute quota's 429 teaches the model's limit (no pace search), and its retryDelay is obeyed to the millisecond", async () => {
+  /** A fetch on a manual clock whose first answer is `first`, then a success. */
+  const firstThen = (first: () => Response) => {
     const clock = new ManualClock();
     const sentAt: number[] = [];
     const f = rateLimitedFetch({
@@ -1252,30 +1253,53 @@ describe("Gemini: one more description, limits learned from its 429s", () => {
       fetch: () => {
         sentAt.push(clock.now());
         return Promise.resolve(
-          sentAt.length === 1
-            ? quota429(
-              "GenerateContentInputTokensPerModelPerMinute-FreeTier",
-              "250000",
-              "1.5s",
-            )
-            : Response.json({
-              usageMetadata: { promptTokenCount: 9, candidatesTokenCount: 3 },
-            }),
+          sentAt.length === 1 ? first() : Response.json({
+            usageMetadata: { promptTokenCount: 9, candidatesTokenCount: 3 },
+          }),
         );
       },
     });
+    return { clock, sentAt, f };
+  };
+
+  it("a 429's RetryInfo is obeyed to the millisecond", async () => {
+    const { clock, sentAt, f } = firstThen(() =>
+      Response.json({
+        error: {
+          code: 429,
+          status: "RESOURCE_EXHAUSTED",
+          details: [{
+            "@type": "type.googleapis.com/google.rpc.RetryInfo",
+            retryDelay: "1.5s",
+          }],
+        },
+      }, { status: 429 })
+    );
     const done = f(URL_, post(ask)).then((r) => r.text());
     await clock.advance(1499);
     expect(sentAt).toEqual([0]);
     await clock.advance(1);
     await done;
     expect(sentAt).toEqual([0, 1500]);
+    expect(f.stats.toJSON().inputTokens).toBe(9);
+  });
+
+  it("a per-minute quota's 429 teaches the model's limit (no pace search); the new window starts full, as the server's is", async () => {
+    const { clock, sentAt, f } = firstThen(() =>
+      quota429("GenerateRequestsPerMinutePerProjectPerModel", "30", "20s")
+    );
+    const done = f(URL_, post(ask)).then((r) => r.text());
+    await clock.advance(20_000); // the told wait: the window is still full
+    expect(sentAt).toEqual([0]);
+    await clock.advance(41_000); // a window (and its margin, widened by the 429) after it
+    await done;
+    expect(sentAt[1]).toBeGreaterThanOrEqual(60_000);
+    expect(sentAt[1]).toBeLessThanOrEqual(61_000);
     const windows = f.models.get("gemini-2.5-flash")!.usage();
     expect(windows.map((w) => [w.key, w.limit, w.ms])).toEqual([
-      ["inputTokens", 250_000, 60_000],
+      ["requests", 30, 60_000],
     ]);
     expect(f.stats.toJSON().pace).toBeUndefined();
-    expect(f.stats.toJSON().inputTokens).toBe(9);
   });
 
   it("a per-day quota's 429 is not retried (its short retryDelay notwithstanding): the run's quota is spent", async () => {

@@ -1294,7 +1294,7 @@ class Replier {
       "content-type": "application/json",
       "request-id": this.#id,
       "x-request-id": this.#id,
-      ...this.#sim.rateHeaders(this.meters, this.azure),
+      ...(this.#gemini ? {} : this.#sim.rateHeaders(this.meters, this.azure)),
       ...headers,
     });
     this.#res.end(JSON.stringify(body));
@@ -1907,7 +1907,8 @@ async function streamReply(
     "cache-control": "no-cache",
     "request-id": x.id,
     "x-request-id": x.id,
-    ...sim.rateHeaders(x.meters, x.azure),
+    // Gemini sends no rate-limit headers.
+    ...(x.kind === "generateContent" ? {} : sim.rateHeaders(x.meters, x.azure)),
   });
   res.flushHeaders();
   x.begin();

@@ -148,6 +148,9 @@ export const NO_KEYS = {
   OPENAI_BASE_URL: undefined,
   AZURE_OPENAI_API_KEY: undefined,
   AZURE_OPENAI_ENDPOINT: undefined,
+  GEMINI_API_KEY: undefined,
+  GOOGLE_API_KEY: undefined,
+  GEMINI_BASE_URL: undefined,
 };
 
 export function spawnCli(args: string[]) {
