@@ -344,10 +344,14 @@ describe("paceline run: honest stats after a stop", () => {
         "--progress-ms",
         "100000",
       ]);
+      // Stop once 9 results are journaled (the journal gets each at once;
+      // the ordered output can sit behind a line in backoff while the rest
+      // finish): the run is surely mid-way.
       const deadline = Date.now() + 20_000;
+      const journal = `${output}.journal`;
       while (
-        (!existsSync(output) ||
-          readFileSync(output, "utf8").split("\n").length < 9) &&
+        (!existsSync(journal) ||
+          readFileSync(journal, "utf8").split("\n").length < 10) &&
         Date.now() < deadline
       ) {
         await new Promise((r) => setTimeout(r, 10));

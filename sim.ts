@@ -10,7 +10,12 @@
  * the key in `api-key`, count against the deployment's windows and also a
  * sixth of the requests limit per sixth of the window (Azure's short
  * windows), send only `x-ratelimit-remaining-*` headers, and answer 429s
- * with `retry-after`, `retry-after-ms` and `x-ms-retry-after-ms`. paceline's tests, demo and benchmarks run
+ * with `retry-after`, `retry-after-ms` and `x-ms-retry-after-ms`. Gemini
+ * routes (`/v1beta/models/{model}:generateContent`,
+ * `:streamGenerateContent?alt=sse`) take `x-goog-api-key`, send no limit
+ * headers, and say their limits in `RESOURCE_EXHAUSTED` 429 bodies. Anthropic's
+ * Message Batches (`/v1/messages/batches`: create, retrieve, results,
+ * cancel) end after `batchMs`, results not in request order. paceline's tests, demo and benchmarks run
  * against it.
  *
  * Standalone: `node dist/sim.js --port 8787 --rpm 50 --itpm 30000 --otpm 8000`
@@ -105,6 +110,12 @@ export interface SimulatorOptions {
   /** Fault injection. */
   faults?: SimFaults;
   /**
+   * How long a Message Batch (`POST /v1/messages/batches`) takes to end,
+   * ms; default 1,000. Its results come back in an order of their own,
+   * not the requests' (as Anthropic's do).
+   */
+  batchMs?: number;
+  /**
    * After this many accepted requests, every request gets the
    * non-retryable spend-limit 429 (Gemini routes: the per-day requests
    * quota's 429, which names it and carries a short `retryDelay`).
@@ -189,6 +200,8 @@ export interface SimStats {
     "requests" | "inputTokens" | "outputTokens" | "tokens",
     number
   >;
+  /** Message Batches created, and the requests in them. */
+  batches: { created: number; requests: number; canceled: number };
   /** Simulator clock (`performance.now()`) of the first and last accepted request; -1 before any. */
   acceptedAt: { first: number; last: number };
   /**
@@ -591,10 +604,24 @@ function checkSimOptions(options: SimulatorOptions): SimSettings {
     retryAfterMs: options.retryAfterMs ?? false,
     roundTokenRemaining: options.roundTokenRemaining ?? false,
     limitHeaders: options.limitHeaders ?? true,
+    batchMs: checkBatchMs(options.batchMs),
     promptCache: checkPromptCache(options.promptCache),
     perClientFaults: options.perClientFaults,
     windowMs,
   };
+}
+
+/** The `batchMs` option, checked. */
+function checkBatchMs(ms: number | undefined): number {
+  if (ms === undefined) return 1000;
+  if (!(ms >= 0 && Number.isFinite(ms))) {
+    throw new RangeError(
+      `startSimulator 'batchMs' must be a finite number >= 0: received ${
+        String(ms)
+      }`,
+    );
+  }
+  return ms;
 }
 
 /** The `promptCache` option, checked. */
@@ -629,6 +656,7 @@ function newStats(): SimStats {
     },
     maxInWindow: { requests: 0, inputTokens: 0, outputTokens: 0, tokens: 0 },
     acceptedAt: { first: -1, last: -1 },
+    batches: { created: 0, requests: 0, canceled: 0 },
     usage: { inputTokens: 0, outputTokens: 0 },
     cache: { writes: 0, reads: 0, prefixes: {} },
     perClient: {},
@@ -827,6 +855,7 @@ class SimServer {
   #meterSets = new Map<string, Partial<Record<Dim, Meter>>>();
   /** Azure's short windows, by the requests window they shorten. */
   #short = new Map<Meter, Meter>();
+  #batches: SimBatches = new SimBatches(this);
   #cache: SimCache | undefined;
   #seq = 0;
 
@@ -836,12 +865,33 @@ class SimServer {
     this.reset();
   }
 
+  /** How long a Message Batch takes to end, ms. */
+  get batchMs(): number {
+    return this.#s.batchMs;
+  }
+
+  /** A Messages answer to `params`, outside the rate limits (a batch's), its usage counted. */
+  answer(params: Record<string, unknown>): unknown {
+    const x = this.#exchange(
+      `req_batch${String(++this.#seq).padStart(6, "0")}`,
+      "messages",
+      params,
+      undefined as unknown as ServerResponse, // never streamed
+      this.meterSetOf(""),
+      inputTokensOf(params, "messages"),
+      undefined,
+    );
+    x.done();
+    return ROUTES.messages.reply(x);
+  }
+
   /** Clears windows, counters and the PRNG. */
   reset(): void {
     const s = this.#s;
     this.#random = prng(s.seed);
     this.#meterSets = new Map();
     this.#short = new Map();
+    this.#batches = new SimBatches(this);
     for (
       const [model, l] of [["", s.limits], ...Object.entries(s.modelLimits)]
     ) {
@@ -886,6 +936,19 @@ class SimServer {
       res.writeHead(200, { "content-type": "application/json" });
       res.end(JSON.stringify(this.stats));
       return;
+    }
+    const batch = BATCH_ROUTE.exec(path);
+    if (batch) {
+      const anthropic = new Replier(this, res, id, "messages"); // its shapes
+      if (!this.#authorized(req)) return anthropic.unauthorized();
+      return this.#batches.handle(
+        req.method ?? "GET",
+        batch[1],
+        batch[2],
+        raw,
+        anthropic,
+        `http://${req.headers.host}`,
+      );
     }
     if (req.method !== "POST" || !kind) {
       this.stats.rejected.notFound++;
@@ -1238,6 +1301,178 @@ class SimServer {
   }
 }
 
+/** `/v1/messages/batches`, `…/{id}`, `…/{id}/results`, `…/{id}/cancel`. */
+const BATCH_ROUTE =
+  /\/v1\/messages\/batches(?:\/([\w-]+))?(?:\/(results|cancel))?$/;
+
+/** One Message Batch: its requests, and when it ends. */
+interface SimBatch {
+  id: string;
+  createdAt: string;
+  /** `performance.now()` when processing ends (sooner when canceled). */
+  endsAt: number;
+  canceled: boolean;
+  cancelAt?: string;
+  requests: { custom_id: string; params: Record<string, unknown> }[];
+  /** The result lines, once it has ended, in their own order. */
+  results?: string[];
+}
+
+/**
+ * Anthropic's Message Batches API (docs.anthropic.com/en/api/creating-message-batches):
+ * create, retrieve, results (JSONL, not in request order), cancel. A batch
+ * ends `batchMs` after it is created; each request is answered as the
+ * Messages route would, outside the rate limits (batches have their own).
+ */
+class SimBatches {
+  #sim: SimServer;
+  #batches = new Map<string, SimBatch>();
+  #seq = 0;
+
+  constructor(sim: SimServer) {
+    this.#sim = sim;
+  }
+
+  handle(
+    method: string,
+    id: string | undefined,
+    action: string | undefined,
+    raw: string,
+    reply: Replier,
+    base: string,
+  ): void {
+    if (!id && method === "POST") return this.#create(raw, reply, base);
+    const b = id ? this.#batches.get(id) : undefined;
+    if (!b) {
+      return reply.error(404, "not_found_error", `No batch ${String(id)}`);
+    }
+    if (method === "POST" && action === "cancel") {
+      if (performance.now() < b.endsAt && !b.canceled) {
+        b.canceled = true;
+        b.cancelAt = new Date().toISOString();
+        b.endsAt = performance.now();
+        this.#sim.stats.batches.canceled++;
+      }
+      return reply.json(200, this.#view(b, base));
+    }
+    if (method === "GET" && action === "results") {
+      if (performance.now() < b.endsAt) {
+        return reply.error(
+          400,
+          "invalid_request_error",
+          `Batch ${b.id} is still processing; results are available once it has ended`,
+        );
+      }
+      return reply.text(200, this.#results(b).join("\n") + "\n");
+    }
+    if (method === "GET" && !action) {
+      return reply.json(200, this.#view(b, base));
+    }
+    return reply.error(404, "not_found_error", `No route for ${method} ${id}`);
+  }
+
+  #create(raw: string, reply: Replier, base: string): void {
+    const body = parseObject(raw);
+    const requests = body?.requests;
+    const seen = new Set<string>();
+    const invalid = !Array.isArray(requests) || requests.length === 0
+      ? "requests: a non-empty array is required"
+      : requests.length > 100_000
+      ? "requests: at most 100,000 per batch"
+      : requests.map((r, i) => {
+        const id = (r as { custom_id?: unknown })?.custom_id;
+        const params = (r as { params?: unknown })?.params;
+        if (typeof id !== "string" || id === "" || seen.has(id)) {
+          return `requests.${i}.custom_id: a unique non-empty string is required`;
+        }
+        seen.add(id);
+        if (typeof params !== "object" || params === null) {
+          return `requests.${i}.params: required`;
+        }
+        const why = invalidFor(
+          ROUTES.messages,
+          "messages",
+          params as Record<string, unknown>,
+        );
+        return why && `requests.${i}.params.${why}`;
+      }).find((why) => why);
+    if (invalid) {
+      this.#sim.stats.rejected.invalid++;
+      return reply.error(400, "invalid_request_error", invalid);
+    }
+    const list = requests as SimBatch["requests"];
+    const b: SimBatch = {
+      id: `msgbatch_sim${String(++this.#seq).padStart(6, "0")}`,
+      createdAt: new Date().toISOString(),
+      endsAt: performance.now() + this.#sim.batchMs,
+      canceled: false,
+      requests: list,
+    };
+    this.#batches.set(b.id, b);
+    this.#sim.stats.batches.created++;
+    this.#sim.stats.batches.requests += list.length;
+    reply.json(200, this.#view(b, base));
+  }
+
+  /** The batch as `GET …/batches/{id}` returns it. */
+  #view(b: SimBatch, base: string): Record<string, unknown> {
+    const ended = performance.now() >= b.endsAt;
+    const n = b.requests.length;
+    const counts = {
+      processing: 0,
+      succeeded: 0,
+      errored: 0,
+      canceled: 0,
+      expired: 0,
+    };
+    if (!ended) counts.processing = n;
+    else {
+      for (const line of this.#results(b)) {
+        const type = JSON.parse(line).result.type as keyof typeof counts;
+        counts[type]++;
+      }
+    }
+    return {
+      id: b.id,
+      type: "message_batch",
+      processing_status: ended
+        ? "ended"
+        : b.canceled
+        ? "canceling"
+        : "in_progress",
+      request_counts: counts,
+      ended_at: ended ? new Date().toISOString() : null,
+      created_at: b.createdAt,
+      expires_at: new Date(Date.parse(b.createdAt) + 86_400_000).toISOString(),
+      cancel_initiated_at: b.cancelAt ?? null,
+      archived_at: null,
+      results_url: ended ? `${base}/v1/messages/batches/${b.id}/results` : null,
+    };
+  }
+
+  /**
+   * The result lines, computed once: each request answered as the Messages
+   * route would (canceled ones too, when the batch was canceled before it
+   * ended: every other one), in an order of their own.
+   */
+  #results(b: SimBatch): string[] {
+    if (b.results) return b.results;
+    const lines = b.requests.map((r, i) => {
+      const result = b.canceled && i % 2 === 1
+        ? { type: "canceled" }
+        : { type: "succeeded", message: this.#sim.answer(r.params) };
+      return JSON.stringify({ custom_id: r.custom_id, result });
+    });
+    // Not in request order: interleave from both ends.
+    const out: string[] = [];
+    for (let lo = 0, hi = lines.length - 1; lo <= hi; lo++, hi--) {
+      out.push(lines[hi]!);
+      if (lo < hi) out.push(lines[lo]!);
+    }
+    return b.results = out;
+  }
+}
+
 /** gRPC status names of the HTTP statuses the simulator answers Gemini requests with. */
 const GRPC_STATUS: Record<number, string> = {
   400: "INVALID_ARGUMENT",
@@ -1298,6 +1533,16 @@ class Replier {
       ...headers,
     });
     this.#res.end(JSON.stringify(body));
+    this.#sim.log(String(status));
+  }
+
+  /** A 200 body that is not JSON (a batch's JSONL results). */
+  text(status: number, body: string): void {
+    this.#res.writeHead(status, {
+      "content-type": "application/binary",
+      "request-id": this.#id,
+    });
+    this.#res.end(body);
     this.#sim.log(String(status));
   }
 
@@ -1997,6 +2242,7 @@ Usage: node dist/sim.js [flags]      deno run -A sim.ts [flags]
   --no-prompt-cache    cache nothing; --cache-min-tokens N  the shortest
                        prefix Anthropic-style caching keeps (default 1024)
   --latency-ms N       base latency; --latency-per-token-ms N per output token
+  --batch-ms N         how long a Message Batch takes to end (default 1000)
 `;
 
 /** Parses the standalone flags into options. */
@@ -2040,6 +2286,7 @@ export function parseSimArgs(
     "--fault-mid-stream": (n) => (faults.midStreamError = n),
     "--fault-truncate": (n) => (faults.truncatedStream = n),
     "--quota-after": (n) => (o.quotaAfter = n),
+    "--batch-ms": (n) => (o.batchMs = n),
     "--latency-ms": (n) => (latency.baseMs = n),
     "--latency-per-token-ms": (n) => (latency.perOutputTokenMs = n),
   };

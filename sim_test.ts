@@ -738,3 +738,94 @@ describe("simulator: Azure OpenAI routes", () => {
     expect(plain.every((r) => r.status === 200)).toBe(true);
   });
 });
+
+describe("simulator: Anthropic Message Batches", () => {
+  it("create, poll until ended, results (every request once, not in request order), cancel; invalid batches refused", async () => {
+    const s = await sim({
+      batchMs: 300,
+      limits: { requests: 1, windowMs: 60_000 },
+    });
+    const requests = Array.from({ length: 6 }, (_, i) => ({
+      custom_id: `b-${i}`,
+      params: ask(`Question ${i}`),
+    }));
+    const created = await post(s.url, "/v1/messages/batches", { requests });
+    expect(created.status).toBe(200);
+    const b = await created.json();
+    expect(b).toMatchObject({
+      type: "message_batch",
+      processing_status: "in_progress",
+      request_counts: { processing: 6, succeeded: 0 },
+      results_url: null,
+    });
+    const early = await fetch(`${s.url}/v1/messages/batches/${b.id}/results`);
+    expect(early.status).toBe(400);
+    await early.text();
+    await new Promise((r) => setTimeout(r, 350));
+    const ended = await (await fetch(`${s.url}/v1/messages/batches/${b.id}`))
+      .json();
+    expect(ended).toMatchObject({
+      processing_status: "ended",
+      request_counts: { processing: 0, succeeded: 6 },
+    });
+    const lines = (await (await fetch(ended.results_url)).text()).trim()
+      .split("\n").map((l) => JSON.parse(l));
+    const ids = lines.map((l) => l.custom_id);
+    expect([...ids].sort()).toEqual(requests.map((r) => r.custom_id).sort());
+    expect(ids).not.toEqual(requests.map((r) => r.custom_id)); // not in order
+    expect(lines[0].result.type).toBe("succeeded");
+    expect(lines[0].result.message.usage.output_tokens).toBeGreaterThan(0);
+    // Outside the live limits (1 request per minute here): none refused.
+    expect(s.stats().rateLimited.requests).toBe(0);
+    expect(s.stats().batches).toEqual({ created: 1, requests: 6, canceled: 0 });
+    // Cancel: the batch ends at once, some requests canceled.
+    const t = await (await post(s.url, "/v1/messages/batches", { requests }))
+      .json();
+    const c =
+      await (await post(s.url, `/v1/messages/batches/${t.id}/cancel`, {}))
+        .json();
+    expect(c.processing_status).toBe("ended");
+    expect(c.cancel_initiated_at).not.toBeNull();
+    expect(c.request_counts.canceled).toBeGreaterThan(0);
+    // Refused: duplicate ids, a body without messages.
+    const dup = await post(s.url, "/v1/messages/batches", {
+      requests: [requests[0], requests[0]],
+    });
+    expect(dup.status).toBe(400);
+    expect((await dup.json()).error.message).toMatch(/requests\.1\.custom_id/);
+    const bad = await post(s.url, "/v1/messages/batches", {
+      requests: [{ custom_id: "x", params: { model: "m", max_tokens: 5 } }],
+    });
+    expect(bad.status).toBe(400);
+    expect((await bad.json()).error.type).toBe("invalid_request_error");
+    const missing = await fetch(`${s.url}/v1/messages/batches/msgbatch_nope`);
+    expect(missing.status).toBe(404);
+    await missing.text();
+  });
+
+  it("the official SDK's messages.batches: create, retrieve, results", async () => {
+    const s = await sim({ batchMs: 100 });
+    const client = new Anthropic({
+      apiKey: "k",
+      baseURL: s.url,
+      maxRetries: 0,
+    });
+    const b = await client.messages.batches.create({
+      requests: [0, 1, 2].map((i) => ({
+        custom_id: `sdk-${i}`,
+        params: ask(`Q${i}`),
+      })),
+    });
+    let status = b.processing_status;
+    while (status !== "ended") {
+      await new Promise((r) => setTimeout(r, 50));
+      status = (await client.messages.batches.retrieve(b.id)).processing_status;
+    }
+    const seen: string[] = [];
+    for await (const r of await client.messages.batches.results(b.id)) {
+      expect(r.result.type).toBe("succeeded");
+      seen.push(r.custom_id);
+    }
+    expect(seen.sort()).toEqual(["sdk-0", "sdk-1", "sdk-2"]);
+  });
+});
