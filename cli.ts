@@ -670,10 +670,7 @@ interface Endpoint {
 function endpoint(o: RunOptions, p: Provider): Endpoint {
   const keyVar = p.keyVar;
   const apiKey = o.apiKey ?? (process.env[keyVar] || undefined) ??
-    // Gemini's SDK reads GOOGLE_API_KEY too.
-    (p === geminiProvider
-      ? process.env.GOOGLE_API_KEY || undefined
-      : undefined);
+    (p.altKeyVar ? process.env[p.altKeyVar] || undefined : undefined);
   const baseURL = (o.baseURL ?? (process.env[p.baseURLVar] || undefined))
     ?.replace(/\/+$/, "");
   if (!apiKey && !baseURL) {
@@ -1277,9 +1274,7 @@ async function perform(
   stream &&= provider.endpoints.some((e) => e.path === item.path && e.streams);
   const body = stream
     ? provider.streamBody(item.body)
-    : provider === geminiProvider // its API refuses unknown fields
-    ? item.body
-    : { ...item.body, stream: false };
+    : provider.wholeBody(item.body);
   try {
     const response = await f(ep.url(item.path, item.body), {
       method: "POST",

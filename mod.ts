@@ -5783,6 +5783,8 @@ export interface Provider {
   readonly name: string;
   /** The environment variable the API key comes from. */
   readonly keyVar: string;
+  /** Another one read when `keyVar` is unset (Gemini's SDK reads `GOOGLE_API_KEY`). */
+  readonly altKeyVar?: string;
   /** The environment variable a base URL comes from. */
   readonly baseURLVar: string;
   /** The provider's own base URL. */
@@ -5835,6 +5837,8 @@ export interface Provider {
   readonly usageInEvent: string;
   /** The body to send for a streamed request (usage included). */
   streamBody(body: Record<string, unknown>): Record<string, unknown>;
+  /** The body to send for a whole (not streamed) answer. */
+  wholeBody(body: Record<string, unknown>): Record<string, unknown>;
   /** The last event of a whole stream (`message_stop`, `[DONE]`): a stream without it was cut short. */
   readonly streamEnd: string;
   /** A new assembler for one streamed response; `headers` go into the errors it throws. */
@@ -6311,6 +6315,7 @@ export const anthropicProvider: Provider = {
   },
   usageInEvent: "message",
   streamBody: (body) => ({ ...body, stream: true }),
+  wholeBody: (body) => ({ ...body, stream: false }),
   streamEnd: "message_stop",
   assembler: (headers) => new AnthropicAssembler(headers),
   batch: {
@@ -6440,6 +6445,7 @@ export const openaiProvider: Provider = {
     return { read: count(details?.cached_tokens) ?? 0, write: 0 };
   },
   usageInEvent: "response",
+  wholeBody: (body) => ({ ...body, stream: false }),
   streamBody: (body) => ({
     ...body,
     stream: true,
@@ -6646,6 +6652,7 @@ class GeminiAssembler implements StreamAssembler {
 export const geminiProvider: Provider = {
   name: "gemini",
   keyVar: "GEMINI_API_KEY",
+  altKeyVar: "GOOGLE_API_KEY",
   baseURLVar: "GEMINI_BASE_URL",
   baseURL: "https://generativelanguage.googleapis.com/v1beta",
   endpoints: [":streamGenerateContent", ":generateContent"].map((path) => ({
@@ -6710,6 +6717,8 @@ export const geminiProvider: Provider = {
   },
   usageInEvent: "",
   streamBody: (body) => body,
+  // Streaming is the other URL; the API refuses unknown fields like "stream".
+  wholeBody: (body) => body,
   streamEnd: "",
   assembler: () => new GeminiAssembler(),
   batch: {
@@ -7635,7 +7644,8 @@ class ModelLanes {
  * Header learning: limits the user did not give, from the providers'
  * limit headers (every provider's, as relays mix them), as windows of
  * `learnMs`; and capacity used by others sharing the key, when `remaining`
- * is lower than our own log says. Returns whether any limit header came.
+ * is lower than our own log says. Returns `"none"` when no limit header
+ * came, `"changed"` when a learned limit changed, else `"seen"`.
  */
 function learnLimits(
   h: Headers,
@@ -7643,9 +7653,9 @@ function learnLimits(
   userKeys: Set<string>,
   learnMs: number,
   cost: Cost,
-): boolean {
+): Learned {
   const limiter = lane.limiter;
-  let seen = false;
+  let seen: Learned = "none";
   let windows: WindowUsage[] | undefined; // read once, refreshed after changes
   const find = (key: string): WindowUsage | undefined => {
     windows ??= limiter.usage();
@@ -7655,16 +7665,23 @@ function learnLimits(
   for (const header of LIMIT_HEADERS) {
     const v = h.get(header.limit);
     if (v === null) {
-      if (learnFromRemaining(h, header, lane, userKeys, learnMs, cost)) {
-        seen = true;
-        windows = undefined;
-      }
+      const got = learnFromRemaining(
+        h,
+        header,
+        lane,
+        userKeys,
+        learnMs,
+        cost,
+        find,
+      );
+      if (got === "changed") windows = undefined;
+      if (got !== "none" && seen !== "changed") seen = got;
       continue;
     }
     const limit = Number(v);
     if (!(limit > 0) || !Number.isFinite(limit)) continue;
     if (header.unless?.some((name) => h.has(name))) continue;
-    seen = true;
+    if (seen === "none") seen = "seen";
     const key = header.key;
     if (!userKeys.has(key)) {
       const w = find(key);
@@ -7677,6 +7694,7 @@ function learnLimits(
           limiter.record({ [key]: lane.inflight[key] });
         }
         windows = undefined;
+        seen = "changed";
       }
     }
     // Others sharing the key: their usage shows as lower remaining.
@@ -7695,6 +7713,9 @@ function learnLimits(
   }
   return seen;
 }
+
+/** What a response's headers taught: nothing, limits as known, or a changed limit. */
+type Learned = "none" | "seen" | "changed";
 
 /**
  * A Gemini 429's violated per-minute quotas, learned as windows of
@@ -7734,7 +7755,7 @@ function learnFromQuota(json: unknown, lane: Lane, s: FetchSettings): boolean {
  * A `remaining` header without its `limit` (Azure): the limit is at most
  * what is left plus what the window holds (this request and those in
  * flight, before a window exists), less when others share the key; the
- * least such bound seen is kept. Returns whether it learned anything.
+ * least such bound seen is kept. `find` is learnLimits' window lookup.
  */
 function learnFromRemaining(
   h: Headers,
@@ -7743,24 +7764,25 @@ function learnFromRemaining(
   userKeys: Set<string>,
   learnMs: number,
   cost: Cost,
-): boolean {
+  find: (key: string) => WindowUsage | undefined,
+): Learned {
   const r = h.get(header.remaining);
   const remaining = r === null ? NaN : Number(r);
   const key = header.key;
   if (!(remaining >= 0) || !Number.isFinite(remaining) || userKeys.has(key)) {
-    return false;
+    return "none";
   }
-  const limiter = lane.limiter;
-  const w = limiter.usage().find((u) => u.key === key && u.ms === learnMs);
+  const found = find(key);
+  const w = found?.ms === learnMs ? found : undefined;
   const own = key === "tokens"
     ? (cost.inputTokens ?? 0) + (cost.outputTokens ?? 0)
     : cost[key] ?? 0;
   const bound = remaining + (w ? w.used : (lane.inflight[key] ?? 0) + own);
-  if (w && bound >= w.limit) return true;
-  limiter.setLimit(key, Math.max(1, bound), learnMs);
+  if (w && bound >= w.limit) return "seen";
+  lane.limiter.setLimit(key, Math.max(1, bound), learnMs);
   // A new window: the server has counted this request and those in flight.
-  if (!w) limiter.record({ [key]: (lane.inflight[key] ?? 0) + own });
-  return true;
+  if (!w) lane.limiter.record({ [key]: (lane.inflight[key] ?? 0) + own });
+  return "changed";
 }
 
 /**
@@ -8655,20 +8677,17 @@ class RequestPath {
       throw error;
     }
     track(lane, cost, -1);
-    if (
-      this.#s.learnMs !== undefined &&
-      learnLimits(
-        response.headers,
-        lane,
-        this.#s.lanes.userKeys,
-        this.#s.learnMs,
-        cost,
-      )
-    ) {
-      this.pacer.off();
-      if (provider?.shortWindows) {
-        shortWindows(lane.limiter, provider, this.#short);
-      }
+    const learned = this.#s.learnMs === undefined ? "none" : learnLimits(
+      response.headers,
+      lane,
+      this.#s.lanes.userKeys,
+      this.#s.learnMs,
+      cost,
+    );
+    if (learned !== "none") this.pacer.off();
+    // Short copies follow a learned limit only when it changed.
+    if (learned === "changed" && provider?.shortWindows) {
+      shortWindows(lane.limiter, provider, this.#short);
     }
     return readResponse(this, request.url, response, admission, lane);
   }
@@ -9392,7 +9411,8 @@ function clientSetup(
   const { keyVar, baseURLVar: urlVar, baseURL: defaultURL, name: where } =
     provider;
   const { apiKey, baseURL, headers: _h, ...fetchOptions } = options;
-  const key = apiKey ?? env(keyVar);
+  const key = apiKey ?? env(keyVar) ??
+    (provider.altKeyVar ? env(provider.altKeyVar) : undefined);
   const base = (baseURL ?? env(urlVar) ?? defaultURL).replace(/\/+$/, "");
   if (key === undefined && base === defaultURL) {
     throw new TypeError(
@@ -9950,10 +9970,7 @@ export interface GeminiClient {
 export function gemini(options: ClientOptions = {}): GeminiClient {
   const { headers = {} } = options;
   const p = geminiProvider;
-  const { key, base, fetch: f } = clientSetup({
-    ...options,
-    apiKey: options.apiKey ?? env("GEMINI_API_KEY") ?? env("GOOGLE_API_KEY"),
-  }, p);
+  const { key, base, fetch: f } = clientSetup(options, p);
   const h = { ...p.headers(key), ...headers };
   const send = (
     model: string,
