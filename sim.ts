@@ -13,10 +13,11 @@
  * with `retry-after`, `retry-after-ms` and `x-ms-retry-after-ms`. Gemini
  * routes (`/v1beta/models/{model}:generateContent`,
  * `:streamGenerateContent?alt=sse`) take `x-goog-api-key`, send no limit
- * headers, and say their limits in `RESOURCE_EXHAUSTED` 429 bodies. Anthropic's
- * Message Batches (`/v1/messages/batches`: create, retrieve, results,
- * cancel) end after `batchMs`, results not in request order. paceline's tests, demo and benchmarks run
- * against it.
+ * headers, and say their limits in `RESOURCE_EXHAUSTED` 429 bodies. The
+ * Batch APIs — Anthropic's Message Batches (`/v1/messages/batches`) and
+ * OpenAI's Files and Batches (`/v1/files`, `/v1/batches`) — end a batch
+ * after `batchMs`, results not in request order, some expired or errored
+ * with `batchFaults`. paceline's tests, demo and benchmarks run against it.
  *
  * Standalone: `node dist/sim.js --port 8787 --rpm 50 --itpm 30000 --otpm 8000`
  * or `deno run -A sim.ts ...`; `--help` lists the flags. `GET /_sim/stats`
@@ -116,6 +117,17 @@ export interface SimulatorOptions {
    */
   batchMs?: number;
   /**
+   * Shares (0–1) of batch requests that come back expired, or errored
+   * (500), instead of answered; default none.
+   */
+  batchFaults?: { expired?: number; errored?: number };
+  /**
+   * OpenAI batches: the most input tokens one model's running batches may
+   * hold; a batch that would pass it fails validation with
+   * `token_limit_exceeded`, as OpenAI's do. Default: no limit.
+   */
+  batchEnqueuedTokens?: number;
+  /**
    * After this many accepted requests, every request gets the
    * non-retryable spend-limit 429 (Gemini routes: the per-day requests
    * quota's 429, which names it and carries a short `retryDelay`).
@@ -200,8 +212,18 @@ export interface SimStats {
     "requests" | "inputTokens" | "outputTokens" | "tokens",
     number
   >;
-  /** Message Batches created, and the requests in them. */
-  batches: { created: number; requests: number; canceled: number };
+  /**
+   * Batches created (either provider's; OpenAI's that then fail validation
+   * too), the requests in them, those canceled, OpenAI's that failed
+   * validation, and files uploaded to `/v1/files`.
+   */
+  batches: {
+    created: number;
+    requests: number;
+    canceled: number;
+    failed: number;
+    files: number;
+  };
   /** Simulator clock (`performance.now()`) of the first and last accepted request; -1 before any. */
   acceptedAt: { first: number; last: number };
   /**
@@ -553,9 +575,13 @@ type SimSettings =
       | "port"
       | "host"
       | "promptCache"
+      | "batchEnqueuedTokens"
     >
   >
-  & Pick<SimulatorOptions, "apiKey" | "quotaAfter" | "perClientFaults">
+  & Pick<
+    SimulatorOptions,
+    "apiKey" | "quotaAfter" | "perClientFaults" | "batchEnqueuedTokens"
+  >
   & { windowMs: number; promptCache: false | { minTokens: number } };
 
 /** Checks the options of {@linkcode startSimulator}; throws naming the bad one. */
@@ -605,6 +631,8 @@ function checkSimOptions(options: SimulatorOptions): SimSettings {
     roundTokenRemaining: options.roundTokenRemaining ?? false,
     limitHeaders: options.limitHeaders ?? true,
     batchMs: checkBatchMs(options.batchMs),
+    batchFaults: checkBatchFaults(options.batchFaults),
+    batchEnqueuedTokens: options.batchEnqueuedTokens,
     promptCache: checkPromptCache(options.promptCache),
     perClientFaults: options.perClientFaults,
     windowMs,
@@ -622,6 +650,21 @@ function checkBatchMs(ms: number | undefined): number {
     );
   }
   return ms;
+}
+
+/** The `batchFaults` option, checked. */
+function checkBatchFaults(
+  f: SimulatorOptions["batchFaults"],
+): { expired?: number; errored?: number } {
+  for (const k of ["expired", "errored"] as const) {
+    const x = f?.[k];
+    if (x !== undefined && !(x >= 0 && x <= 1)) {
+      throw new RangeError(
+        `startSimulator 'batchFaults.${k}' must be a share from 0 to 1: received ${x}`,
+      );
+    }
+  }
+  return { ...f };
 }
 
 /** The `promptCache` option, checked. */
@@ -656,7 +699,7 @@ function newStats(): SimStats {
     },
     maxInWindow: { requests: 0, inputTokens: 0, outputTokens: 0, tokens: 0 },
     acceptedAt: { first: -1, last: -1 },
-    batches: { created: 0, requests: 0, canceled: 0 },
+    batches: { created: 0, requests: 0, canceled: 0, failed: 0, files: 0 },
     usage: { inputTokens: 0, outputTokens: 0 },
     cache: { writes: 0, reads: 0, prefixes: {} },
     perClient: {},
@@ -865,24 +908,39 @@ class SimServer {
     this.reset();
   }
 
-  /** How long a Message Batch takes to end, ms. */
+  /** How long a batch takes to end, ms. */
   get batchMs(): number {
     return this.#s.batchMs;
   }
 
-  /** A Messages answer to `params`, outside the rate limits (a batch's), its usage counted. */
-  answer(params: Record<string, unknown>): unknown {
+  /** The shares of batch requests that come back expired or errored. */
+  get batchFaults(): { expired?: number; errored?: number } {
+    return this.#s.batchFaults;
+  }
+
+  /** OpenAI: the most input tokens one model's running batches may hold. */
+  get batchEnqueuedTokens(): number | undefined {
+    return this.#s.batchEnqueuedTokens;
+  }
+
+  /** The seeded PRNG (batch faults draw from it too). */
+  random(): number {
+    return this.#random();
+  }
+
+  /** The answer of route `kind` to `body`, outside the rate limits (a batch's), its usage counted. */
+  answer(kind: Kind, body: Record<string, unknown>): unknown {
     const x = this.#exchange(
       `req_batch${String(++this.#seq).padStart(6, "0")}`,
-      "messages",
-      params,
+      kind,
+      body,
       undefined as unknown as ServerResponse, // never streamed
       this.meterSetOf(""),
-      inputTokensOf(params, "messages"),
+      inputTokensOf(body, kind),
       undefined,
     );
     x.done();
-    return ROUTES.messages.reply(x);
+    return ROUTES[kind].reply(x);
   }
 
   /** Clears windows, counters and the PRNG. */
@@ -920,7 +978,8 @@ class SimServer {
     const arrived = performance.now(); // a request counts when it arrives, as on real servers
     this.stats.received++;
     const id = `req_sim${String(++this.#seq).padStart(6, "0")}`;
-    const raw = await readBody(req);
+    const bytes = await readBytes(req);
+    const raw = new TextDecoder().decode(bytes);
     const [path, query = ""] = (req.url ?? "/").split("?") as [string, string?];
     const azure = AZURE_ROUTE.exec(path);
     const gemini = GEMINI_ROUTE.exec(path);
@@ -941,13 +1000,27 @@ class SimServer {
     if (batch) {
       const anthropic = new Replier(this, res, id, "messages"); // its shapes
       if (!this.#authorized(req)) return anthropic.unauthorized();
-      return this.#batches.handle(
+      return this.#batches.anthropic(
         req.method ?? "GET",
         batch[1],
         batch[2],
         raw,
         anthropic,
         `http://${req.headers.host}`,
+      );
+    }
+    const files = OPENAI_BATCH_ROUTE.exec(path);
+    if (files) {
+      const openai = new Replier(this, res, id, "chat/completions"); // its shapes
+      if (!this.#authorized(req)) return openai.unauthorized();
+      return this.#batches.openai(
+        req.method ?? "GET",
+        files[1]!,
+        files[2],
+        files[3],
+        bytes,
+        req.headers["content-type"] ?? "",
+        openai,
       );
     }
     if (req.method !== "POST" || !kind) {
@@ -1304,36 +1377,90 @@ class SimServer {
 /** `/v1/messages/batches`, `…/{id}`, `…/{id}/results`, `…/{id}/cancel`. */
 const BATCH_ROUTE =
   /\/v1\/messages\/batches(?:\/([\w-]+))?(?:\/(results|cancel))?$/;
+/** OpenAI's Files (`/v1/files`, `…/{id}`, `…/{id}/content`) and Batches (`/v1/batches`, `…/{id}`, `…/{id}/cancel`). */
+const OPENAI_BATCH_ROUTE =
+  /\/v1\/(files|batches)(?:\/([\w-]+))?(?:\/(content|cancel))?$/;
+/** The endpoints an OpenAI batch may be for. */
+const OPENAI_BATCH_ENDPOINTS = [
+  "/v1/chat/completions",
+  "/v1/responses",
+  "/v1/completions",
+  "/v1/embeddings",
+  "/v1/moderations",
+];
 
-/** One Message Batch: its requests, and when it ends. */
+/** One request of a batch: its id, route and body. */
+interface SimBatchRequest {
+  customId: string;
+  kind: Kind;
+  body: Record<string, unknown>;
+}
+
+/** What became of one batch request. */
+type SimBatchResult =
+  | { type: "succeeded"; body: unknown }
+  | { type: "errored" | "expired" | "canceled" };
+
+/** One batch (either provider's): its requests, and when it ends. */
 interface SimBatch {
   id: string;
-  createdAt: string;
-  /** `performance.now()` when processing ends (sooner when canceled). */
+  /** Epoch ms. */
+  createdAt: number;
+  /** `performance.now()` when it was created, and when it ends (sooner when canceled). */
+  startsAt: number;
   endsAt: number;
   canceled: boolean;
-  cancelAt?: string;
-  requests: { custom_id: string; params: Record<string, unknown> }[];
-  /** The result lines, once it has ended, in their own order. */
-  results?: string[];
+  cancelAt?: number;
+  requests: SimBatchRequest[];
+  /** OpenAI: the endpoint, input file, metadata, and why validation failed. */
+  endpoint?: string;
+  inputFileId?: string;
+  metadata?: unknown;
+  failure?: { code: string; message: string; line: number | null }[];
+  /** Every request's result, once it has ended, in an order of their own. */
+  results?: { request: SimBatchRequest; result: SimBatchResult }[];
+  /** OpenAI: the output and error files, once it has ended. */
+  outputFileId?: string | null;
+  errorFileId?: string | null;
+}
+
+/** A file uploaded to `/v1/files`. */
+interface SimFile {
+  id: string;
+  filename: string;
+  purpose: string;
+  createdAt: number;
+  text: string;
 }
 
 /**
- * Anthropic's Message Batches API (docs.anthropic.com/en/api/creating-message-batches):
- * create, retrieve, results (JSONL, not in request order), cancel. A batch
- * ends `batchMs` after it is created; each request is answered as the
- * Messages route would, outside the rate limits (batches have their own).
+ * The providers' Batch APIs, with time compressed: a batch ends `batchMs`
+ * after it is created, each request answered as its route would, outside
+ * the rate limits (batches have their own); `batchFaults` makes some come
+ * back errored or expired; results are never in request order.
+ *
+ * Anthropic's Message Batches (docs.anthropic.com/en/api/creating-message-batches):
+ * create, list, retrieve, results (JSONL), cancel. OpenAI's Files and Batches
+ * (platform.openai.com/docs/api-reference/batch): upload a JSONL file
+ * (multipart, `purpose=batch`), create a batch for one endpoint, list,
+ * retrieve, cancel; the output and error files come back through
+ * `/v1/files/{id}/content`. A batch is `validating` for its first tenth; a
+ * file with a bad line, more than 50,000 requests, or (with
+ * `batchEnqueuedTokens`) more input tokens than one model may have
+ * enqueued fails validation, as OpenAI's do.
  */
 class SimBatches {
   #sim: SimServer;
   #batches = new Map<string, SimBatch>();
+  #files = new Map<string, SimFile>();
   #seq = 0;
 
   constructor(sim: SimServer) {
     this.#sim = sim;
   }
 
-  handle(
+  /** Anthropic's routes. */
+  anthropic(
     method: string,
     id: string | undefined,
     action: string | undefined,
@@ -1341,18 +1468,21 @@ class SimBatches {
     reply: Replier,
     base: string,
   ): void {
-    if (!id && method === "POST") return this.#create(raw, reply, base);
+    if (!id && method === "POST") {
+      return this.#createAnthropic(raw, reply, base);
+    }
+    if (!id && method === "GET") {
+      return reply.json(
+        200,
+        this.#list("msgbatch_", (b) => this.#view(b, base)),
+      );
+    }
     const b = id ? this.#batches.get(id) : undefined;
-    if (!b) {
+    if (!b || !b.id.startsWith("msgbatch_")) {
       return reply.error(404, "not_found_error", `No batch ${String(id)}`);
     }
     if (method === "POST" && action === "cancel") {
-      if (performance.now() < b.endsAt && !b.canceled) {
-        b.canceled = true;
-        b.cancelAt = new Date().toISOString();
-        b.endsAt = performance.now();
-        this.#sim.stats.batches.canceled++;
-      }
+      this.#cancel(b);
       return reply.json(200, this.#view(b, base));
     }
     if (method === "GET" && action === "results") {
@@ -1363,7 +1493,13 @@ class SimBatches {
           `Batch ${b.id} is still processing; results are available once it has ended`,
         );
       }
-      return reply.text(200, this.#results(b).join("\n") + "\n");
+      const lines = this.#results(b).map(({ request, result }) =>
+        JSON.stringify({
+          custom_id: request.customId,
+          result: anthropicResult(result),
+        })
+      );
+      return reply.text(200, lines.join("\n") + "\n");
     }
     if (method === "GET" && !action) {
       return reply.json(200, this.#view(b, base));
@@ -1371,7 +1507,114 @@ class SimBatches {
     return reply.error(404, "not_found_error", `No route for ${method} ${id}`);
   }
 
-  #create(raw: string, reply: Replier, base: string): void {
+  /** OpenAI's Files and Batches routes. */
+  openai(
+    method: string,
+    what: string,
+    id: string | undefined,
+    action: string | undefined,
+    raw: Uint8Array,
+    contentType: string,
+    reply: Replier,
+  ): Promise<void> | void {
+    if (what === "files") {
+      if (!id && method === "POST") {
+        return this.#upload(raw, contentType, reply);
+      }
+      const f = id ? this.#files.get(id) : undefined;
+      if (!f) {
+        return reply.error(
+          404,
+          "invalid_request_error",
+          `No such File object: ${id}`,
+        );
+      }
+      if (method === "GET" && action === "content") {
+        return reply.text(200, f.text);
+      }
+      if (method === "GET" && !action) return reply.json(200, fileView(f));
+      return reply.error(
+        404,
+        "invalid_request_error",
+        `No route for ${method} ${id}`,
+      );
+    }
+    if (!id && method === "POST") return this.#createOpenAI(raw, reply);
+    if (!id && method === "GET") {
+      return reply.json(200, {
+        object: "list",
+        ...this.#list("batch_", (b) => this.#openaiView(b)),
+      });
+    }
+    const b = id ? this.#batches.get(id) : undefined;
+    if (!b || !b.id.startsWith("batch_")) {
+      return reply.error(
+        404,
+        "invalid_request_error",
+        `No such Batch object: ${id}`,
+      );
+    }
+    if (method === "POST" && action === "cancel") {
+      this.#cancel(b);
+      return reply.json(200, this.#openaiView(b));
+    }
+    if (method === "GET" && !action) {
+      return reply.json(200, this.#openaiView(b));
+    }
+    return reply.error(
+      404,
+      "invalid_request_error",
+      `No route for ${method} ${id}`,
+    );
+  }
+
+  /** Both list routes: newest first, as the providers list them. */
+  #list(
+    prefix: string,
+    view: (b: SimBatch) => Record<string, unknown>,
+  ): Record<string, unknown> {
+    const data = [...this.#batches.values()]
+      .filter((b) => b.id.startsWith(prefix)).reverse().map(view);
+    return {
+      data,
+      has_more: false,
+      first_id: data[0]?.id ?? null,
+      last_id: data.at(-1)?.id ?? null,
+    };
+  }
+
+  #cancel(b: SimBatch): void {
+    const now = performance.now();
+    if (now < b.endsAt && !b.canceled && !b.failure) {
+      b.canceled = true;
+      b.cancelAt = Date.now();
+      // Canceling takes a moment (OpenAI: up to 10 minutes).
+      b.endsAt = Math.min(
+        b.endsAt,
+        now + Math.min(100, this.#sim.batchMs / 10),
+      );
+      this.#sim.stats.batches.canceled++;
+    }
+  }
+
+  #add(
+    b: Omit<SimBatch, "startsAt" | "endsAt" | "createdAt" | "canceled">,
+  ): SimBatch {
+    const now = performance.now();
+    const batch: SimBatch = {
+      ...b,
+      createdAt: Date.now(),
+      startsAt: now,
+      endsAt: now + this.#sim.batchMs,
+      canceled: false,
+    };
+    this.#batches.set(batch.id, batch);
+    this.#sim.stats.batches.created++;
+    this.#sim.stats.batches.requests += batch.requests.length;
+    return batch;
+  }
+
+  #createAnthropic(raw: string, reply: Replier, base: string): void {
     const body = parseObject(raw);
     const requests = body?.requests;
     const seen = new Set<string>();
@@ -1400,24 +1643,22 @@ class SimBatches {
       this.#sim.stats.rejected.invalid++;
       return reply.error(400, "invalid_request_error", invalid);
     }
-    const list = requests as SimBatch["requests"];
-    const b: SimBatch = {
+    const b = this.#add({
       id: `msgbatch_sim${String(++this.#seq).padStart(6, "0")}`,
-      createdAt: new Date().toISOString(),
-      endsAt: performance.now() + this.#sim.batchMs,
-      canceled: false,
-      requests: list,
-    };
-    this.#batches.set(b.id, b);
-    this.#sim.stats.batches.created++;
-    this.#sim.stats.batches.requests += list.length;
+      requests:
+        (requests as { custom_id: string; params: Record<string, unknown> }[])
+          .map((r) => ({
+            customId: r.custom_id,
+            kind: "messages",
+            body: r.params,
+          })),
+    });
     reply.json(200, this.#view(b, base));
   }
 
-  /** The batch as `GET …/batches/{id}` returns it. */
+  /** Anthropic's view of a batch, as `GET …/batches/{id}` returns it. */
   #view(b: SimBatch, base: string): Record<string, unknown> {
     const ended = performance.now() >= b.endsAt;
-    const n = b.requests.length;
     const counts = {
       processing: 0,
       succeeded: 0,
@@ -1425,13 +1666,10 @@ class SimBatches {
       canceled: 0,
       expired: 0,
     };
-    if (!ended) counts.processing = n;
-    else {
-      for (const line of this.#results(b)) {
-        const type = JSON.parse(line).result.type as keyof typeof counts;
-        counts[type]++;
-      }
-    }
+    if (!ended) {
+      counts.succeeded = this.#doneSoFar(b);
+      counts.processing = b.requests.length - counts.succeeded;
+    } else for (const { result } of this.#results(b)) counts[result.type]++;
     return {
       id: b.id,
       type: "message_batch",
@@ -1442,35 +1680,385 @@ class SimBatches {
         : "in_progress",
       request_counts: counts,
       ended_at: ended ? new Date().toISOString() : null,
-      created_at: b.createdAt,
-      expires_at: new Date(Date.parse(b.createdAt) + 86_400_000).toISOString(),
-      cancel_initiated_at: b.cancelAt ?? null,
+      created_at: new Date(b.createdAt).toISOString(),
+      expires_at: new Date(b.createdAt + 86_400_000).toISOString(),
+      cancel_initiated_at: b.cancelAt
+        ? new Date(b.cancelAt).toISOString()
+        : null,
       archived_at: null,
       results_url: ended ? `${base}/v1/messages/batches/${b.id}/results` : null,
     };
   }
 
+  /** Requests finished so far of a batch still running: linear in time. */
+  #doneSoFar(b: SimBatch): number {
+    const span = b.endsAt - b.startsAt;
+    const f = span > 0 ? (performance.now() - b.startsAt) / span : 1;
+    return Math.floor(b.requests.length * Math.min(1, Math.max(0, f)));
+  }
+
   /**
-   * The result lines, computed once: each request answered as the Messages
-   * route would (canceled ones too, when the batch was canceled before it
-   * ended: every other one), in an order of their own.
+   * The results, computed once: each request answered as its route would,
+   * except the share `batchFaults` makes errored or expired, and (when the
+   * batch was canceled before it ended) every other one canceled; in an
+   * order of their own (interleaved from both ends).
    */
-  #results(b: SimBatch): string[] {
+  #results(b: SimBatch): NonNullable<SimBatch["results"]> {
     if (b.results) return b.results;
-    const lines = b.requests.map((r, i) => {
-      const result = b.canceled && i % 2 === 1
+    const { expired = 0, errored = 0 } = this.#sim.batchFaults;
+    const sim = this.#sim;
+    const all = b.requests.map((request, i) => {
+      const draw = sim.random();
+      const result: SimBatchResult = b.canceled && i % 2 === 1
         ? { type: "canceled" }
-        : { type: "succeeded", message: this.#sim.answer(r.params) };
-      return JSON.stringify({ custom_id: r.custom_id, result });
+        : draw < expired
+        ? { type: "expired" }
+        : draw < expired + errored
+        ? { type: "errored" }
+        : {
+          type: "succeeded",
+          body: this.#sim.answer(request.kind, request.body),
+        };
+      return { request, result };
     });
-    // Not in request order: interleave from both ends.
-    const out: string[] = [];
-    for (let lo = 0, hi = lines.length - 1; lo <= hi; lo++, hi--) {
-      out.push(lines[hi]!);
-      if (lo < hi) out.push(lines[lo]!);
+    const out: typeof all = [];
+    for (let lo = 0, hi = all.length - 1; lo <= hi; lo++, hi--) {
+      out.push(all[hi]!);
+      if (lo < hi) out.push(all[lo]!);
     }
     return b.results = out;
   }
+
+  /** `POST /v1/files`: a multipart upload (`purpose`, `file`). */
+  async #upload(
+    raw: Uint8Array,
+    contentType: string,
+    reply: Replier,
+  ): Promise<void> {
+    let form: FormData;
+    try {
+      form = await new Request("http://sim/", {
+        method: "POST",
+        headers: { "content-type": contentType },
+        body: raw as Uint8Array<ArrayBuffer>,
+      }).formData();
+    } catch {
+      return reply.error(
+        400,
+        "invalid_request_error",
+        "expected a multipart/form-data body",
+      );
+    }
+    const file = form.get("file");
+    const purpose = form.get("purpose");
+    if (typeof file === "string" || file === null) {
+      return reply.error(400, "invalid_request_error", "file: required");
+    }
+    if (purpose !== "batch") {
+      return reply.error(
+        400,
+        "invalid_request_error",
+        `purpose: expected "batch": received ${JSON.stringify(purpose)}`,
+      );
+    }
+    const f: SimFile = {
+      id: `file-sim${String(++this.#seq).padStart(6, "0")}`,
+      filename: file.name,
+      purpose,
+      createdAt: Date.now(),
+      text: await file.text(),
+    };
+    this.#files.set(f.id, f);
+    this.#sim.stats.batches.files++;
+    reply.json(200, fileView(f));
+  }
+
+  /** `POST /v1/batches`: a batch of an uploaded file's requests. */
+  #createOpenAI(raw: Uint8Array, reply: Replier): void {
+    const body = parseObject(new TextDecoder().decode(raw));
+    const file = this.#files.get(String(body?.input_file_id));
+    const refuse = (message: string): void => {
+      this.#sim.stats.rejected.invalid++;
+      reply.error(400, "invalid_request_error", message);
+    };
+    if (!file || file.purpose !== "batch") {
+      return refuse(
+        `input_file_id: no batch file ${JSON.stringify(body?.input_file_id)}`,
+      );
+    }
+    if (!OPENAI_BATCH_ENDPOINTS.includes(String(body?.endpoint))) {
+      return refuse(
+        `endpoint: must be one of ${OPENAI_BATCH_ENDPOINTS.join(", ")}`,
+      );
+    }
+    if (body?.completion_window !== "24h") {
+      return refuse(`completion_window: must be "24h"`);
+    }
+    const endpoint = body.endpoint as string;
+    const { requests, failure } = this.#validate(file.text, endpoint);
+    const b = this.#add({
+      id: `batch_sim${String(++this.#seq).padStart(6, "0")}`,
+      requests,
+      endpoint,
+      inputFileId: file.id,
+      metadata: body.metadata ?? null,
+      failure,
+    });
+    if (failure) this.#sim.stats.batches.failed++;
+    reply.json(200, this.#openaiView(b));
+  }
+
+  /** An OpenAI batch file's requests, or why validation fails it. */
+  #validate(
+    text: string,
+    endpoint: string,
+  ): { requests: SimBatchRequest[]; failure?: SimBatch["failure"] } {
+    const requests: SimBatchRequest[] = [];
+    const errors: NonNullable<SimBatch["failure"]> = [];
+    const seen = new Set<string>();
+    const kind = endpoint.slice(4) as Kind;
+    text.split("\n").forEach((line, i) => {
+      if (line.trim() === "" || errors.length >= 10) return;
+      const o = parseObject(line);
+      const id = o?.custom_id;
+      const why = !o
+        ? "invalid JSON"
+        : typeof id !== "string" || id === "" || seen.has(id)
+        ? "custom_id: a unique non-empty string is required"
+        : o.method !== "POST"
+        ? `method: must be "POST"`
+        : o.url !== endpoint
+        ? `url: ${
+          JSON.stringify(o.url)
+        } is not this batch's endpoint ${endpoint}`
+        : typeof o.body !== "object" || o.body === null
+        ? "body: required"
+        : invalidFor(ROUTES[kind], kind, o.body as Record<string, unknown>);
+      if (why) {
+        errors.push({
+          code: "invalid_request",
+          message: `Line ${i + 1}: ${why}`,
+          line: i + 1,
+        });
+        return;
+      }
+      seen.add(id as string);
+      requests.push({
+        customId: id as string,
+        kind,
+        body: o!.body as Record<string, unknown>,
+      });
+    });
+    if (!errors.length && requests.length > 50_000) {
+      errors.push({
+        code: "too_many_requests",
+        message:
+          `The batch input file has ${requests.length} requests; a batch holds at most 50,000.`,
+        line: null,
+      });
+    }
+    if (!errors.length) {
+      const over = this.#overEnqueued(requests);
+      if (over) {
+        errors.push({
+          code: "token_limit_exceeded",
+          message: over,
+          line: null,
+        });
+      }
+    }
+    return errors.length ? { requests, failure: errors } : { requests };
+  }
+
+  /** With `batchEnqueuedTokens`: why these requests would enqueue too many input tokens for a model. */
+  #overEnqueued(requests: SimBatchRequest[]): string | undefined {
+    const limit = this.#sim.batchEnqueuedTokens;
+    if (limit === undefined) return undefined;
+    const enqueued = new Map<string, number>();
+    const add = (r: SimBatchRequest): void => {
+      const model = String(r.body.model);
+      enqueued.set(
+        model,
+        (enqueued.get(model) ?? 0) + inputTokensOf(r.body, r.kind),
+      );
+    };
+    const now = performance.now();
+    for (const b of this.#batches.values()) {
+      if (b.endpoint && !b.failure && now < b.endsAt) b.requests.forEach(add);
+    }
+    const before = new Map(enqueued);
+    requests.forEach(add);
+    for (const [model, n] of enqueued) {
+      if (n > limit && n !== before.get(model)) {
+        return `Enqueued token limit reached for ${model} in organization org-sim. Limit: ${
+          limit.toLocaleString("en-US")
+        } enqueued tokens. Please try again once some in_progress batches have been completed.`;
+      }
+    }
+    return undefined;
+  }
+
+  /** OpenAI's view of a batch, as `GET /v1/batches/{id}` returns it. */
+  #openaiView(b: SimBatch): Record<string, unknown> {
+    const now = performance.now();
+    const s = (ms: number | undefined): number | null =>
+      ms === undefined ? null : Math.floor(ms / 1000);
+    const validated = now >= b.startsAt + (b.endsAt - b.startsAt) / 10 ||
+      b.canceled;
+    const ended = now >= b.endsAt;
+    const counts = { total: b.requests.length, completed: 0, failed: 0 };
+    let status: string;
+    if (b.failure && validated) status = "failed";
+    else if (!validated) status = "validating";
+    else if (!ended) {
+      status = b.canceled ? "cancelling" : "in_progress";
+      counts.completed = this.#doneSoFar(b);
+    } else {
+      const results = this.#results(b);
+      for (const { result } of results) {
+        if (result.type === "succeeded") counts.completed++;
+        else counts.failed++;
+      }
+      this.#makeFiles(b);
+      status = b.canceled
+        ? "cancelled"
+        : results.some((r) => r.result.type === "expired")
+        ? "expired"
+        : "completed";
+    }
+    if (b.failure) counts.total = 0;
+    return {
+      id: b.id,
+      object: "batch",
+      endpoint: b.endpoint,
+      errors: b.failure && validated
+        ? {
+          object: "list",
+          data: b.failure.map((e) => ({ ...e, param: null })),
+        }
+        : null,
+      input_file_id: b.inputFileId,
+      completion_window: "24h",
+      status,
+      output_file_id: ended && !b.failure ? b.outputFileId ?? null : null,
+      error_file_id: ended && !b.failure ? b.errorFileId ?? null : null,
+      created_at: s(b.createdAt),
+      in_progress_at: validated && !b.failure ? s(b.createdAt) : null,
+      expires_at: s(b.createdAt + 86_400_000),
+      completed_at: ended && status === "completed" ? s(Date.now()) : null,
+      failed_at: status === "failed" ? s(Date.now()) : null,
+      expired_at: status === "expired" ? s(Date.now()) : null,
+      cancelling_at: s(b.cancelAt),
+      cancelled_at: status === "cancelled" ? s(Date.now()) : null,
+      request_counts: counts,
+      metadata: b.metadata ?? null,
+    };
+  }
+
+  /** An ended OpenAI batch's output file (successes) and error file (the rest), made once. */
+  #makeFiles(b: SimBatch): void {
+    if (b.outputFileId !== undefined) return;
+    const output: string[] = [];
+    const errors: string[] = [];
+    for (const { request, result } of this.#results(b)) {
+      const row = openaiRow(
+        `batch_req_sim${String(++this.#seq).padStart(6, "0")}`,
+        request,
+        result,
+      );
+      (result.type === "succeeded" ? output : errors).push(JSON.stringify(row));
+    }
+    const file = (lines: string[], kind: string): string | null => {
+      if (!lines.length) return null;
+      const f: SimFile = {
+        id: `file-sim${String(++this.#seq).padStart(6, "0")}`,
+        filename: `${b.id}_${kind}.jsonl`,
+        purpose: kind === "output" ? "batch_output" : "batch_error",
+        createdAt: Date.now(),
+        text: lines.join("\n") + "\n",
+      };
+      this.#files.set(f.id, f);
+      return f.id;
+    };
+    b.outputFileId = file(output, "output");
+    b.errorFileId = file(errors, "error");
+  }
+}
+
+/** An Anthropic batch result for a request's outcome. */
+function anthropicResult(result: SimBatchResult): Record<string, unknown> {
+  if (result.type === "succeeded") {
+    return { type: "succeeded", message: result.body };
+  }
+  if (result.type === "errored") {
+    return {
+      type: "errored",
+      error: {
+        type: "error",
+        error: { type: "api_error", message: "Internal server error" },
+      },
+    };
+  }
+  return { type: result.type };
+}
+
+/** An OpenAI batch output or error file row for a request's outcome. */
+function openaiRow(
+  id: string,
+  request: SimBatchRequest,
+  result: SimBatchResult,
+): Record<string, unknown> {
+  const requestId = `req_${id.slice(10)}`;
+  if (result.type === "succeeded" || result.type === "errored") {
+    return {
+      id,
+      custom_id: request.customId,
+      response: result.type === "succeeded"
+        ? { status_code: 200, request_id: requestId, body: result.body }
+        : {
+          status_code: 500,
+          request_id: requestId,
+          body: {
+            error: {
+              message: "The server had an error while processing your request.",
+              type: "server_error",
+              param: null,
+              code: null,
+            },
+          },
+        },
+      error: null,
+    };
+  }
+  return {
+    id,
+    custom_id: request.customId,
+    response: null,
+    error: result.type === "expired"
+      ? {
+        code: "batch_expired",
+        message:
+          "This request could not be executed before the completion window expired.",
+      }
+      : {
+        code: "batch_cancelled",
+        message: "This request was cancelled before it was executed.",
+      },
+  };
+}
+
+/** A File object, as `/v1/files` returns it. */
+function fileView(f: SimFile): Record<string, unknown> {
+  return {
+    id: f.id,
+    object: "file",
+    bytes: new TextEncoder().encode(f.text).length,
+    created_at: Math.floor(f.createdAt / 1000),
+    filename: f.filename,
+    purpose: f.purpose,
+    status: "processed",
+    expires_at: null,
+  };
 }
 
 /** gRPC status names of the HTTP statuses the simulator answers Gemini requests with. */
@@ -1711,10 +2299,10 @@ class Replier {
 }
 
 /** The whole request body. */
-async function readBody(req: IncomingMessage): Promise<string> {
+async function readBytes(req: IncomingMessage): Promise<Uint8Array> {
   const chunks: Uint8Array[] = [];
   for await (const c of req) chunks.push(c as Uint8Array);
-  return new TextDecoder().decode(concat(chunks));
+  return concat(chunks);
 }
 
 /** A JSON object, or `undefined` for anything else. */
@@ -2242,7 +2830,12 @@ Usage: node dist/sim.js [flags]      deno run -A sim.ts [flags]
   --no-prompt-cache    cache nothing; --cache-min-tokens N  the shortest
                        prefix Anthropic-style caching keeps (default 1024)
   --latency-ms N       base latency; --latency-per-token-ms N per output token
-  --batch-ms N         how long a Message Batch takes to end (default 1000)
+  --batch-ms N         how long a batch (Anthropic's or OpenAI's) takes to
+                       end (default 1000)
+  --batch-expired P, --batch-errored P   shares of batch requests that come
+                       back expired / errored (default 0)
+  --batch-enqueued-tokens N   OpenAI: most input tokens one model's running
+                       batches may hold; past it a batch fails validation
 `;
 
 /** Parses the standalone flags into options. */
@@ -2287,6 +2880,9 @@ export function parseSimArgs(
     "--fault-truncate": (n) => (faults.truncatedStream = n),
     "--quota-after": (n) => (o.quotaAfter = n),
     "--batch-ms": (n) => (o.batchMs = n),
+    "--batch-expired": (n) => ((o.batchFaults ??= {}).expired = n),
+    "--batch-errored": (n) => ((o.batchFaults ??= {}).errored = n),
+    "--batch-enqueued-tokens": (n) => (o.batchEnqueuedTokens = n),
     "--latency-ms": (n) => (latency.baseMs = n),
     "--latency-per-token-ms": (n) => (latency.perOutputTokenMs = n),
   };

@@ -2,7 +2,7 @@
 import { describe, expect, it } from "vitest";
 import { sim } from "./test/sims.ts";
 import Anthropic from "@anthropic-ai/sdk";
-import OpenAI from "openai";
+import OpenAI, { toFile } from "openai";
 import { parseRetryAfter } from "./mod.ts";
 import { countTokens, goDuration, inputTokensOf, parseSimArgs } from "./sim.ts";
 
@@ -777,14 +777,27 @@ describe("simulator: Anthropic Message Batches", () => {
     expect(lines[0].result.message.usage.output_tokens).toBeGreaterThan(0);
     // Outside the live limits (1 request per minute here): none refused.
     expect(s.stats().rateLimited.requests).toBe(0);
-    expect(s.stats().batches).toEqual({ created: 1, requests: 6, canceled: 0 });
-    // Cancel: the batch ends at once, some requests canceled.
+    expect(s.stats().batches).toEqual({
+      created: 1,
+      requests: 6,
+      canceled: 0,
+      failed: 0,
+      files: 0,
+    });
+    // Cancel: canceling, then ended within a moment, some requests canceled.
     const t = await (await post(s.url, "/v1/messages/batches", { requests }))
       .json();
-    const c =
+    const canceling =
       await (await post(s.url, `/v1/messages/batches/${t.id}/cancel`, {}))
         .json();
+    expect(canceling.processing_status).toBe("canceling");
+    await new Promise((r) => setTimeout(r, 60));
+    const c = await (await fetch(`${s.url}/v1/messages/batches/${t.id}`))
+      .json();
     expect(c.processing_status).toBe("ended");
+    // Listed newest first.
+    const list = await (await fetch(`${s.url}/v1/messages/batches`)).json();
+    expect(list.data.map((x: { id: string }) => x.id)).toEqual([t.id, b.id]);
     expect(c.cancel_initiated_at).not.toBeNull();
     expect(c.request_counts.canceled).toBeGreaterThan(0);
     // Refused: duplicate ids, a body without messages.
@@ -827,5 +840,161 @@ describe("simulator: Anthropic Message Batches", () => {
       seen.push(r.custom_id);
     }
     expect(seen.sort()).toEqual(["sdk-0", "sdk-1", "sdk-2"]);
+  });
+});
+
+/** Waits until an OpenAI batch leaves validating / in_progress / finalizing / cancelling. */
+async function settled(client: OpenAI, id: string) {
+  for (;;) {
+    const b = await client.batches.retrieve(id);
+    if (
+      !["validating", "in_progress", "finalizing", "cancelling"].includes(
+        b.status,
+      )
+    ) {
+      return b;
+    }
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+describe("simulator: OpenAI Files and Batches", () => {
+  const line = (i: number, url = "/v1/chat/completions", model = "gpt-sim") =>
+    JSON.stringify({
+      custom_id: `o-${i}`,
+      method: "POST",
+      url,
+      body: url === "/v1/embeddings"
+        ? { model, input: `text ${i}` }
+        : { model, messages: [{ role: "user", content: `Question ${i}` }] },
+    });
+
+  it("the official SDK: files.create, batches.create / retrieve / list / cancel, files.content; results out of order, some expired or errored", async () => {
+    const s = await sim({
+      batchMs: 200,
+      batchFaults: { expired: 0.1, errored: 0.1 },
+      limits: { requests: 1, windowMs: 60_000 },
+    });
+    const client = new OpenAI({
+      apiKey: "k",
+      baseURL: `${s.url}/v1`,
+      maxRetries: 0,
+    });
+    const n = 40;
+    const file = await client.files.create({
+      file: await toFile(
+        new Blob([Array.from({ length: n }, (_, i) => line(i)).join("\n")]),
+        "in.jsonl",
+      ),
+      purpose: "batch",
+    });
+    expect(file).toMatchObject({ object: "file", purpose: "batch" });
+    const created = await client.batches.create({
+      input_file_id: file.id,
+      endpoint: "/v1/chat/completions",
+      completion_window: "24h",
+      metadata: { tag: "t1" },
+    });
+    expect(created.status).toBe("validating");
+    const done = await settled(client, created.id);
+    expect(done.status).toBe("expired"); // some requests expired
+    expect(done.metadata).toEqual({ tag: "t1" });
+    expect(done.request_counts!.total).toBe(n);
+    const rows = async (id: string | null | undefined) =>
+      id
+        ? (await (await client.files.content(id)).text()).trim().split("\n")
+          .map((l) => JSON.parse(l))
+        : [];
+    const output = await rows(done.output_file_id);
+    const errors = await rows(done.error_file_id);
+    expect(output.length + errors.length).toBe(n);
+    expect(done.request_counts!.completed).toBe(output.length);
+    expect(output.every((r) => r.response.status_code === 200)).toBe(true);
+    expect(output[0].response.body.choices[0].message.content).toBeTruthy();
+    const codes = errors.map((r) => r.error?.code ?? r.response.status_code);
+    expect(codes).toContain("batch_expired");
+    expect(codes).toContain(500);
+    const ids = [...output, ...errors].map((r) => r.custom_id);
+    expect([...ids].sort()).toEqual(
+      Array.from({ length: n }, (_, i) => `o-${i}`).sort(),
+    );
+    expect(output.map((r) => r.custom_id)).not.toEqual(
+      [...output.map((r) => r.custom_id)].sort(),
+    );
+    // Outside the live limits (1 request per minute here): none refused.
+    expect(s.stats().rateLimited.requests).toBe(0);
+    // Cancel: cancelling, then cancelled; listed newest first.
+    const again = await client.batches.create({
+      input_file_id: file.id,
+      endpoint: "/v1/chat/completions",
+      completion_window: "24h",
+    });
+    await new Promise((r) => setTimeout(r, 30)); // past validating
+    const cancelling = await client.batches.cancel(again.id);
+    expect(cancelling.status).toBe("cancelling");
+    expect((await settled(client, again.id)).status).toBe("cancelled");
+    const listed = [];
+    for await (const b of client.batches.list()) listed.push(b.id);
+    expect(listed).toEqual([again.id, created.id]);
+    expect(s.stats().batches).toMatchObject({
+      created: 2,
+      files: 1,
+      canceled: 1,
+    });
+  });
+
+  it("fails validation as OpenAI does: a line for another endpoint, more enqueued tokens than allowed; refuses a bad create", async () => {
+    const s = await sim({ batchMs: 300, batchEnqueuedTokens: 200 });
+    const client = new OpenAI({
+      apiKey: "k",
+      baseURL: `${s.url}/v1`,
+      maxRetries: 0,
+    });
+    const upload = async (lines: string[]) =>
+      (await client.files.create({
+        file: await toFile(new Blob([lines.join("\n")]), "in.jsonl"),
+        purpose: "batch",
+      })).id;
+    const create = async (id: string, endpoint = "/v1/chat/completions") =>
+      await client.batches.create({
+        input_file_id: id,
+        endpoint: endpoint as "/v1/chat/completions",
+        completion_window: "24h",
+      });
+    const mixed = await create(
+      await upload([line(0), line(1, "/v1/embeddings")]),
+    );
+    const failed = await settled(client, mixed.id);
+    expect(failed.status).toBe("failed");
+    expect(failed.errors!.data![0]).toMatchObject({ line: 2 });
+    expect(failed.errors!.data![0]!.message).toMatch(
+      /not this batch's endpoint/,
+    );
+    // 200 enqueued tokens per model: 10 lines fit, 40 more do not while they run.
+    const small = await create(
+      await upload(Array.from({ length: 10 }, (_, i) => line(i))),
+    );
+    const big = await create(
+      await upload(Array.from({ length: 40 }, (_, i) => line(100 + i))),
+    );
+    expect((await settled(client, big.id)).errors!.data![0]).toMatchObject({
+      code: "token_limit_exceeded",
+    });
+    expect((await settled(client, small.id)).status).toBe("completed");
+    expect(s.stats().batches).toMatchObject({
+      created: 3,
+      failed: 2,
+      files: 3,
+    });
+    // Refused at once: an unknown file, a wrong window.
+    await expect(create("file-nope")).rejects.toMatchObject({ status: 400 });
+    const f = await upload([line(0)]);
+    await expect(
+      client.batches.create({
+        input_file_id: f,
+        endpoint: "/v1/chat/completions",
+        completion_window: "1h" as "24h",
+      }),
+    ).rejects.toMatchObject({ status: 400 });
   });
 });
