@@ -51,7 +51,10 @@ import {
   assembleStream,
   AZURE_API_VERSION,
   azureProvider,
+  type BatchApi,
+  type BatchCall,
   type BatchOutcome,
+  type BatchStatus,
   type CachePrefix,
   type Cost,
   estimateCost,
@@ -88,6 +91,7 @@ function helpText(): string {
 
 Usage:
   paceline run <input.jsonl> [options]   run a batch; results in input order
+  paceline cancel <output.jsonl>         cancel the batches a --batch-api run submitted
   paceline demo [--requests N]           a demo batch on the built-in simulator
   paceline --help | --version
 
@@ -113,6 +117,12 @@ is written in input order and is always a prefix of the input. Running the same
 command again (after a crash, Ctrl-C or a fatal error) sends only the lines
 that have no result; requests in flight at a crash may be sent again, nothing
 that finished is. The journal is deleted when the output is complete.
+
+With --batch-api, every submission is recorded in <output>.batches before it is
+sent; running the same command again collects the batches already submitted and
+submits only lines in no batch. Ctrl-C stops waiting (the batches keep running);
+paceline cancel <output> cancels them. Expired, canceled and errored requests
+are written as errored results.
 
 The API key comes from ANTHROPIC_API_KEY, OPENAI_API_KEY, AZURE_OPENAI_API_KEY,
 or GEMINI_API_KEY (else GOOGLE_API_KEY).
@@ -163,6 +173,10 @@ interface RunOptions {
   retryErrored?: boolean;
   /** Validate and plan only: totals and the least duration; nothing sent. */
   dryRun?: boolean;
+  /** `--batch-api`: through the provider's Batch API instead of live requests. */
+  batchApi?: boolean;
+  /** `--poll-ms`: how often a Batch API run asks how its batches stand. */
+  pollMs?: number;
   /**
    * Whose limits the given ones are: the whole key (default; learned
    * limits are per model), each model (`"all"`), or everything per key,
@@ -207,7 +221,12 @@ function num(flag: string, v: string | undefined, min = 1): number {
 
 /** The files a run writes beside its output. */
 function sidecars(output: string): string[] {
-  return [`${output}.journal`, `${output}.lock`, `${output}.tmp`];
+  return [
+    `${output}.journal`,
+    `${output}.lock`,
+    `${output}.tmp`,
+    `${output}.batches`,
+  ];
 }
 
 /** Whether two paths name one file (the same inode, through links too). */
@@ -267,7 +286,7 @@ function checkInput(input: string): void {
  */
 function checkPaths(o: RunOptions): void {
   checkInput(o.input);
-  const ours = /\.(journal|lock|tmp)$/.exec(o.output);
+  const ours = /\.(journal|lock|tmp|batches|upload-\d+)$/.exec(o.output);
   if (ours) {
     throw new UsageError(
       `-o ${o.output}: names ending in .${
@@ -333,9 +352,17 @@ interface LockOwner {
 function isAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (e) {
     return (e as { code?: string }).code === "EPERM"; // someone else's
+  }
+  // A killed process whose parent has not reaped it yet (a zombie) still
+  // answers signal 0 but holds nothing: Linux says so in /proc.
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !==
+      "Z";
+  } catch {
+    return true; // no /proc (macOS, Windows): trust the signal
   }
 }
 
@@ -607,6 +634,8 @@ async function validate(
     provider: Provider;
     count: number;
     ids: string[];
+    /** Each of `ids`' line number in the file. */
+    lineNos: number[];
     paths: Set<string>;
     modelless?: number;
   }
@@ -614,6 +643,7 @@ async function validate(
   const format: InputFormat = {};
   const seen = new Map<string, number>();
   const ids: string[] = [];
+  const lineNos: number[] = [];
   const paths = new Set<string>();
   let g = 0;
   for await (const [n, line] of lines(path)) {
@@ -632,6 +662,7 @@ async function validate(
     if (!inShard(shard, g++)) continue;
     paths.add(item.path);
     ids.push(item.customId);
+    lineNos.push(n);
   }
   if (!format.provider) {
     throw new UsageError(`${path}: no requests (the file is empty)`);
@@ -645,6 +676,7 @@ async function validate(
     provider: format.provider,
     count: ids.length,
     ids,
+    lineNos,
     paths,
     modelless: format.modelless,
   };
@@ -660,6 +692,8 @@ interface Endpoint {
   url: (path: string, body?: Record<string, unknown>) => string;
   /** The host requests go to. */
   host: string;
+  /** The base URL, without a trailing slash. */
+  base: string;
   headers: Record<string, string>;
   /** The key itself, only to scrub it from messages. */
   apiKey: string | undefined;
@@ -697,6 +731,7 @@ function endpoint(o: RunOptions, p: Provider): Endpoint {
         apiVersion,
       }),
     host: new URL(base).host,
+    base,
     headers: p.headers(apiKey),
     apiKey,
     keyVar,
@@ -1919,7 +1954,10 @@ function windowsNow(
 
 /** Removes the key (and anything shaped like one) from a server's message. */
 function scrub(text: string, apiKey: string | undefined): string {
-  let out = apiKey ? text.split(apiKey).join("[key]") : text;
+  // A key too short to be a real one (a test's "k") would mangle words.
+  let out = apiKey && apiKey.length >= 8
+    ? text.split(apiKey).join("[key]")
+    : text;
   out = out.replace(/\b(sk|key)-[\w*.-]{6,}/g, "[key]");
   return out;
 }
@@ -2061,6 +2099,7 @@ async function runBatch(
       `line ${read.modelless}: no model: Gemini batch lines name none (the model belongs to the job); give --model, e.g. --model gemini-2.5-flash`,
     );
   }
+  if (o.batchApi) return await runBatchApi(o, provider, read);
   if (o.dryRun) {
     const all = (): boolean => true;
     await checkFits(o.input, all, windowsFor(o.limits, o.windowMs), o.shard);
@@ -2075,11 +2114,52 @@ async function runBatch(
     );
     return 0;
   }
+  const pending = pendingBatches(o.output);
+  if (pending.length) {
+    throw new UsageError(
+      `${o.output}.batches: ${
+        pending.reduce((n, s) => n + s.count, 0)
+      } lines are in batches submitted with --batch-api and not yet collected; sending them live would pay twice. Run with --batch-api to collect them, or \`paceline cancel ${o.output}\` first and then --batch-api to collect what finished. Nothing was sent.`,
+    );
+  }
   // 2. Plan; 3–5. execute, record, emit; 6. report.
   const batch = await BatchRun.plan(o, provider, ids, shared);
   batch.announce(paths);
   await batch.execute();
   return batch.conclude();
+}
+
+/** `--batch-api`: the same lines through the provider's Batch API. */
+async function runBatchApi(
+  o: RunOptions,
+  provider: Provider,
+  read: { ids: string[]; lineNos: number[] },
+): Promise<number> {
+  if (!provider.batchApi) {
+    throw new UsageError(
+      `--batch-api drives the Anthropic and OpenAI Batch APIs; ${provider.name}'s is not supported yet: run live (without --batch-api)`,
+    );
+  }
+  const live: [string, unknown][] = [
+    ["--stream", o.stream],
+    ["--redis", o.redis],
+    ["--report", o.report],
+  ];
+  for (const [flag, given] of live) {
+    if (given) {
+      throw new UsageError(
+        `${flag} is for live runs: a Batch API run sends no requests of its own (leave out ${flag} or --batch-api)`,
+      );
+    }
+  }
+  if (o.dryRun) {
+    o.out(await dryRunBatchApi(o, provider));
+    return 0;
+  }
+  const run = BatchApiRun.plan(o, provider, read);
+  run.announce();
+  await run.execute();
+  return run.conclude();
 }
 
 /**
@@ -2485,6 +2565,1018 @@ class BatchRun {
   }
 }
 
+// =============================================================================
+// --batch-api: the same lines through the provider's Batch API (half price,
+// within 24 hours), with the same output and the same guarantees
+// =============================================================================
+
+/**
+ * One submission to a Batch API, as `<output>.batches` records it: begun
+ * (journaled, with its lines, before anything is sent), then its upload's
+ * file id (OpenAI) and its batch id, then collected (every result
+ * journaled) — or failed (the provider refused it whole) or abandoned
+ * (never created: its lines are free again).
+ */
+interface Submission {
+  n: number;
+  /** When it was begun, ms since the epoch. */
+  at: number;
+  /** A random tag, kept in the batch's metadata where the provider keeps one. */
+  tag: string;
+  provider: string;
+  /** The base URL it went to (never a key). */
+  base: string;
+  endpoint: string;
+  /** Input indexes: flat `[start, end)` pairs. */
+  lines: number[];
+  count: number;
+  bytes: number;
+  /** A hash of the input's ids: a log belongs to one input. */
+  input: string;
+  file?: string;
+  id?: string;
+  state: "begun" | "submitted" | "failed" | "collected" | "abandoned";
+  failure?: string;
+}
+
+/** A hash of the input's ids (and so of its lines' order). */
+function idsHash(ids: string[]): string {
+  const h = createHash("sha256");
+  for (const id of ids) h.update(id).update("\n");
+  return h.digest("hex").slice(0, 16);
+}
+
+/**
+ * `<output>.batches`: every submission, journaled before it is sent and as
+ * it moves on, one fsynced line per step — what makes a rerun after any
+ * crash resume the batches it submitted instead of paying for them twice.
+ */
+class SubmissionLog {
+  readonly path: string;
+  readonly subs = new Map<number, Submission>();
+  #fd: number | undefined;
+
+  private constructor(path: string) {
+    this.path = path;
+  }
+
+  /** Reads the log (a torn last line is cut away); it must be this input's. */
+  static open(path: string, input: string | undefined): SubmissionLog {
+    const log = new SubmissionLog(path);
+    if (!existsSync(path)) return log;
+    const end = scanLines(path, (text) => {
+      let e: Record<string, unknown>;
+      try {
+        e = JSON.parse(text);
+      } catch {
+        return; // not a whole entry
+      }
+      log.#apply(e);
+    });
+    if (statSync(path).size > end) truncateSync(path, end);
+    for (const s of log.subs.values()) {
+      if (input !== undefined && s.input !== input) {
+        throw new UsageError(
+          `${path} records batches of another input; nothing was sent. Give another -o, or move that file away once its batches are collected.`,
+        );
+      }
+    }
+    return log;
+  }
+
+  #apply(e: Record<string, unknown>): void {
+    if (e.begin) {
+      const s = e.begin as Submission;
+      this.subs.set(s.n, { ...s, state: "begun" });
+      return;
+    }
+    const s = this.subs.get(Number(e.n));
+    if (!s) return;
+    if (e.file) s.file = String(e.file);
+    if (e.batch) {
+      s.id = String(e.batch);
+      s.state = "submitted";
+    }
+    if (e.failed) {
+      s.state = "failed";
+      s.failure = String(e.failed);
+    }
+    if (e.collected) s.state = "collected";
+    if (e.abandoned) s.state = "abandoned";
+  }
+
+  /** Records one step, durably, before anything depends on it. */
+  note(e: Record<string, unknown>): void {
+    this.#fd ??= openSync(this.path, "a");
+    writeAll(this.#fd, JSON.stringify(e) + "\n");
+    fsyncSync(this.#fd);
+    this.#apply(e);
+  }
+
+  /** Submissions whose batch may still hold results for us. */
+  pending(): Submission[] {
+    return [...this.subs.values()].filter((s) =>
+      s.state === "begun" || s.state === "submitted"
+    );
+  }
+
+  close(): void {
+    if (this.#fd !== undefined) closeSync(this.#fd);
+    this.#fd = undefined;
+  }
+
+  /** Every batch is collected and every result is in the output: the log is done. */
+  remove(): void {
+    this.close();
+    rmSync(this.path, { force: true });
+  }
+}
+
+/**
+ * Whether a batch the provider lists is this submission's: its tag where
+ * the provider keeps one, else (Anthropic) its request count and a
+ * creation time no earlier than a minute before the submission began.
+ */
+function isSubmission(b: BatchStatus, s: Submission): boolean {
+  return b.tag !== undefined
+    ? b.tag === s.tag
+    : b.total === s.count && b.createdAt >= s.at - 60_000;
+}
+
+/** Marks a submission's lines in `into` (one byte per input line). */
+function markLines(s: Submission, into: Uint8Array): void {
+  for (let k = 0; k < s.lines.length; k += 2) {
+    into.fill(1, s.lines[k]!, s.lines[k + 1]!);
+  }
+}
+
+/**
+ * The pending submissions in `<output>.batches`, for a live run: those
+ * lines must not be sent live while their batch may still answer them.
+ */
+function pendingBatches(output: string): Submission[] {
+  const path = `${output}.batches`;
+  if (!existsSync(path)) return [];
+  const subs: Submission[] = [];
+  scanLines(path, (text) => {
+    try {
+      const e = JSON.parse(text);
+      if (e.begin) subs.push({ ...e.begin, state: "begun" });
+      const s = subs.find((x) => x.n === e.n);
+      if (s && (e.failed || e.collected || e.abandoned)) s.state = "collected";
+    } catch { /* a torn line */ }
+  });
+  return subs.filter((s) => s.state === "begun");
+}
+
+/** A Blob of a file on disk, read as it is sent where the runtime can. */
+async function fileBlob(path: string): Promise<Blob> {
+  const fs = await import("node:fs") as {
+    openAsBlob?: (path: string) => Promise<Blob>;
+  };
+  return fs.openAsBlob
+    ? await fs.openAsBlob(path)
+    : new Blob([readFileSync(path)]);
+}
+
+/** The lines of a response body, decoded as it streams (results files can be large). */
+async function* responseLines(response: Response): AsyncGenerator<string> {
+  const decoder = new TextDecoder();
+  let carry = "";
+  for await (
+    const chunk of response.body as unknown as AsyncIterable<Uint8Array>
+  ) {
+    carry += decoder.decode(chunk, { stream: true });
+    let nl: number;
+    while ((nl = carry.indexOf("\n")) >= 0) {
+      const line = carry.slice(0, nl);
+      carry = carry.slice(nl + 1);
+      if (line.trim()) yield line;
+    }
+  }
+  carry += decoder.decode();
+  if (carry.trim()) yield carry;
+}
+
+/** A Batch API call refused for good (4xx other than 429), with the server's words. */
+class BatchRefused extends Error {
+  readonly status: number;
+  constructor(status: number, message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "BatchRefused";
+    this.status = status;
+  }
+}
+
+/**
+ * The {@linkcode BatchCall} of a run: to the base URL only (a results URL
+ * elsewhere is asked of the base URL instead, so the key goes nowhere
+ * else), signed as live requests are. 429s and, where `retryAll`, 5xx and
+ * network failures are retried after the server's wait or a backoff;
+ * other refusals throw a BatchRefused.
+ */
+function batchCaller(
+  ep: Endpoint,
+  signal: AbortSignal,
+  retryAll: boolean,
+  tries = 6,
+): BatchCall {
+  const origin = new URL(ep.base).origin;
+  const headers = { ...ep.headers };
+  delete headers["content-type"];
+  return async (method, path, body) => {
+    const target = new URL(path, origin);
+    const url = /^https?:/.test(path) && target.origin === origin
+      ? target.href
+      : ep.url(`${target.pathname}${target.search}`);
+    const json = typeof body === "string" || body instanceof Blob;
+    for (let attempt = 1;; attempt++) {
+      let response: Response | undefined;
+      let failure: unknown;
+      try {
+        response = await fetch(url, {
+          method,
+          headers: json
+            ? { ...headers, "content-type": "application/json" }
+            : headers,
+          body,
+          signal,
+        });
+      } catch (e) {
+        if (signal.aborted) throw signal.reason;
+        failure = e;
+      }
+      if (response?.ok) return response;
+      const text = response ? await response.text() : "";
+      const status = response?.status ?? 0;
+      const again = status === 429 ||
+        (retryAll && (status === 0 || status >= 500));
+      if (!again || attempt >= tries) {
+        const what = response
+          ? HttpError.from(response, text).message
+          : `${(failure as Error)?.message ?? failure}`;
+        if (status >= 400 && status < 500 && status !== 429) {
+          throw new BatchRefused(status, scrub(what, ep.apiKey));
+        }
+        throw new Error(scrub(what, ep.apiKey), { cause: failure });
+      }
+      const told = response
+        ? parseRetryAfter(response.headers, Date.now(), {
+          maxMs: MAX_RETRY_AFTER_MS,
+        })
+        : undefined;
+      await pause(told ?? Math.min(500 * 2 ** attempt, 30_000), signal);
+    }
+  };
+}
+
+/** Waits `ms`, or until `signal` aborts (then rejects with its reason). */
+function pause(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((done, fail) => {
+    if (signal.aborted) return fail(signal.reason);
+    const stop = (): void => {
+      clearTimeout(timer);
+      fail(signal.reason);
+    };
+    const timer = setTimeout(() => {
+      signal.removeEventListener("abort", stop);
+      done();
+    }, ms);
+    signal.addEventListener("abort", stop, { once: true });
+  });
+}
+
+/** Requests being written to one batch's upload file, for one endpoint. */
+class UploadChunk {
+  readonly n: number;
+  readonly path: string;
+  readonly endpoint: string;
+  readonly lines: number[] = [];
+  count = 0;
+  bytes: number;
+  #fd: number;
+  #parts: string[] = [];
+  #buffered = 0;
+  #api: BatchApi;
+
+  constructor(n: number, output: string, endpoint: string, api: BatchApi) {
+    this.n = n;
+    this.path = `${output}.upload-${n}`;
+    this.endpoint = endpoint;
+    this.#api = api;
+    this.#fd = openSync(this.path, "w");
+    this.bytes = Buffer.byteLength(api.framing[0]) +
+      Buffer.byteLength(api.framing[2]);
+  }
+
+  /** Bytes `entry` would add. */
+  cost(entry: string): number {
+    return Buffer.byteLength(entry) +
+      (this.count ? Buffer.byteLength(this.#api.framing[1]) : 0);
+  }
+
+  add(index: number, entry: string): void {
+    const piece = (this.count ? this.#api.framing[1] : this.#api.framing[0]) +
+      entry;
+    this.bytes += this.cost(entry);
+    this.count++;
+    const last = this.lines.length - 1;
+    if (last > 0 && this.lines[last] === index) this.lines[last] = index + 1;
+    else this.lines.push(index, index + 1);
+    this.#parts.push(piece);
+    this.#buffered += piece.length;
+    if (this.#buffered > 1 << 16) this.#flush();
+  }
+
+  #flush(): void {
+    writeAll(this.#fd, this.#parts.join(""));
+    this.#parts.length = 0;
+    this.#buffered = 0;
+  }
+
+  /** Never sent (the run is stopping): the file goes. */
+  discard(): void {
+    closeSync(this.#fd);
+    rmSync(this.path, { force: true });
+  }
+
+  /** Writes the closing framing; the file is ready to send. */
+  seal(): void {
+    this.#parts.push(this.#api.framing[2]);
+    this.#flush();
+    closeSync(this.#fd);
+  }
+}
+
+/** What stopped a Batch API run early. */
+interface BatchStop {
+  /** Exit code: 3 for the provider's refusal, 130 for a signal. */
+  code: 3 | 130;
+  why: string;
+}
+
+/**
+ * One `--batch-api` run: recover submissions whose answer was lost, submit
+ * every line in no batch (split within the provider's limits, one endpoint
+ * per batch where it wants that), watch the batches, and collect their
+ * results into the journal and the ordered output — the same output a
+ * live run writes.
+ */
+class BatchApiRun {
+  readonly o: RunOptions;
+  readonly provider: Provider;
+  readonly api: BatchApi;
+  readonly ep: Endpoint;
+  readonly work: Work;
+  readonly journal: Journal;
+  readonly output: OrderedOutput;
+  readonly log: SubmissionLog;
+  readonly ids: string[];
+  readonly lineNos: number[];
+  readonly inputHash: string;
+  /** Lines in a batch that may still answer them. */
+  readonly covered: Uint8Array;
+  /** Lines given a result by this run. */
+  readonly recorded: Uint8Array;
+  readonly statuses = new Map<number, BatchStatus>();
+  #idIndex: Map<string, number> | undefined;
+  #stop: BatchStop | undefined;
+  #signals = 0;
+  /** Ends waits (polls, pauses) at the first signal. */
+  #waiting = new AbortController();
+  /** Ends submissions' calls too, at the second signal. */
+  #calls = new AbortController();
+  #submitted = 0;
+  #finished = 0;
+  #errors = 0;
+  #startedAt = performance.now();
+  #lastProgress = 0;
+  #lastLine = "";
+
+  constructor(
+    o: RunOptions,
+    provider: Provider,
+    read: { ids: string[]; lineNos: number[] },
+    parts: {
+      ep: Endpoint;
+      work: Work;
+      journal: Journal;
+      output: OrderedOutput;
+      log: SubmissionLog;
+    },
+  ) {
+    this.o = o;
+    this.provider = provider;
+    this.api = provider.batchApi!;
+    this.ids = read.ids;
+    this.lineNos = read.lineNos;
+    this.inputHash = idsHash(read.ids);
+    this.ep = parts.ep;
+    this.work = parts.work;
+    this.journal = parts.journal;
+    this.output = parts.output;
+    this.log = parts.log;
+    this.covered = new Uint8Array(read.ids.length);
+    this.recorded = new Uint8Array(read.ids.length);
+  }
+
+  /** The endpoint, the results of earlier runs, and the submissions log. */
+  static plan(
+    o: RunOptions,
+    provider: Provider,
+    read: { ids: string[]; lineNos: number[] },
+  ): BatchApiRun {
+    const ep = endpoint(o, provider);
+    const { ids } = read;
+    const log = SubmissionLog.open(`${o.output}.batches`, idsHash(ids));
+    for (const s of log.pending()) {
+      if (
+        s.provider !== provider.name || s.base !== ep.base
+      ) {
+        throw new UsageError(
+          `${log.path}: batch ${
+            s.id ?? s.n
+          } was submitted to ${s.provider} at ${s.base}; this run is for ${provider.name} at ${ep.base}. Give the same --base-url (and key) to collect it. Nothing was sent.`,
+        );
+      }
+    }
+    const prior = scanOutput(o.output, ids);
+    const { journal, entries } = Journal.open(`${o.output}.journal`, ids);
+    const work = planWork(ids.length, prior, entries, o.retryErrored ?? false);
+    const output = new OrderedOutput(o.output, work, journal);
+    output.flush();
+    return new BatchApiRun(o, provider, read, {
+      ep,
+      work,
+      journal,
+      output,
+      log,
+    });
+  }
+
+  /** Says what is to run, and what it found from earlier runs. */
+  announce(): void {
+    const { o, work } = this;
+    if (o.quiet) return;
+    const pending = this.log.pending();
+    const count = this.ids.length;
+    const have = count - work.toSend;
+    o.err(
+      `paceline: ${work.toSend} of ${count} ${this.provider.name} requests need results${
+        have ? ` (${have} already have them)` : ""
+      }; through the ${this.provider.name} Batch API (${
+        Math.round(this.api.priceFactor * 100)
+      } % of the live price; results within 24 hours)${
+        pending.length
+          ? `; ${pending.length} batch${
+            pending.length === 1 ? "" : "es"
+          } from an earlier run to collect (never submitted twice)`
+          : ""
+      } → ${o.output}\n`,
+    );
+    const limits = Object.keys(o.limits);
+    if (limits.length) {
+      o.err(
+        `paceline: note: --${
+          limits.join(", --")
+        } are live limits; the Batch API has its own, so they are not used\n`,
+      );
+    }
+  }
+
+  /** Recover, submit, watch and collect, until done or stopped. */
+  async execute(): Promise<void> {
+    const onSignal = (name?: unknown): void => this.#onSignal(name);
+    if (this.o.signals !== false) {
+      process.on("SIGINT", onSignal);
+      process.on("SIGTERM", onSignal);
+    }
+    try {
+      for (const s of this.log.pending()) await this.#recover(s);
+      for (const s of this.log.pending()) markLines(s, this.covered);
+      await this.#submitAll();
+      await this.#watch();
+    } catch (e) {
+      if (!this.#stop) throw e;
+    } finally {
+      if (this.o.signals !== false) {
+        process.off("SIGINT", onSignal);
+        process.off("SIGTERM", onSignal);
+      }
+      this.output.close();
+      const complete = this.output.next === this.ids.length;
+      if (complete && !this.log.pending().length) {
+        this.journal.remove();
+        this.log.remove();
+      } else {
+        this.journal.close();
+        this.log.close();
+      }
+    }
+  }
+
+  #onSignal(name?: unknown): void {
+    const why = `interrupted by ${
+      typeof name === "string" ? name : "a signal"
+    }`;
+    this.#stop ??= { code: 130, why };
+    this.#waiting.abort(new Error(why));
+    if (++this.#signals > 1) this.#calls.abort(new Error(why));
+    else if (!this.o.quiet) {
+      this.o.err(
+        "\npaceline: stopping: no more waiting (again to abort a submission in progress)\n",
+      );
+    }
+  }
+
+  /** The call for waiting work (polls, downloads, cancels): ends at the first signal. */
+  #call(retryAll = true): BatchCall {
+    return batchCaller(this.ep, this.#waiting.signal, retryAll);
+  }
+
+  /**
+   * A submission begun but with no batch id: its creation's answer was
+   * lost (a crash, a lost network). Find the batch among the provider's
+   * recent ones — by its tag (OpenAI keeps it in metadata), else by its
+   * request count and creation time (Anthropic) — or create it from the
+   * upload already made, or, if it never reached the provider, free its
+   * lines.
+   */
+  async #recover(s: Submission): Promise<void> {
+    if (s.id) return;
+    const match = await this.#find(s);
+    if (match) {
+      this.log.note({ n: s.n, batch: match.id });
+      this.statuses.set(s.n, match);
+    } else if (s.file) {
+      await this.#create(s, s.file);
+    } else {
+      this.log.note({ n: s.n, abandoned: true });
+      rmSync(`${this.o.output}.upload-${s.n}`, { force: true });
+    }
+  }
+
+  /** The provider's batch of a submission whose creation's answer was lost, if it exists. */
+  async #find(s: Submission): Promise<BatchStatus | undefined> {
+    const known = new Set(
+      [...this.log.subs.values()].map((x) => x.id).filter(Boolean),
+    );
+    const recent = await this.api.list(
+      batchCaller(this.ep, this.#calls.signal, true),
+      s.at - 300_000,
+    );
+    return recent.filter((b) => !known.has(b.id) && isSubmission(b, s))
+      .sort((a, b) => a.createdAt - b.createdAt)[0];
+  }
+
+  /**
+   * Creates the batch of a begun submission and journals its id. When the
+   * answer is lost (a 5xx, a broken connection), the batch may exist: it is
+   * looked for before it is created again.
+   */
+  async #create(s: Submission, input: Blob | string): Promise<void> {
+    const call = batchCaller(this.ep, this.#calls.signal, false);
+    let status: BatchStatus | undefined;
+    for (let attempt = 1; !status; attempt++) {
+      try {
+        status = await this.api.create(call, input, s.endpoint, s.tag);
+      } catch (e) {
+        if (e instanceof BatchRefused) {
+          // Refused outright: no batch was made; its lines are free again.
+          this.log.note({ n: s.n, abandoned: true });
+          this.#fatal(
+            e.status,
+            `the ${this.provider.name} Batch API refused the batch: ${e.message}`,
+          );
+        }
+        if (this.#calls.signal.aborted || attempt >= 3) {
+          // Unknown: the next run finds the batch, or creates it.
+          this.#fatal(
+            0,
+            `could not create a batch (${
+              (e as Error).message
+            }); it is journaled, and the next run finds it or creates it, never twice`,
+          );
+        }
+        await pause(2000 * attempt, this.#calls.signal);
+        status = await this.#find(s);
+      }
+    }
+    this.log.note({ n: s.n, batch: status.id });
+    this.statuses.set(s.n, status);
+    this.#submitted++;
+    rmSync(`${this.o.output}.upload-${s.n}`, { force: true });
+  }
+
+  /** A refusal that stops the run: exit 3, nothing recorded for it. */
+  #fatal(status: number, why: string): never {
+    const what = status === 401
+      ? `the API key was refused (HTTP 401): ${why}`
+      : status === 403
+      ? `not allowed (HTTP 403): ${why}`
+      : why;
+    this.#stop ??= { code: 3, why: scrub(what, this.ep.apiKey) };
+    this.#waiting.abort(new Error("stopped"));
+    throw new Error(what);
+  }
+
+  /**
+   * Submits every line that needs a result and is in no batch, in input
+   * order: per endpoint where the provider wants one per batch, each batch
+   * within its request and byte limits, each upload written to a file
+   * beside the output (memory does not grow with the input).
+   */
+  async #submitAll(): Promise<void> {
+    const open = new Map<string, UploadChunk>();
+    let next = Math.max(0, ...this.log.subs.keys()) + 1;
+    let i = -1;
+    for await (const [line, text] of lines(this.o.input, this.o.shard)) {
+      if (this.#stop) break;
+      if (text.trim() === "") continue;
+      if (!this.work.needs(++i) || this.covered[i]) continue;
+      const item = parseLine(line, text, {});
+      const key = this.api.oneEndpoint ? item.path : "";
+      const entry = this.api.entry(
+        item.customId,
+        item.path,
+        this.provider.wholeBody(item.body),
+      );
+      let chunk = open.get(key);
+      if (chunk && !chunkFits(this.api, chunk, chunk.cost(entry))) {
+        open.delete(key);
+        await this.#submit(chunk);
+        chunk = undefined;
+      }
+      if (!chunk) {
+        chunk = new UploadChunk(next++, this.o.output, item.path, this.api);
+        open.set(key, chunk);
+      }
+      chunk.add(i, entry);
+    }
+    for (const chunk of open.values()) {
+      if (this.#stop) chunk.discard();
+      else await this.#submit(chunk);
+    }
+  }
+
+  /** Journals a batch's lines, then uploads (where needed) and creates it. */
+  async #submit(chunk: UploadChunk): Promise<void> {
+    chunk.seal();
+    const s: Submission = {
+      n: chunk.n,
+      at: Date.now(),
+      tag: globalThis.crypto.randomUUID(),
+      provider: this.provider.name,
+      base: this.ep.base,
+      endpoint: chunk.endpoint,
+      lines: chunk.lines,
+      count: chunk.count,
+      bytes: chunk.bytes,
+      input: this.inputHash,
+      state: "begun",
+    };
+    const { state: _, ...begin } = s;
+    this.log.note({ begin }); // before anything is sent
+    markLines(s, this.covered);
+    let input: Blob | string = await fileBlob(chunk.path);
+    if (this.api.upload) {
+      const call = batchCaller(this.ep, this.#calls.signal, true);
+      try {
+        input = await this.api.upload(call, input, `paceline-${s.tag}.jsonl`);
+      } catch (e) {
+        if (e instanceof BatchRefused) {
+          this.log.note({ n: s.n, abandoned: true });
+          this.#fatal(
+            e.status,
+            `the ${this.provider.name} Files API refused the upload: ${e.message}`,
+          );
+        }
+        throw e;
+      }
+      this.log.note({ n: s.n, file: input });
+    }
+    await this.#create(s, input);
+    this.#progress(true);
+  }
+
+  /** Polls every batch not yet collected, collecting each as it ends, until none is left. */
+  async #watch(): Promise<void> {
+    for (let first = true;; first = false) {
+      const pending = this.log.pending();
+      if (!pending.length || this.#stop) return;
+      if (!first) await pause(this.o.pollMs ?? 30_000, this.#waiting.signal);
+      for (const s of pending) {
+        if (this.#stop) return;
+        try {
+          const status = await this.api.retrieve(this.#call(), s.id!);
+          this.statuses.set(s.n, status);
+          if (status.phase === "ended") await this.#collect(s, status);
+          if (status.phase === "failed") {
+            this.log.note({ n: s.n, failed: status.failure });
+            this.#fatal(
+              0,
+              `batch ${s.id} (${s.count} requests, ${s.endpoint}) failed: ${status.failure}`,
+            );
+          }
+        } catch (e) {
+          if (this.#stop) return;
+          if (e instanceof BatchRefused) {
+            this.#fatal(e.status, `batch ${s.id}: ${e.message}`);
+          }
+          this.#say(
+            `could not reach batch ${s.id} (${
+              (e as Error).message
+            }); trying again at the next poll`,
+          );
+        }
+      }
+      this.#progress();
+    }
+  }
+
+  /**
+   * Reads an ended batch's results (and errors) into the journal and the
+   * ordered output; a line it gave no result for is errored. Lines that
+   * already have a result (an earlier run collected them) are skipped.
+   */
+  async #collect(s: Submission, status: BatchStatus): Promise<void> {
+    const mine = new Uint8Array(this.ids.length);
+    markLines(s, mine);
+    this.#idIndex ??= new Map(this.ids.map((id, i) => [id, i]));
+    for (const path of status.results) {
+      const response = await this.#call()("GET", path);
+      for await (const text of responseLines(response)) {
+        let row: unknown;
+        try {
+          row = JSON.parse(text);
+        } catch {
+          continue;
+        }
+        const r = row && typeof row === "object"
+          ? this.api.outcomeOf(row as Record<string, unknown>)
+          : undefined;
+        const i = r && this.#idIndex.get(r.customId);
+        if (i !== undefined && mine[i]) this.#record(i, r!.outcome);
+      }
+    }
+    for (let k = 0; k < s.lines.length; k += 2) {
+      for (let i = s.lines[k]!; i < s.lines[k + 1]!; i++) {
+        this.#record(i, {
+          ok: false,
+          errorType: "missing_result",
+          message: `batch ${s.id} ended without a result for this request`,
+        });
+      }
+    }
+    this.log.note({ n: s.n, collected: true });
+    this.#progress(true);
+  }
+
+  /** Journals one line's result and hands it to the ordered output. */
+  #record(i: number, outcome: BatchOutcome): void {
+    if (this.recorded[i] || !this.work.needs(i)) return;
+    this.recorded[i] = 1;
+    const item = {
+      line: this.lineNos[i]!,
+      customId: this.ids[i]!,
+      path: "",
+      body: {},
+    };
+    const line = resultLine(this.provider, item, outcome);
+    this.output.put(i, this.journal.append(i, !outcome.ok, line));
+    this.#finished++;
+    if (!outcome.ok) this.#errors++;
+  }
+
+  #say(text: string): void {
+    if (!this.o.quiet) {
+      this.o.err(`${this.o.isTTY ? "\r\x1b[2K" : ""}paceline: ${text}\n`);
+    }
+  }
+
+  /** The progress line: batches by state, requests by state, results written. */
+  #progress(force = false): void {
+    const o = this.o;
+    if (o.quiet) return;
+    const now = performance.now();
+    if (!force && now - this.#lastProgress < (o.progressMs ?? 3000)) return;
+    this.#lastProgress = now;
+    const states = new Map<string, number>();
+    const counts = new Map<string, number>();
+    for (const s of this.statuses.values()) {
+      states.set(s.state, (states.get(s.state) ?? 0) + 1);
+      for (const [k, v] of Object.entries(s.counts)) {
+        counts.set(k, (counts.get(k) ?? 0) + v);
+      }
+    }
+    const list = (m: Map<string, number>): string =>
+      [...m].filter(([, v]) => v > 0).map(([k, v]) => `${fmtCount(v)} ${k}`)
+        .join(", ");
+    const line = `batches: ${list(states) || "none yet"}${
+      counts.size ? ` · requests: ${list(counts)}` : ""
+    } · ${
+      fmtCount(this.#finished)
+    } results written (${this.#errors} errored) · ${
+      fmtDuration(now - this.#startedAt)
+    }`;
+    if (line === this.#lastLine) return;
+    this.#lastLine = line;
+    if (o.isTTY) o.err(`\r\x1b[2K${line}`);
+    else o.err(`paceline: ${line}\n`);
+  }
+
+  /** The final word and the exit code. */
+  conclude(): number {
+    const { o, output } = this;
+    const count = this.ids.length;
+    if (!o.quiet) {
+      this.#progress(true);
+      if (o.isTTY) o.err("\n");
+    }
+    const kept = `${output.next} of ${count} in order in ${o.output}${
+      output.waiting ? `, ${output.waiting} more in ${this.journal.path}` : ""
+    }`;
+    const pending = this.log.pending();
+    const running = pending.length
+      ? ` ${pending.length} batch${pending.length === 1 ? "" : "es"} keep${
+        pending.length === 1 ? "s" : ""
+      } running at ${this.provider.name} (${
+        pending.map((s) => s.id ?? `submission ${s.n}`).join(", ")
+      }): run the same command again to collect ${
+        pending.length === 1 ? "it" : "them"
+      } (nothing is submitted twice), or \`paceline cancel ${o.output}\` to cancel ${
+        pending.length === 1 ? "it" : "them"
+      }.`
+      : "";
+    if (this.#stop?.code === 3) {
+      o.err(
+        `\npaceline: stopped: ${this.#stop.why}.\nNothing was recorded for the lines it concerns. Results kept: ${kept}.${running}\nFix the cause, then run the same command again: lines already in a batch are collected, not submitted again.\n`,
+      );
+      return 3;
+    }
+    if (output.next !== count) {
+      o.err(
+        `\npaceline: ${
+          this.#stop?.why ?? "stopped"
+        }: no longer waiting. Results kept: ${kept}.${running}\n`,
+      );
+      return 130;
+    }
+    if (!o.quiet) {
+      o.err(
+        `\npaceline: ${count} results (${output.errored} errored) in ${o.output}${
+          output.errored
+            ? "; --retry-errored runs the errored ones again (live; with --batch-api through a new batch)"
+            : ""
+        }\n`,
+      );
+    }
+    return output.errored ? 1 : 0;
+  }
+}
+
+/** Whether one more entry of `bytes` fits a batch within the provider's limits. */
+function chunkFits(
+  api: BatchApi,
+  chunk: { count: number; bytes: number },
+  bytes: number,
+): boolean {
+  return chunk.count + 1 <= api.maxRequests &&
+    chunk.bytes + bytes <= api.maxBytes;
+}
+
+/**
+ * `--dry-run --batch-api`: the batches this input makes — endpoint, lines
+ * and bytes each — against the provider's per-batch limits, and the price.
+ * Sends nothing.
+ */
+async function dryRunBatchApi(
+  o: RunOptions,
+  provider: Provider,
+): Promise<string> {
+  const api = provider.batchApi!;
+  const framing = Buffer.byteLength(api.framing[0] + api.framing[2]);
+  const sep = Buffer.byteLength(api.framing[1]);
+  const done: { endpoint: string; count: number; bytes: number }[] = [];
+  const open = new Map<
+    string,
+    { endpoint: string; count: number; bytes: number }
+  >();
+  let total = 0;
+  for await (const [line, text] of lines(o.input, o.shard)) {
+    if (text.trim() === "") continue;
+    const item = parseLine(line, text, {});
+    const key = api.oneEndpoint ? item.path : "";
+    const bytes = Buffer.byteLength(
+      api.entry(item.customId, item.path, provider.wholeBody(item.body)),
+    );
+    let b = open.get(key);
+    if (b && !chunkFits(api, b, bytes + sep)) {
+      done.push(b);
+      b = undefined;
+    }
+    if (!b) {
+      open.set(
+        key,
+        b = { endpoint: item.path, count: 0, bytes: framing - sep },
+      );
+    }
+    b.count++;
+    b.bytes += bytes + sep;
+    total++;
+  }
+  done.push(...open.values());
+  const mb = (n: number): string =>
+    `${+(n / 1048576).toFixed(n < 1048576 ? 2 : 1)} MB`;
+  const num = (n: number): string => n.toLocaleString("en-US");
+  return [
+    `paceline: dry run with --batch-api: ${
+      num(total)
+    } ${provider.name} requests in ${done.length} batch${
+      done.length === 1 ? "" : "es"
+    } (the ${provider.name} Batch API takes at most ${
+      num(api.maxRequests)
+    } requests and ${mb(api.maxBytes)} per batch${
+      api.oneEndpoint && provider.endpoints.length > 1
+        ? ", one endpoint each"
+        : ""
+    }):`,
+    ...done.map((b, k) =>
+      `  batch ${k + 1}: ${b.endpoint}, ${num(b.count)} requests, ${
+        mb(b.bytes)
+      }`
+    ),
+    `Price: ${
+      Math.round(api.priceFactor * 100)
+    } % of live requests; results within 24 hours (often much sooner), in input order in the output as a live run writes them. A rerun never submits a line twice; \`paceline cancel OUTPUT\` cancels what was submitted. Nothing was sent.`,
+    "",
+  ].join("\n");
+}
+
+/**
+ * `paceline cancel OUTPUT`: asks the provider to cancel every batch that
+ * `<output>.batches` records as not yet collected. What finished stays; a
+ * rerun of the run's command collects it, the canceled requests written
+ * as errored (`--retry-errored` redoes them).
+ */
+export async function cancelBatches(
+  output: string,
+  io: { out: (s: string) => void; err: (s: string) => void; baseURL?: string },
+): Promise<number> {
+  const path = `${output}.batches`;
+  if (!existsSync(path)) {
+    throw new UsageError(
+      `${path} not found: no batches of ${output} are waiting (none were submitted, or all were collected)`,
+    );
+  }
+  const log = SubmissionLog.open(path, undefined);
+  const pending = log.pending();
+  log.close();
+  let refused = 0;
+  for (const s of pending) {
+    const provider = providers.find((p) => p.name === s.provider);
+    if (!provider?.batchApi) continue;
+    const ep = endpoint(
+      { baseURL: io.baseURL ?? s.base } as RunOptions,
+      provider,
+    );
+    const call = batchCaller(ep, new AbortController().signal, true, 3);
+    let id = s.id;
+    if (!id) {
+      const found = (await provider.batchApi.list(call, s.at - 300_000))
+        .find((b) => isSubmission(b, s));
+      id = found?.id;
+    }
+    if (!id) {
+      io.out(
+        `submission ${s.n} (${s.count} requests) never reached ${s.provider}: nothing to cancel\n`,
+      );
+      continue;
+    }
+    try {
+      const b = await provider.batchApi.cancel(call, id);
+      io.out(
+        `${id}: ${b.state}, ${fmtCount(b.finished)} of ${
+          fmtCount(b.total)
+        } requests finished\n`,
+      );
+    } catch (e) {
+      refused++;
+      io.err(
+        `paceline: ${id}: cancel refused: ${
+          scrub((e as Error).message, ep.apiKey)
+        }\n`,
+      );
+    }
+  }
+  io.err(
+    pending.length
+      ? `paceline: run the same command again (with --batch-api) to collect what finished; canceled requests are written as errored (--retry-errored redoes them)\n`
+      : `paceline: no batch of ${output} is waiting\n`,
+  );
+  return refused ? 3 : 0;
+}
+
 const TOPICS_EN = [
   "sliding-window rate limits",
   "exponential backoff with jitter",
@@ -2865,6 +3957,24 @@ const RUN_FLAGS: Flag[] = [
     set: (o, v, flag) => o.progressMs = num(flag, v),
   },
   {
+    name: "batch-api",
+    help: [
+      "send the lines through the provider's Batch API (Anthropic,",
+      "OpenAI): half the price, results within 24 hours; same",
+      "output; a rerun collects, never submits a line twice",
+    ],
+    set: (o) => o.batchApi = true,
+  },
+  {
+    name: "poll-ms",
+    arg: "N",
+    help: [
+      "with --batch-api: how often to ask how the batches stand",
+      "(default 30000)",
+    ],
+    set: (o, v, flag) => o.pollMs = num(flag, v, 10),
+  },
+  {
     name: "retry-errored",
     help: [
       "also redo lines whose recorded result is errored (e.g. 5xx",
@@ -3031,6 +4141,65 @@ function editDistance(a: string, b: string): number {
   return row[b.length]!;
 }
 
+/** `paceline run`: its flags read and checked, then the run. */
+async function runCommand(
+  rest: string[],
+  io: { out: (s: string) => void; err: (s: string) => void; isTTY: boolean },
+): Promise<number> {
+  const { o, positionals, help } = readFlags(rest, RUN_FLAGS, "run");
+  if (help) {
+    io.out(helpText());
+    return 0;
+  }
+  if (positionals.length > 1) {
+    throw new UsageError(
+      `one input file, please: got ${positionals.join(" and ")}`,
+    );
+  }
+  const input = positionals[0];
+  if (!input) throw new UsageError("run needs an input file; see --help");
+  if (o.redis && o.perModel === "all") {
+    throw new UsageError(
+      "--per-model with --redis is not supported yet: give the limits for the key (learned limits are per model and shared anyway)",
+    );
+  }
+  if (!o.redis && o.limiterName) {
+    throw new UsageError(
+      "--limiter-name names the limits shared through --redis: give --redis URL too",
+    );
+  }
+  return await run({
+    input,
+    output: o.output ?? defaultOutput(input, o.shard),
+    provider: o.provider,
+    baseURL: o.baseURL,
+    limits: o.limits,
+    windowMs: o.windowMs ?? 60_000,
+    marginMs: o.marginMs,
+    concurrency: o.concurrency ?? 8,
+    retries: o.retries ?? 5,
+    maxRateLimitedMs: o.maxRateLimitedMs ?? 900_000,
+    stream: o.stream ?? false,
+    findPace: o.findPace ?? true,
+    deployment: o.deployment,
+    apiVersion: o.apiVersion,
+    model: o.model,
+    quiet: o.quiet ?? false,
+    retryErrored: o.retryErrored ?? false,
+    dryRun: o.dryRun ?? false,
+    batchApi: o.batchApi ?? false,
+    pollMs: o.pollMs,
+    perModel: o.perModel,
+    report: o.report,
+    lang: o.lang ?? langFromEnv(),
+    redis: o.redis,
+    limiterName: o.limiterName,
+    shard: o.shard,
+    progressMs: o.progressMs,
+    ...io,
+  });
+}
+
 /** Parses argv and runs; returns the exit code. */
 export async function main(argv: string[], io: {
   out: (s: string) => void;
@@ -3070,61 +4239,25 @@ export async function main(argv: string[], io: {
         lang: langFromEnv(),
       });
     }
+    if (command === "cancel") {
+      const { positionals, help } = readFlags(rest, [], "cancel");
+      if (help) {
+        io.out(helpText());
+        return 0;
+      }
+      if (positionals.length !== 1) {
+        throw new UsageError(
+          "cancel needs the output file of a --batch-api run: paceline cancel OUTPUT",
+        );
+      }
+      return await cancelBatches(positionals[0]!, io);
+    }
     if (command !== "run") {
       throw new UsageError(
         `unknown command ${JSON.stringify(command)}; see --help`,
       );
     }
-    const { o, positionals, help } = readFlags(rest, RUN_FLAGS, "run");
-    if (help) {
-      io.out(helpText());
-      return 0;
-    }
-    if (positionals.length > 1) {
-      throw new UsageError(
-        `one input file, please: got ${positionals.join(" and ")}`,
-      );
-    }
-    const input = positionals[0];
-    if (!input) throw new UsageError("run needs an input file; see --help");
-    if (o.redis && o.perModel === "all") {
-      throw new UsageError(
-        "--per-model with --redis is not supported yet: give the limits for the key (learned limits are per model and shared anyway)",
-      );
-    }
-    if (!o.redis && o.limiterName) {
-      throw new UsageError(
-        "--limiter-name names the limits shared through --redis: give --redis URL too",
-      );
-    }
-    return await run({
-      input,
-      output: o.output ?? defaultOutput(input, o.shard),
-      provider: o.provider,
-      baseURL: o.baseURL,
-      limits: o.limits,
-      windowMs: o.windowMs ?? 60_000,
-      marginMs: o.marginMs,
-      concurrency: o.concurrency ?? 8,
-      retries: o.retries ?? 5,
-      maxRateLimitedMs: o.maxRateLimitedMs ?? 900_000,
-      stream: o.stream ?? false,
-      findPace: o.findPace ?? true,
-      deployment: o.deployment,
-      apiVersion: o.apiVersion,
-      model: o.model,
-      quiet: o.quiet ?? false,
-      retryErrored: o.retryErrored ?? false,
-      dryRun: o.dryRun ?? false,
-      perModel: o.perModel,
-      report: o.report,
-      lang: o.lang ?? langFromEnv(),
-      redis: o.redis,
-      limiterName: o.limiterName,
-      shard: o.shard,
-      progressMs: o.progressMs,
-      ...io,
-    });
+    return await runCommand(rest, io);
   } catch (e) {
     if (
       e instanceof UsageError || (e instanceof RangeError) ||

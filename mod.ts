@@ -44,6 +44,7 @@
  *    {@linkcode Provider}, {@linkcode ProviderEndpoint},
  *    {@linkcode LimitHeaders}, {@linkcode StreamAssembler},
  *    {@linkcode BatchFormat}, {@linkcode BatchOutcome},
+ *    {@linkcode BatchApi}, {@linkcode BatchStatus}, {@linkcode BatchCall},
  *    {@linkcode ProviderMatch}, {@linkcode UsageOptions},
  *    {@linkcode CachePrefix}, {@linkcode CacheUsage}, {@linkcode UrlTarget}.
  * 9. **Fetch**: {@linkcode rateLimitedFetch} (a `fetch` for the official
@@ -5766,6 +5767,120 @@ export interface BatchOutcome {
 }
 
 /**
+ * One HTTP call to a provider's Batch API, made by whoever drives it (as
+ * `paceline run --batch-api` does, with the key, retries and a journal).
+ * `path` is a path on the base URL (`/v1/batches`) or a URL the provider
+ * gave (a results URL); a string or `Blob` body is JSON, a `FormData` body
+ * multipart. Resolves to a 2xx response; rejects otherwise.
+ *
+ * @example
+ * ```ts
+ * import type { BatchCall } from "./mod.ts";
+ *
+ * const call: BatchCall = (method, path, body) =>
+ *   fetch(`https://api.openai.com${path}`, { method, body, headers: { authorization: "Bearer sk-..." } });
+ * if (typeof call !== "function") throw new Error();
+ * ```
+ */
+export type BatchCall = (
+  method: "GET" | "POST",
+  path: string,
+  body?: string | Blob | FormData,
+) => Promise<Response>;
+
+/**
+ * Where one batch stands, in words common to every provider (from
+ * {@linkcode BatchApi.retrieve} and the like).
+ *
+ * @example
+ * ```ts
+ * import type { BatchStatus } from "./mod.ts";
+ *
+ * const s: BatchStatus = {
+ *   id: "batch_1", phase: "running", state: "in_progress", counts: { completed: 5, failed: 0 },
+ *   total: 10, finished: 5, createdAt: Date.now(), results: [],
+ * };
+ * if (s.total - s.finished !== 5) throw new Error();
+ * ```
+ */
+export interface BatchStatus {
+  /** The provider's batch id. */
+  readonly id: string;
+  /** Still going (`running`), done with results to fetch (`ended`), or refused whole (`failed`, e.g. validation). */
+  readonly phase: "running" | "ended" | "failed";
+  /** The provider's own word for it: `in_progress`, `finalizing`, `ended`, … */
+  readonly state: string;
+  /** Requests per state, in the provider's words. */
+  readonly counts: Readonly<Record<string, number>>;
+  /** Requests in the batch. */
+  readonly total: number;
+  /** Requests the provider has finished, whatever became of them. */
+  readonly finished: number;
+  /** When it was created, ms since the epoch. */
+  readonly createdAt: number;
+  /** The tag given at creation, where the provider keeps one (OpenAI's metadata). */
+  readonly tag?: string;
+  /** Why it failed, in the provider's words. */
+  readonly failure?: string;
+  /** Once ended: where its results are (paths or URLs of JSONL files). */
+  readonly results: readonly string[];
+}
+
+/**
+ * A provider's Batch API (half the live price; results within 24 hours):
+ * its limits per batch, how an upload is laid out, the calls that submit,
+ * watch and cancel a batch, and how a result line reads as a
+ * {@linkcode BatchOutcome}. The calls go through a {@linkcode BatchCall},
+ * so the driver decides on keys, retries and journaling.
+ *
+ * @example
+ * ```ts
+ * import { anthropicProvider, openaiProvider } from "./mod.ts";
+ *
+ * if (openaiProvider.batchApi!.maxRequests !== 50_000) throw new Error();
+ * const [open, , close] = anthropicProvider.batchApi!.framing;
+ * const body = open + anthropicProvider.batchApi!.entry("q1", "/v1/messages", { model: "m" }) + close;
+ * if (JSON.parse(body).requests[0].custom_id !== "q1") throw new Error();
+ * ```
+ */
+export interface BatchApi {
+  /** The most requests in one batch. */
+  readonly maxRequests: number;
+  /** The most bytes in one batch's upload. */
+  readonly maxBytes: number;
+  /** Whether a batch holds requests for one endpoint only (OpenAI). */
+  readonly oneEndpoint: boolean;
+  /** The price against live requests: 0.5 is half. */
+  readonly priceFactor: number;
+  /** An upload is `open`, the entries joined by `separator`, then `close`. */
+  readonly framing: readonly [open: string, separator: string, close: string];
+  /** One request as an upload carries it. */
+  entry(customId: string, path: string, body: unknown): string;
+  /** Uploads the requests as a file first, where the provider wants one (OpenAI); resolves to its id. */
+  upload?(call: BatchCall, file: Blob, name: string): Promise<string>;
+  /**
+   * Creates a batch from an upload (or the id {@linkcode BatchApi.upload}
+   * gave) for `endpoint`, tagged with `tag` where the provider keeps tags.
+   */
+  create(
+    call: BatchCall,
+    input: Blob | string,
+    endpoint: string,
+    tag: string,
+  ): Promise<BatchStatus>;
+  /** Where a batch stands now. */
+  retrieve(call: BatchCall, id: string): Promise<BatchStatus>;
+  /** Asks the provider to cancel a batch; what finished stays. */
+  cancel(call: BatchCall, id: string): Promise<BatchStatus>;
+  /** Batches created since `since` (ms since the epoch), newest first: to find one whose creation's answer was lost. */
+  list(call: BatchCall, since: number): Promise<BatchStatus[]>;
+  /** One line of a batch's results as the request's id and its outcome; `undefined` if it is not a result line. */
+  outcomeOf(
+    row: Record<string, unknown>,
+  ): { customId: string; outcome: BatchOutcome } | undefined;
+}
+
+/**
  * Everything paceline knows about one API family, in one place:
  * `rateLimitedFetch`, the thin clients and `paceline run` read it, and
  * nothing provider-specific is written anywhere else.
@@ -5845,6 +5960,8 @@ export interface Provider {
   assembler(headers?: Headers): StreamAssembler;
   /** The batch file format. */
   readonly batch: BatchFormat;
+  /** The provider's Batch API, where paceline can drive it. */
+  readonly batchApi?: BatchApi;
 }
 
 /**
@@ -6215,6 +6332,260 @@ function outcomeError(o: BatchOutcome, fallback: string): {
   return { type: o.errorType ?? fallback, message: o.message };
 }
 
+/** Reads a JSON answer of a Batch API call. */
+async function batchJson(
+  answer: Promise<Response>,
+): Promise<Record<string, unknown>> {
+  const v = await (await answer).json();
+  if (typeof v !== "object" || v === null) {
+    throw new TypeError(`a Batch API answer is not a JSON object: ${v}`);
+  }
+  return v as Record<string, unknown>;
+}
+
+/** A number from a count field, else 0. */
+function countOf(v: unknown): number {
+  return typeof v === "number" && Number.isFinite(v) ? v : 0;
+}
+
+/**
+ * Pages through a list of batches, newest first, until one older than
+ * `since` (at most 20 pages).
+ */
+async function listSince(
+  call: BatchCall,
+  path: (after: string | undefined) => string,
+  status: (b: Record<string, unknown>) => BatchStatus,
+  since: number,
+): Promise<BatchStatus[]> {
+  const out: BatchStatus[] = [];
+  let after: string | undefined;
+  for (let page = 0; page < 20; page++) {
+    const list = await batchJson(call("GET", path(after)));
+    const data = Array.isArray(list.data) ? list.data : [];
+    for (const b of data) {
+      const s = status(b as Record<string, unknown>);
+      if (s.createdAt < since) return out;
+      out.push(s);
+    }
+    if (list.has_more !== true || !data.length) return out;
+    after = String(list.last_id ?? out.at(-1)?.id);
+  }
+  return out;
+}
+
+/**
+ * Anthropic's Message Batches (docs.anthropic.com/en/api/creating-message-batches):
+ * `POST /v1/messages/batches {requests: [{custom_id, params}]}`, at most
+ * 100,000 requests or 256 MB; `processing_status` `in_progress` →
+ * `canceling` → `ended`; results as JSONL at `results_url`, in any order,
+ * each `succeeded`, `errored`, `canceled` or `expired`.
+ */
+function anthropicBatchStatus(b: Record<string, unknown>): BatchStatus {
+  const counts = (b.request_counts ?? {}) as Record<string, unknown>;
+  const byState: Record<string, number> = {};
+  let total = 0;
+  for (
+    const k of ["processing", "succeeded", "errored", "canceled", "expired"]
+  ) {
+    byState[k] = countOf(counts[k]);
+    total += byState[k]!;
+  }
+  const ended = b.processing_status === "ended";
+  return {
+    id: String(b.id),
+    phase: ended ? "ended" : "running",
+    state: String(b.processing_status),
+    counts: byState,
+    total,
+    finished: total - byState.processing!,
+    createdAt: Date.parse(String(b.created_at)) || 0,
+    results: ended && typeof b.results_url === "string" ? [b.results_url] : [],
+  };
+}
+
+const anthropicBatchApi: BatchApi = {
+  maxRequests: 100_000,
+  maxBytes: 256 * 1024 * 1024,
+  oneEndpoint: true,
+  priceFactor: 0.5,
+  framing: ['{"requests":[', ",", "]}"],
+  entry: (customId, _path, params) =>
+    JSON.stringify({ custom_id: customId, params }),
+  create: async (call, input) =>
+    anthropicBatchStatus(
+      await batchJson(call("POST", "/v1/messages/batches", input)),
+    ),
+  retrieve: async (call, id) =>
+    anthropicBatchStatus(
+      await batchJson(
+        call("GET", `/v1/messages/batches/${encodeURIComponent(id)}`),
+      ),
+    ),
+  cancel: async (call, id) =>
+    anthropicBatchStatus(
+      await batchJson(
+        call("POST", `/v1/messages/batches/${encodeURIComponent(id)}/cancel`),
+      ),
+    ),
+  list: (call, since) =>
+    listSince(
+      call,
+      (after) =>
+        `/v1/messages/batches?limit=100${
+          after ? `&after_id=${encodeURIComponent(after)}` : ""
+        }`,
+      anthropicBatchStatus,
+      since,
+    ),
+  outcomeOf(row) {
+    const result = row.result as Record<string, unknown> | undefined;
+    if (typeof row.custom_id !== "string" || !result) return undefined;
+    const type = result.type;
+    const outcome: BatchOutcome = type === "succeeded"
+      ? { ok: true, status: 200, body: result.message }
+      : type === "errored"
+      ? { ok: false, body: result.error }
+      : {
+        ok: false,
+        errorType: String(type),
+        message: type === "expired"
+          ? "the batch expired (24 hours) before this request was processed"
+          : type === "canceled"
+          ? "the batch was canceled before this request was processed"
+          : `the batch gave no result (${JSON.stringify(type)})`,
+      };
+    return { customId: row.custom_id, outcome };
+  },
+};
+
+/**
+ * OpenAI's Batch API (platform.openai.com/docs/api-reference/batch): upload
+ * a JSONL file (`POST /v1/files`, `purpose=batch`; at most 50,000 requests
+ * and 200 MB, one endpoint), `POST /v1/batches {input_file_id, endpoint,
+ * completion_window: "24h", metadata}`; `status` `validating` →
+ * `in_progress` → `finalizing` → `completed` (or `failed`, `expired`,
+ * `cancelling` → `cancelled`); successes in `output_file_id`, the rest in
+ * `error_file_id` (expired requests as `batch_expired`), in any order.
+ */
+function openaiBatchStatus(b: Record<string, unknown>): BatchStatus {
+  const counts = (b.request_counts ?? {}) as Record<string, unknown>;
+  const completed = countOf(counts.completed);
+  const failed = countOf(counts.failed);
+  const state = String(b.status);
+  const phase = state === "failed"
+    ? "failed"
+    : ["completed", "expired", "cancelled"].includes(state)
+    ? "ended"
+    : "running";
+  const errors = (b.errors as { data?: unknown } | null)?.data;
+  const failure = phase === "failed"
+    ? (Array.isArray(errors) && errors.length
+      ? errors.slice(0, 3).map((e: Record<string, unknown>) =>
+        `${
+          e.line ? `line ${e.line} of the upload: ` : ""
+        }${e.message} (${e.code})`
+      ).join("; ")
+      : "the batch failed with no reason given")
+    : undefined;
+  const tag = (b.metadata as Record<string, unknown> | null)?.paceline;
+  return {
+    id: String(b.id),
+    phase,
+    state,
+    counts: { completed, failed },
+    total: countOf(counts.total),
+    finished: completed + failed,
+    createdAt: countOf(b.created_at) * 1000,
+    ...(typeof tag === "string" ? { tag } : {}),
+    ...(failure ? { failure } : {}),
+    results: phase === "ended"
+      ? [b.output_file_id, b.error_file_id].filter((f) => typeof f === "string")
+        .map((f) => `/v1/files/${encodeURIComponent(f as string)}/content`)
+      : [],
+  };
+}
+
+const openaiBatchApi: BatchApi = {
+  maxRequests: 50_000,
+  maxBytes: 200 * 1024 * 1024,
+  oneEndpoint: true,
+  priceFactor: 0.5,
+  framing: ["", "\n", "\n"],
+  entry: (customId, url, body) =>
+    JSON.stringify({ custom_id: customId, method: "POST", url, body }),
+  async upload(call, file, name) {
+    const form = new FormData();
+    form.append("purpose", "batch");
+    form.append("file", file, name);
+    const f = await batchJson(call("POST", "/v1/files", form));
+    if (typeof f.id !== "string") {
+      throw new TypeError("the file upload's answer has no id");
+    }
+    return f.id;
+  },
+  create: async (call, input, endpoint, tag) =>
+    openaiBatchStatus(
+      await batchJson(call(
+        "POST",
+        "/v1/batches",
+        JSON.stringify({
+          input_file_id: input,
+          endpoint,
+          completion_window: "24h",
+          metadata: { paceline: tag },
+        }),
+      )),
+    ),
+  retrieve: async (call, id) =>
+    openaiBatchStatus(
+      await batchJson(call("GET", `/v1/batches/${encodeURIComponent(id)}`)),
+    ),
+  cancel: async (call, id) =>
+    openaiBatchStatus(
+      await batchJson(
+        call("POST", `/v1/batches/${encodeURIComponent(id)}/cancel`),
+      ),
+    ),
+  list: (call, since) =>
+    listSince(
+      call,
+      (after) =>
+        `/v1/batches?limit=100${
+          after ? `&after=${encodeURIComponent(after)}` : ""
+        }`,
+      openaiBatchStatus,
+      since,
+    ),
+  outcomeOf(row) {
+    if (typeof row.custom_id !== "string") return undefined;
+    const response = row.response as Record<string, unknown> | null;
+    const error = row.error as Record<string, unknown> | null;
+    if (response && typeof response.status_code === "number") {
+      const status = response.status_code;
+      return {
+        customId: row.custom_id,
+        outcome: {
+          ok: status >= 200 && status < 300,
+          status,
+          body: response.body,
+          ...(typeof response.request_id === "string"
+            ? { requestId: response.request_id }
+            : {}),
+        },
+      };
+    }
+    return {
+      customId: row.custom_id,
+      outcome: {
+        ok: false,
+        errorType: String(error?.code ?? "batch_error"),
+        message: String(error?.message ?? "the batch gave no response"),
+      },
+    };
+  },
+};
+
 /**
  * The Anthropic Messages API. Limits per the `anthropic-ratelimit-*`
  * headers (requests, input and output tokens, and `tokens`, the tighter of
@@ -6318,6 +6689,7 @@ export const anthropicProvider: Provider = {
   wholeBody: (body) => ({ ...body, stream: false }),
   streamEnd: "message_stop",
   assembler: (headers) => new AnthropicAssembler(headers),
+  batchApi: anthropicBatchApi,
   batch: {
     name: 'Anthropic batch ("params")',
     bodyField: "params",
@@ -6456,6 +6828,7 @@ export const openaiProvider: Provider = {
   }),
   streamEnd: "[DONE]",
   assembler: (headers) => new ChatAssembler(headers),
+  batchApi: openaiBatchApi,
   batch: {
     name: 'OpenAI batch ("body")',
     bodyField: "body",
@@ -6527,6 +6900,8 @@ const AZURE_HOST =
 export const azureProvider: Provider = {
   ...openaiProvider,
   name: "azure",
+  // Azure's Batch API needs a global-batch deployment and its own paths: not driven yet.
+  batchApi: undefined,
   keyVar: "AZURE_OPENAI_API_KEY",
   baseURLVar: "AZURE_OPENAI_ENDPOINT",
   // No default: every resource has its own endpoint.

@@ -973,6 +973,43 @@ class SimServer {
     this.stats = newStats();
   }
 
+  /** The Batch API routes (both providers'), if `path` is one: their answer. */
+  #batchRoute(
+    req: IncomingMessage,
+    res: ServerResponse,
+    id: string,
+    path: string,
+    bytes: Uint8Array,
+  ): Promise<void> | undefined {
+    const method = req.method ?? "GET";
+    const batch = BATCH_ROUTE.exec(path);
+    if (batch) {
+      const anthropic = new Replier(this, res, id, "messages"); // its shapes
+      if (!this.#authorized(req)) return settle(anthropic.unauthorized());
+      return settle(this.#batches.anthropic(
+        method,
+        batch[1],
+        batch[2],
+        new TextDecoder().decode(bytes),
+        anthropic,
+        `http://${req.headers.host}`,
+      ));
+    }
+    const files = OPENAI_BATCH_ROUTE.exec(path);
+    if (!files) return undefined;
+    const openai = new Replier(this, res, id, "chat/completions"); // its shapes
+    if (!this.#authorized(req)) return settle(openai.unauthorized());
+    return settle(this.#batches.openai(
+      method,
+      files[1]!,
+      files[2],
+      files[3],
+      bytes,
+      req.headers["content-type"] ?? "",
+      openai,
+    ));
+  }
+
   /** Answers one HTTP request: route, auth, checks, faults, quota, limits, reply. */
   async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const arrived = performance.now(); // a request counts when it arrives, as on real servers
@@ -996,33 +1033,8 @@ class SimServer {
       res.end(JSON.stringify(this.stats));
       return;
     }
-    const batch = BATCH_ROUTE.exec(path);
-    if (batch) {
-      const anthropic = new Replier(this, res, id, "messages"); // its shapes
-      if (!this.#authorized(req)) return anthropic.unauthorized();
-      return this.#batches.anthropic(
-        req.method ?? "GET",
-        batch[1],
-        batch[2],
-        raw,
-        anthropic,
-        `http://${req.headers.host}`,
-      );
-    }
-    const files = OPENAI_BATCH_ROUTE.exec(path);
-    if (files) {
-      const openai = new Replier(this, res, id, "chat/completions"); // its shapes
-      if (!this.#authorized(req)) return openai.unauthorized();
-      return this.#batches.openai(
-        req.method ?? "GET",
-        files[1]!,
-        files[2],
-        files[3],
-        bytes,
-        req.headers["content-type"] ?? "",
-        openai,
-      );
-    }
+    const batches = this.#batchRoute(req, res, id, path, bytes);
+    if (batches) return batches;
     if (req.method !== "POST" || !kind) {
       this.stats.rejected.notFound++;
       return reply.error(
@@ -1372,6 +1384,11 @@ class SimServer {
     stats.acceptedAt.last = now;
     return true;
   }
+}
+
+/** A route's answer, settled or not, as a promise. */
+function settle(answer: void | Promise<void>): Promise<void> {
+  return Promise.resolve(answer);
 }
 
 /** `/v1/messages/batches`, `…/{id}`, `…/{id}/results`, `…/{id}/cancel`. */

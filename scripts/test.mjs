@@ -80,7 +80,7 @@ step(
 step("build", () => run("npm", ["run", "--silent", "build"]));
 step("typecheck (tsc)", () => run(bin("tsc"), ["-p", "tsconfig.json"]));
 step(
-  "vitest (Node: mod_test.ts, path_test.ts, sim_test.ts, fetch_test.ts, cli_test.ts, frameworks_test.ts, redis_test.ts, cli_redis_test.ts, report_test.ts)",
+  "vitest (Node: mod_test.ts, path_test.ts, sim_test.ts, fetch_test.ts, cli_test.ts, cli_batch_test.ts, frameworks_test.ts, redis_test.ts, cli_redis_test.ts, report_test.ts)",
   () => run(bin("vitest"), ["run"]),
 );
 step(
