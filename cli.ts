@@ -2137,7 +2137,7 @@ async function runBatchApi(
 ): Promise<number> {
   if (!provider.batchApi) {
     throw new UsageError(
-      `--batch-api drives the Anthropic and OpenAI Batch APIs; ${provider.name}'s is not supported yet: run live (without --batch-api)`,
+      `--batch-api drives the Anthropic, OpenAI and Gemini Batch APIs; ${provider.name}'s is not supported yet: run live (without --batch-api)`,
     );
   }
   const live: [string, unknown][] = [
@@ -2758,6 +2758,28 @@ async function* responseLines(response: Response): AsyncGenerator<string> {
   if (carry.trim()) yield carry;
 }
 
+/** The rows of a JSONL results file, parsed; lines that are not JSON objects are skipped. */
+async function* jsonlRows(
+  response: Response,
+): AsyncGenerator<Record<string, unknown>> {
+  for await (const text of responseLines(response)) {
+    try {
+      const row = JSON.parse(text);
+      if (row && typeof row === "object") yield row;
+    } catch { /* not a result line */ }
+  }
+}
+
+/** A line's body as a batch carries it: whole, with `--model` where it names none (Gemini). */
+function batchBody(
+  provider: Provider,
+  item: Item,
+  model: string | undefined,
+): Record<string, unknown> {
+  const body = provider.wholeBody(item.body);
+  return body.model === undefined && model ? { ...body, model } : body;
+}
+
 /** A Batch API call refused for good (4xx other than 429), with the server's words. */
 class BatchRefused extends Error {
   readonly status: number;
@@ -2788,7 +2810,7 @@ function batchCaller(
     const target = new URL(path, origin);
     const url = /^https?:/.test(path) && target.origin === origin
       ? target.href
-      : ep.url(`${target.pathname}${target.search}`);
+      : onBase(ep.base, `${target.pathname}${target.search}`);
     const json = typeof body === "string" || body instanceof Blob;
     for (let attempt = 1;; attempt++) {
       let response: Response | undefined;
@@ -2828,6 +2850,18 @@ function batchCaller(
       await pause(told ?? Math.min(500 * 2 ** attempt, 30_000), signal);
     }
   };
+}
+
+/**
+ * An API path as the provider documents it (`/v1/batches`,
+ * `/v1beta/batches/…`) on the base URL given, whose last segment may
+ * already be the path's first (`…/v1`, `…/v1beta`).
+ */
+function onBase(base: string, path: string): string {
+  const last = /\/([^/]+)$/.exec(new URL(base).pathname)?.[1];
+  return last && path.startsWith(`/${last}/`)
+    ? `${base}${path.slice(last.length + 1)}`
+    : `${base}${path}`;
 }
 
 /** Waits `ms`, or until `signal` aborts (then rejects with its reason). */
@@ -3195,12 +3229,9 @@ class BatchApiRun {
       if (text.trim() === "") continue;
       if (!this.work.needs(++i) || this.covered[i]) continue;
       const item = parseLine(line, text, {});
-      const key = this.api.oneEndpoint ? item.path : "";
-      const entry = this.api.entry(
-        item.customId,
-        item.path,
-        this.provider.wholeBody(item.body),
-      );
+      const body = batchBody(this.provider, item, this.o.model);
+      const key = this.api.target(item.path, body);
+      const entry = this.api.entry(item.customId, item.path, body);
       let chunk = open.get(key);
       if (chunk && !chunkFits(this.api, chunk, chunk.cost(entry))) {
         open.delete(key);
@@ -3208,7 +3239,7 @@ class BatchApiRun {
         chunk = undefined;
       }
       if (!chunk) {
-        chunk = new UploadChunk(next++, this.o.output, item.path, this.api);
+        chunk = new UploadChunk(next++, this.o.output, key, this.api);
         open.set(key, chunk);
       }
       chunk.add(i, entry);
@@ -3305,16 +3336,9 @@ class BatchApiRun {
     this.#idIndex ??= new Map(this.ids.map((id, i) => [id, i]));
     for (const path of status.results) {
       const response = await this.#call()("GET", path);
-      for await (const text of responseLines(response)) {
-        let row: unknown;
-        try {
-          row = JSON.parse(text);
-        } catch {
-          continue;
-        }
-        const r = row && typeof row === "object"
-          ? this.api.outcomeOf(row as Record<string, unknown>)
-          : undefined;
+      const rows = this.api.rows?.(response) ?? jsonlRows(response);
+      for await (const row of rows) {
+        const r = this.api.outcomeOf(row);
         const i = r && this.#idIndex.get(r.customId);
         if (i !== undefined && mine[i]) this.#record(i, r!.outcome);
       }
@@ -3324,7 +3348,8 @@ class BatchApiRun {
         this.#record(i, {
           ok: false,
           errorType: "missing_result",
-          message: `batch ${s.id} ended without a result for this request`,
+          message:
+            `batch ${s.id} ended (${status.state}) without a result for this request`,
         });
       }
     }
@@ -3466,10 +3491,9 @@ async function dryRunBatchApi(
   for await (const [line, text] of lines(o.input, o.shard)) {
     if (text.trim() === "") continue;
     const item = parseLine(line, text, {});
-    const key = api.oneEndpoint ? item.path : "";
-    const bytes = Buffer.byteLength(
-      api.entry(item.customId, item.path, provider.wholeBody(item.body)),
-    );
+    const body = batchBody(provider, item, o.model);
+    const key = api.target(item.path, body);
+    const bytes = Buffer.byteLength(api.entry(item.customId, item.path, body));
     let b = open.get(key);
     if (b && !chunkFits(api, b, bytes + sep)) {
       done.push(b);
@@ -3478,7 +3502,7 @@ async function dryRunBatchApi(
     if (!b) {
       open.set(
         key,
-        b = { endpoint: item.path, count: 0, bytes: framing - sep },
+        b = { endpoint: key, count: 0, bytes: framing - sep },
       );
     }
     b.count++;
@@ -3494,13 +3518,7 @@ async function dryRunBatchApi(
       num(total)
     } ${provider.name} requests in ${done.length} batch${
       done.length === 1 ? "" : "es"
-    } (the ${provider.name} Batch API takes at most ${
-      num(api.maxRequests)
-    } requests and ${mb(api.maxBytes)} per batch${
-      api.oneEndpoint && provider.endpoints.length > 1
-        ? ", one endpoint each"
-        : ""
-    }):`,
+    } (the ${provider.name} Batch API takes ${api.limits}):`,
     ...done.map((b, k) =>
       `  batch ${k + 1}: ${b.endpoint}, ${num(b.count)} requests, ${
         mb(b.bytes)
@@ -3960,7 +3978,7 @@ const RUN_FLAGS: Flag[] = [
     name: "batch-api",
     help: [
       "send the lines through the provider's Batch API (Anthropic,",
-      "OpenAI): half the price, results within 24 hours; same",
+      "OpenAI, Gemini): half the price, results within 24 hours; same",
       "output; a rerun collects, never submits a line twice",
     ],
     set: (o) => o.batchApi = true,

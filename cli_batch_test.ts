@@ -84,6 +84,18 @@ async function submitThenStop(
   return { code: await run.exited, err: run.err() };
 }
 
+/** Gemini batch lines naming their model. */
+function geminiLines(n: number): string[] {
+  return Array.from({ length: n }, (_, i) =>
+    JSON.stringify({
+      key: `g-${i}`,
+      request: {
+        model: "gemini-sim",
+        contents: [{ role: "user", parts: [{ text: `Question ${i}` }] }],
+      },
+    }));
+}
+
 /** The submissions log's entries. */
 function logOf(output: string): Record<string, unknown>[] {
   const path = `${output}.batches`;
@@ -231,20 +243,25 @@ describe("paceline run --batch-api", () => {
     30_000,
   );
 
-  for (const format of ["openai", "anthropic"] as const) {
+  for (const format of ["openai", "anthropic", "gemini"] as const) {
     it(
       `${format}: a crash between creating a batch and journaling its id: the rerun finds the batch (${
-        format === "openai" ? "by its metadata tag" : "by count and time"
+        format === "anthropic" ? "by count and time" : "by its tag"
       }) instead of creating another`,
       async () => {
         const s = await sim({ batchMs: 400 });
         const n = 50;
-        const text =
-          (format === "openai" ? openaiLines(n) : anthropicLines(n)).join(
-            "\n",
-          ) + "\n";
-        const { input, output } = batchFiles(text);
-        const base = format === "openai" ? `${s.url}/v1` : s.url;
+        const lines = format === "openai"
+          ? openaiLines(n)
+          : format === "anthropic"
+          ? anthropicLines(n)
+          : geminiLines(n);
+        const { input, output } = batchFiles(lines.join("\n") + "\n");
+        const base = format === "openai"
+          ? `${s.url}/v1`
+          : format === "gemini"
+          ? `${s.url}/v1beta`
+          : s.url;
         await submitThenStop(input, output, base, "SIGKILL");
         // As if killed before the id was written: drop it from the log.
         const kept = readFileSync(`${output}.batches`, "utf8").split("\n")
@@ -396,26 +413,24 @@ describe("paceline run --batch-api", () => {
   );
 
   it(
-    "says what it cannot do, naming the flag: Gemini lines, --stream, --poll-ms 0, another base URL for pending batches",
+    "says what it cannot do, naming the flag: Azure lines, --stream, --poll-ms 0, another base URL for pending batches",
     async () => {
       const s = await sim({ batchMs: 2000 });
-      const gem = batchFiles(
-        JSON.stringify({
-          key: "g1",
-          request: { contents: [{ parts: [{ text: "hi" }] }] },
-        }) + "\n",
-      );
-      const g = await runOn(
-        gem.input,
-        gem.output,
-        s.url,
+      const az = batchFiles(openaiLines(2).join("\n") + "\n");
+      const g = await runCli([
+        "run",
+        az.input,
+        "-o",
+        az.output,
+        "--provider",
+        "azure",
+        "--base-url",
+        "https://res.openai.azure.com",
         "--batch-api",
-        "--model",
-        "gemini-sim",
-      );
+      ], { ...NO_KEYS, AZURE_OPENAI_API_KEY: "azure-key-123456" });
       expect(g.code).toBe(2);
       expect(g.err).toMatch(
-        /--batch-api drives the Anthropic and OpenAI Batch APIs; gemini/,
+        /--batch-api drives the Anthropic, OpenAI and Gemini Batch APIs; azure's is not supported yet/,
       );
       const { input, output } = batchFiles(anthropicLines(3).join("\n") + "\n");
       const st = await runOn(input, output, s.url, "--batch-api", "--stream");
@@ -478,5 +493,71 @@ describe("paceline run --batch-api", () => {
     expect(good.code).toBe(0);
     expect(s.stats().batches).toMatchObject({ created: 1, files: 1 });
     expect(readResults(output).length).toBe(n);
+  });
+
+  it("Gemini lines with --model: one batch per model (a request's own model wins), the output a live run writes; --dry-run names the models", async () => {
+    const s = await sim({
+      batchMs: 200,
+      limits: { requests: 1_000_000, windowMs: 60_000 },
+    });
+    const n = 300;
+    const lines = Array.from({ length: n }, (_, i) =>
+      JSON.stringify({
+        key: `g-${i}`,
+        request: {
+          ...(i % 3 === 0 ? { model: "gemini-other" } : {}),
+          contents: [{ role: "user", parts: [{ text: `Question ${i}` }] }],
+          generationConfig: { maxOutputTokens: 20 },
+        },
+      }));
+    const { d, input, output } = batchFiles(lines.join("\n") + "\n");
+    const base = `${s.url}/v1beta`;
+    const dry = await runOn(
+      input,
+      output,
+      base,
+      "--model",
+      "gemini-sim",
+      "--batch-api",
+      "--dry-run",
+    );
+    expect(dry.code).toBe(0);
+    expect(dry.out).toMatch(/300 gemini requests in 2 batches/);
+    expect(dry.out).toMatch(/batch 1: gemini-other, 100 requests/);
+    expect(dry.out).toMatch(/batch 2: gemini-sim, 200 requests/);
+    const r = await runOn(
+      input,
+      output,
+      base,
+      "--model",
+      "gemini-sim",
+      "--batch-api",
+      "--poll-ms",
+      "50",
+      "--quiet",
+    );
+    expect(r.err).toBe("");
+    expect(r.code).toBe(0);
+    expect(s.stats().batches).toMatchObject({ created: 2, requests: n });
+    const models = (await (await fetch(`${base}/batches`)).json()).operations
+      .map((o: { metadata: { model: string } }) => o.metadata.model).sort();
+    expect(models).toEqual(["models/gemini-other", "models/gemini-sim"]);
+    const live = join(d, "live.jsonl");
+    const l = await runOn(
+      input,
+      live,
+      base,
+      "--model",
+      "gemini-sim",
+      "--quiet",
+    );
+    expect(l.code).toBe(0);
+    const skeletonOf = (row: Record<string, unknown>) => ({
+      key: row.key,
+      response: shape(row.response),
+    });
+    expect(readResults(output).map(skeletonOf)).toEqual(
+      readResults(live).map(skeletonOf),
+    );
   });
 });

@@ -5848,19 +5848,27 @@ export interface BatchApi {
   readonly maxRequests: number;
   /** The most bytes in one batch's upload. */
   readonly maxBytes: number;
-  /** Whether a batch holds requests for one endpoint only (OpenAI). */
-  readonly oneEndpoint: boolean;
+  /** The limits per batch in words, for plans and messages. */
+  readonly limits: string;
   /** The price against live requests: 0.5 is half. */
   readonly priceFactor: number;
   /** An upload is `open`, the entries joined by `separator`, then `close`. */
   readonly framing: readonly [open: string, separator: string, close: string];
+  /**
+   * What every request of one batch must share, given to
+   * {@linkcode BatchApi.create}: the endpoint path (OpenAI, Anthropic) or
+   * the model (Gemini). `body` has the model filled in where a line names
+   * none.
+   */
+  target(path: string, body: Record<string, unknown>): string;
   /** One request as an upload carries it. */
-  entry(customId: string, path: string, body: unknown): string;
+  entry(customId: string, path: string, body: Record<string, unknown>): string;
   /** Uploads the requests as a file first, where the provider wants one (OpenAI); resolves to its id. */
   upload?(call: BatchCall, file: Blob, name: string): Promise<string>;
   /**
    * Creates a batch from an upload (or the id {@linkcode BatchApi.upload}
-   * gave) for `endpoint`, tagged with `tag` where the provider keeps tags.
+   * gave) for `endpoint` (the batch's {@linkcode BatchApi.target}), tagged
+   * with `tag` where the provider keeps tags.
    */
   create(
     call: BatchCall,
@@ -5874,6 +5882,11 @@ export interface BatchApi {
   cancel(call: BatchCall, id: string): Promise<BatchStatus>;
   /** Batches created since `since` (ms since the epoch), newest first: to find one whose creation's answer was lost. */
   list(call: BatchCall, since: number): Promise<BatchStatus[]>;
+  /**
+   * The result rows of one of {@linkcode BatchStatus.results}' answers;
+   * default: its JSONL lines, parsed.
+   */
+  rows?(response: Response): AsyncIterable<Record<string, unknown>>;
   /** One line of a batch's results as the request's id and its outcome; `undefined` if it is not a result line. */
   outcomeOf(
     row: Record<string, unknown>,
@@ -6343,9 +6356,23 @@ async function batchJson(
   return v as Record<string, unknown>;
 }
 
-/** A number from a count field, else 0. */
+/** A number from a count field (JSON int64s may come as strings), else 0. */
 function countOf(v: unknown): number {
-  return typeof v === "number" && Number.isFinite(v) ? v : 0;
+  const n = typeof v === "string" ? Number(v) : v;
+  return typeof n === "number" && Number.isFinite(n) ? n : 0;
+}
+
+/** One page of a provider's list of batches: its items, and the cursor of the next page. */
+type BatchPage = { items: unknown[]; next?: string };
+
+/** Anthropic's and OpenAI's pages: `data`, `has_more`, `last_id`. */
+function dataPage(list: Record<string, unknown>): BatchPage {
+  const items = Array.isArray(list.data) ? list.data : [];
+  const last = list.last_id ?? (items.at(-1) as { id?: unknown })?.id;
+  return {
+    items,
+    ...(list.has_more === true && last ? { next: String(last) } : {}),
+  };
 }
 
 /**
@@ -6357,19 +6384,19 @@ async function listSince(
   path: (after: string | undefined) => string,
   status: (b: Record<string, unknown>) => BatchStatus,
   since: number,
+  page: (list: Record<string, unknown>) => BatchPage = dataPage,
 ): Promise<BatchStatus[]> {
   const out: BatchStatus[] = [];
   let after: string | undefined;
-  for (let page = 0; page < 20; page++) {
-    const list = await batchJson(call("GET", path(after)));
-    const data = Array.isArray(list.data) ? list.data : [];
-    for (const b of data) {
+  for (let n = 0; n < 20; n++) {
+    const { items, next } = page(await batchJson(call("GET", path(after))));
+    for (const b of items) {
       const s = status(b as Record<string, unknown>);
       if (s.createdAt < since) return out;
       out.push(s);
     }
-    if (list.has_more !== true || !data.length) return out;
-    after = String(list.last_id ?? out.at(-1)?.id);
+    if (!next || !items.length) return out;
+    after = next;
   }
   return out;
 }
@@ -6407,9 +6434,10 @@ function anthropicBatchStatus(b: Record<string, unknown>): BatchStatus {
 const anthropicBatchApi: BatchApi = {
   maxRequests: 100_000,
   maxBytes: 256 * 1024 * 1024,
-  oneEndpoint: true,
+  limits: "at most 100,000 requests or 256 MB per batch",
   priceFactor: 0.5,
   framing: ['{"requests":[', ",", "]}"],
+  target: (path) => path,
   entry: (customId, _path, params) =>
     JSON.stringify({ custom_id: customId, params }),
   create: async (call, input) =>
@@ -6509,9 +6537,10 @@ function openaiBatchStatus(b: Record<string, unknown>): BatchStatus {
 const openaiBatchApi: BatchApi = {
   maxRequests: 50_000,
   maxBytes: 200 * 1024 * 1024,
-  oneEndpoint: true,
+  limits: "at most 50,000 requests and 200 MB per batch, one endpoint each",
   priceFactor: 0.5,
   framing: ["", "\n", "\n"],
+  target: (path) => path,
   entry: (customId, url, body) =>
     JSON.stringify({ custom_id: customId, method: "POST", url, body }),
   async upload(call, file, name) {
@@ -6582,6 +6611,138 @@ const openaiBatchApi: BatchApi = {
         errorType: String(error?.code ?? "batch_error"),
         message: String(error?.message ?? "the batch gave no response"),
       },
+    };
+  },
+};
+
+/**
+ * Gemini's Batch API (ai.google.dev/gemini-api/docs/batch-api), with
+ * inlined requests (at most 20 MB a batch; one model per batch):
+ * `POST /v1beta/models/{model}:batchGenerateContent {batch: {displayName,
+ * inputConfig: {requests: {requests: [{request, metadata: {key}}]}}}}`
+ * answers an operation `batches/{id}` whose `metadata.state` goes
+ * `BATCH_STATE_PENDING` → `RUNNING` → `SUCCEEDED` (or `FAILED`,
+ * `CANCELLED`, `EXPIRED`), with `batchStats` and, once done,
+ * `output.inlinedResponses.inlinedResponses` (`{response | error,
+ * metadata}`, in request order). Cancel: `POST /v1beta/batches/{id}:cancel`.
+ */
+function geminiBatchStatus(op: Record<string, unknown>): BatchStatus {
+  const m = (op.metadata ?? {}) as Record<string, unknown>;
+  const stats = (m.batchStats ?? {}) as Record<string, unknown>;
+  const succeeded = countOf(stats.successfulRequestCount);
+  const failed = countOf(stats.failedRequestCount);
+  const state = String(m.state ?? "BATCH_STATE_UNSPECIFIED");
+  const phase = state === "BATCH_STATE_FAILED"
+    ? "failed"
+    : ["BATCH_STATE_SUCCEEDED", "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED"]
+        .includes(state)
+    ? "ended"
+    : "running";
+  const name = String(op.name ?? m.name);
+  const tag = /^paceline-(.+)$/.exec(String(m.displayName ?? ""))?.[1];
+  const error = op.error as { message?: unknown } | undefined;
+  return {
+    id: name,
+    phase,
+    state: state.replace(/^BATCH_STATE_/, "").toLowerCase(),
+    counts: {
+      succeeded,
+      failed,
+      pending: countOf(stats.pendingRequestCount),
+    },
+    total: countOf(stats.requestCount),
+    finished: succeeded + failed,
+    createdAt: Date.parse(String(m.createTime)) || 0,
+    ...(tag ? { tag } : {}),
+    ...(phase === "failed"
+      ? {
+        failure: String(
+          error?.message ?? "the batch failed with no reason given",
+        ),
+      }
+      : {}),
+    results: phase === "ended" ? [`/v1beta/${name}`] : [],
+  };
+}
+
+const geminiBatchApi: BatchApi = {
+  maxRequests: 1_000_000,
+  // 20 MB of inlined requests, less the wrapper around them.
+  maxBytes: 20 * 1000 * 1000 - 1024,
+  limits: "at most 20 MB of inlined requests per batch, one model each",
+  priceFactor: 0.5,
+  framing: ["", ",", ""],
+  target: (_path, body) => String(body.model ?? "").replace(/^models\//, ""),
+  entry(key, _path, body) {
+    const { model: _, ...request } = body;
+    return JSON.stringify({ request, metadata: { key } });
+  },
+  create: async (call, input, model, tag) =>
+    geminiBatchStatus(
+      await batchJson(call(
+        "POST",
+        `/v1beta/models/${encodeURIComponent(model)}:batchGenerateContent`,
+        new Blob([
+          `{"batch":{"displayName":${
+            JSON.stringify(`paceline-${tag}`)
+          },"inputConfig":{"requests":{"requests":[`,
+          input,
+          "]}}}}",
+        ]),
+      )),
+    ),
+  retrieve: async (call, id) =>
+    geminiBatchStatus(await batchJson(call("GET", `/v1beta/${id}`))),
+  cancel: async (call, id) => {
+    await call("POST", `/v1beta/${id}:cancel`, "{}");
+    return geminiBatchStatus(await batchJson(call("GET", `/v1beta/${id}`)));
+  },
+  list: (call, since) =>
+    listSince(
+      call,
+      (after) =>
+        `/v1beta/batches?pageSize=100${
+          after ? `&pageToken=${encodeURIComponent(after)}` : ""
+        }`,
+      geminiBatchStatus,
+      since,
+      (list) => ({
+        items: Array.isArray(list.operations) ? list.operations : [],
+        ...(typeof list.nextPageToken === "string" && list.nextPageToken
+          ? { next: list.nextPageToken }
+          : {}),
+      }),
+    ),
+  async *rows(response) {
+    const op = await response.json() as {
+      metadata?: {
+        output?: { inlinedResponses?: { inlinedResponses?: unknown } };
+      };
+      response?: { inlinedResponses?: { inlinedResponses?: unknown } };
+    };
+    const list = op.metadata?.output?.inlinedResponses?.inlinedResponses ??
+      op.response?.inlinedResponses?.inlinedResponses;
+    if (Array.isArray(list)) yield* list as Record<string, unknown>[];
+  },
+  outcomeOf(row) {
+    const key = (row.metadata as { key?: unknown } | undefined)?.key;
+    if (typeof key !== "string") return undefined;
+    const error = row.error as {
+      code?: unknown;
+      message?: unknown;
+      status?: unknown;
+    } | undefined;
+    return {
+      customId: key,
+      outcome: error
+        ? {
+          ok: false,
+          status: typeof error.code === "number" ? error.code : 0,
+          body: { error },
+          errorType: String(error.status ?? "UNKNOWN"),
+          message: String(error.message ?? ""),
+        }
+        : { ok: true, status: 200, body: row.response },
     };
   },
 };
@@ -7096,6 +7257,7 @@ export const geminiProvider: Provider = {
   wholeBody: (body) => body,
   streamEnd: "",
   assembler: () => new GeminiAssembler(),
+  batchApi: geminiBatchApi,
   batch: {
     name: 'Gemini batch ("request")',
     bodyField: "request",

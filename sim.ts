@@ -14,8 +14,9 @@
  * routes (`/v1beta/models/{model}:generateContent`,
  * `:streamGenerateContent?alt=sse`) take `x-goog-api-key`, send no limit
  * headers, and say their limits in `RESOURCE_EXHAUSTED` 429 bodies. The
- * Batch APIs — Anthropic's Message Batches (`/v1/messages/batches`) and
- * OpenAI's Files and Batches (`/v1/files`, `/v1/batches`) — end a batch
+ * Batch APIs — Anthropic's Message Batches (`/v1/messages/batches`),
+ * OpenAI's Files and Batches (`/v1/files`, `/v1/batches`) and Gemini's
+ * batch mode (`:batchGenerateContent`, `/v1beta/batches`) — end a batch
  * after `batchMs`, results not in request order, some expired or errored
  * with `batchFaults`. paceline's tests, demo and benchmarks run against it.
  *
@@ -995,6 +996,19 @@ class SimServer {
         `http://${req.headers.host}`,
       ));
     }
+    const gemini = GEMINI_BATCH_ROUTE.exec(path);
+    if (gemini) {
+      const google = new Replier(this, res, id, "generateContent"); // its shapes
+      if (!this.#authorized(req)) return settle(google.unauthorized());
+      return settle(this.#batches.gemini(
+        method,
+        gemini[1],
+        gemini[2],
+        gemini[3],
+        new TextDecoder().decode(bytes),
+        google,
+      ));
+    }
     const files = OPENAI_BATCH_ROUTE.exec(path);
     if (!files) return undefined;
     const openai = new Replier(this, res, id, "chat/completions"); // its shapes
@@ -1397,6 +1411,9 @@ const BATCH_ROUTE =
 /** OpenAI's Files (`/v1/files`, `…/{id}`, `…/{id}/content`) and Batches (`/v1/batches`, `…/{id}`, `…/{id}/cancel`). */
 const OPENAI_BATCH_ROUTE =
   /\/v1\/(files|batches)(?:\/([\w-]+))?(?:\/(content|cancel))?$/;
+/** Gemini's Batch API: `/v1beta/models/{model}:batchGenerateContent`, `/v1beta/batches`, `…/batches/{id}`, `…/batches/{id}:cancel`. */
+const GEMINI_BATCH_ROUTE =
+  /\/v1beta\/(?:models\/([^/:]+):batchGenerateContent|batches(?:\/([\w-]+))?(?::(cancel))?)$/;
 /** The endpoints an OpenAI batch may be for. */
 const OPENAI_BATCH_ENDPOINTS = [
   "/v1/chat/completions",
@@ -1464,7 +1481,10 @@ interface SimFile {
  * `/v1/files/{id}/content`. A batch is `validating` for its first tenth; a
  * file with a bad line, more than 50,000 requests, or (with
  * `batchEnqueuedTokens`) more input tokens than one model may have
- * enqueued fails validation, as OpenAI's do.
+ * enqueued fails validation, as OpenAI's do. Gemini's batch mode
+ * (ai.google.dev/api/batch-api): `:batchGenerateContent` with inlined
+ * requests, get, list, `:cancel`; the batch is the operation's metadata,
+ * its inlined responses in request order, each with its request's metadata.
  */
 class SimBatches {
   #sim: SimServer;
@@ -1583,6 +1603,138 @@ class SimBatches {
       "invalid_request_error",
       `No route for ${method} ${id}`,
     );
+  }
+
+  /** Gemini's routes (ai.google.dev/api/batch-api): inlined requests only. */
+  gemini(
+    method: string,
+    model: string | undefined,
+    id: string | undefined,
+    action: string | undefined,
+    raw: string,
+    reply: Replier,
+  ): void {
+    if (model !== undefined && method === "POST") {
+      return this.#createGemini(model, raw, reply);
+    }
+    if (!id && method === "GET") {
+      const { data } = this.#list("batches/", (b) => this.#geminiView(b));
+      return reply.json(200, { operations: data }); // no nextPageToken: one page
+    }
+    const b = this.#batches.get(`batches/${id}`);
+    if (!b) {
+      return reply.error(404, "NOT_FOUND", `Batch batches/${id} not found.`);
+    }
+    if (method === "POST" && action === "cancel") {
+      this.#cancel(b);
+      return reply.json(200, {});
+    }
+    if (method === "GET" && !action) {
+      return reply.json(200, this.#geminiView(b));
+    }
+    return reply.error(404, "NOT_FOUND", `No route for ${method} ${id}`);
+  }
+
+  #createGemini(model: string, raw: string, reply: Replier): void {
+    const batch = parseObject(raw)?.batch as
+      | Record<string, unknown>
+      | undefined;
+    const input = (batch?.inputConfig ?? batch?.input_config) as
+      | { requests?: { requests?: unknown } }
+      | undefined;
+    const requests = input?.requests?.requests;
+    const name = batch?.displayName ?? batch?.display_name;
+    const invalid = typeof name !== "string" || name === ""
+      ? "batch.display_name: required"
+      : !Array.isArray(requests) || requests.length === 0
+      ? "batch.input_config.requests.requests: a non-empty list is required"
+      : requests.map((r, i) => {
+        const request = (r as { request?: unknown })?.request;
+        return typeof request !== "object" || request === null ||
+            !Array.isArray((request as { contents?: unknown }).contents)
+          ? `batch.input_config.requests.requests[${i}].request.contents: required`
+          : undefined;
+      }).find((why) => why);
+    if (invalid) {
+      this.#sim.stats.rejected.invalid++;
+      return reply.error(400, "INVALID_ARGUMENT", invalid);
+    }
+    const b = this.#add({
+      id: `batches/sim${String(++this.#seq).padStart(6, "0")}`,
+      requests: (requests as {
+        request: Record<string, unknown>;
+        metadata?: { key?: unknown };
+      }[])
+        .map((r, i) => ({
+          customId: String(r.metadata?.key ?? i),
+          kind: "generateContent" as Kind,
+          body: { ...r.request, model },
+        })),
+      metadata: { displayName: name, model },
+    });
+    reply.json(200, this.#geminiView(b));
+  }
+
+  /** Gemini's view: an operation whose metadata is the batch (with its output once done). */
+  #geminiView(b: SimBatch): Record<string, unknown> {
+    const now = performance.now();
+    const ended = now >= b.endsAt;
+    const { displayName, model } = b.metadata as {
+      displayName: string;
+      model: string;
+    };
+    const n = b.requests.length;
+    let ok = 0;
+    let failed = 0;
+    let output: Record<string, unknown> | undefined;
+    if (ended) {
+      // In request order, as Gemini's inlined responses are.
+      const byId = new Map(this.#results(b).map((x) => [x.request, x.result]));
+      const list = b.requests.map((request) => {
+        const result = byId.get(request)!;
+        if (result.type === "succeeded") ok++;
+        else failed++;
+        return { ...geminiResult(result), metadata: { key: request.customId } };
+      });
+      output = { inlinedResponses: { inlinedResponses: list } };
+    } else ok = this.#doneSoFar(b);
+    const state = ended
+      ? b.canceled ? "BATCH_STATE_CANCELLED" : "BATCH_STATE_SUCCEEDED"
+      : now < b.startsAt + (b.endsAt - b.startsAt) / 10
+      ? "BATCH_STATE_PENDING"
+      : "BATCH_STATE_RUNNING";
+    const metadata = {
+      "@type":
+        "type.googleapis.com/google.ai.generativelanguage.v1beta.GenerateContentBatch",
+      model: `models/${model}`,
+      displayName,
+      createTime: new Date(b.createdAt).toISOString(),
+      updateTime: new Date().toISOString(),
+      ...(ended ? { endTime: new Date().toISOString() } : {}),
+      batchStats: {
+        requestCount: String(n),
+        successfulRequestCount: String(ok),
+        failedRequestCount: String(failed),
+        pendingRequestCount: String(n - ok - failed),
+      },
+      state,
+      name: b.id,
+      ...(output ? { output } : {}),
+    };
+    return {
+      name: b.id,
+      metadata,
+      done: ended,
+      ...(output
+        ? {
+          response: {
+            "@type":
+              "type.googleapis.com/google.ai.generativelanguage.v1beta.GenerateContentBatchOutput",
+            ...output,
+          },
+        }
+        : {}),
+    };
   }
 
   /** Both list routes: newest first, as the providers list them. */
@@ -2017,6 +2169,25 @@ function anthropicResult(result: SimBatchResult): Record<string, unknown> {
     };
   }
   return { type: result.type };
+}
+
+/** A Gemini inlined response for a request's outcome. */
+function geminiResult(result: SimBatchResult): Record<string, unknown> {
+  if (result.type === "succeeded") return { response: result.body };
+  const [code, status, message] = result.type === "errored"
+    ? [500, "INTERNAL", "Internal error encountered."]
+    : result.type === "expired"
+    ? [
+      504,
+      "DEADLINE_EXCEEDED",
+      "The batch expired before this request was processed.",
+    ]
+    : [
+      499,
+      "CANCELLED",
+      "The batch was cancelled before this request was processed.",
+    ];
+  return { error: { code, message, status } };
 }
 
 /** An OpenAI batch output or error file row for a request's outcome. */

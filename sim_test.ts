@@ -3,6 +3,7 @@ import { describe, expect, it } from "vitest";
 import { sim } from "./test/sims.ts";
 import Anthropic from "@anthropic-ai/sdk";
 import OpenAI, { toFile } from "openai";
+import { GoogleGenAI } from "@google/genai";
 import { parseRetryAfter } from "./mod.ts";
 import { countTokens, goDuration, inputTokensOf, parseSimArgs } from "./sim.ts";
 
@@ -996,5 +997,61 @@ describe("simulator: OpenAI Files and Batches", () => {
         completion_window: "1h" as "24h",
       }),
     ).rejects.toMatchObject({ status: 400 });
+  });
+});
+
+describe("simulator: Gemini Batch API (inlined requests)", () => {
+  it("@google/genai batches.create / get / list / cancel: responses in request order with their keys, some errored", async () => {
+    const s = await sim({
+      batchMs: 200,
+      batchFaults: { errored: 0.2 },
+      limits: { requests: 1, windowMs: 60_000 },
+    });
+    const ai = new GoogleGenAI({
+      apiKey: "k",
+      httpOptions: { baseUrl: s.url },
+    });
+    const n = 20;
+    const job = await ai.batches.create({
+      model: "gemini-sim",
+      src: Array.from({ length: n }, (_, i) => ({
+        contents: [{ role: "user", parts: [{ text: `Question ${i}` }] }],
+        metadata: { key: `g-${i}` },
+      })),
+      config: { displayName: "sdk-test" },
+    });
+    expect(job.name).toMatch(/^batches\//);
+    let done = await ai.batches.get({ name: job.name! });
+    while (
+      !["JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED"].includes(String(done.state))
+    ) {
+      await new Promise((r) => setTimeout(r, 25));
+      done = await ai.batches.get({ name: job.name! });
+    }
+    expect(done.state).toBe("JOB_STATE_SUCCEEDED");
+    expect(done.displayName).toBe("sdk-test");
+    const out = done.dest!.inlinedResponses!;
+    expect(out.map((r) => r.metadata?.key)).toEqual(
+      Array.from({ length: n }, (_, i) => `g-${i}`),
+    );
+    const ok = out.filter((r) => r.response);
+    expect(ok[0]!.response!.candidates![0]!.content!.parts![0]!.text)
+      .toBeTruthy();
+    expect(out.some((r) => r.error)).toBe(true);
+    expect(s.stats().rateLimited.requests).toBe(0);
+    const again = await ai.batches.create({
+      model: "gemini-sim",
+      src: [{ contents: [{ role: "user", parts: [{ text: "x" }] }] }],
+      config: { displayName: "to-cancel" },
+    });
+    await ai.batches.cancel({ name: again.name! });
+    const listed: string[] = [];
+    for await (const b of await ai.batches.list()) listed.push(b.name!);
+    expect(listed).toEqual([again.name, job.name]);
+    await new Promise((r) => setTimeout(r, 60));
+    expect((await ai.batches.get({ name: again.name! })).state).toBe(
+      "JOB_STATE_CANCELLED",
+    );
+    expect(s.stats().batches).toMatchObject({ created: 2, canceled: 1 });
   });
 });
