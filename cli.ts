@@ -2887,6 +2887,8 @@ class UploadChunk {
   readonly endpoint: string;
   readonly lines: number[] = [];
   count = 0;
+  /** Requests as the provider counts them toward its limit (embeddings inputs). */
+  weight = 0;
   bytes: number;
   #fd: number;
   #parts: string[] = [];
@@ -2909,7 +2911,8 @@ class UploadChunk {
       (this.count ? Buffer.byteLength(this.#api.framing[1]) : 0);
   }
 
-  add(index: number, entry: string): void {
+  add(index: number, entry: string, weight: number): void {
+    this.weight += weight;
     const piece = (this.count ? this.#api.framing[1] : this.#api.framing[0]) +
       entry;
     this.bytes += this.cost(entry);
@@ -3232,8 +3235,9 @@ class BatchApiRun {
       const body = batchBody(this.provider, item, this.o.model);
       const key = this.api.target(item.path, body);
       const entry = this.api.entry(item.customId, item.path, body);
+      const weight = this.api.weight?.(item.path, body) ?? 1;
       let chunk = open.get(key);
-      if (chunk && !chunkFits(this.api, chunk, chunk.cost(entry))) {
+      if (chunk && !chunkFits(this.api, chunk, chunk.cost(entry), weight)) {
         open.delete(key);
         await this.#submit(chunk);
         chunk = undefined;
@@ -3242,7 +3246,7 @@ class BatchApiRun {
         chunk = new UploadChunk(next++, this.o.output, key, this.api);
         open.set(key, chunk);
       }
-      chunk.add(i, entry);
+      chunk.add(i, entry, weight);
     }
     for (const chunk of open.values()) {
       if (this.#stop) chunk.discard();
@@ -3398,7 +3402,7 @@ class BatchApiRun {
       [...m].filter(([, v]) => v > 0).map(([k, v]) => `${fmtCount(v)} ${k}`)
         .join(", ");
     const line = `batches: ${list(states) || "none yet"}${
-      counts.size ? ` · requests: ${list(counts)}` : ""
+      list(counts) ? ` · requests: ${list(counts)}` : ""
     } · ${
       fmtCount(this.#finished)
     } results written (${this.#errors} errored) · ${
@@ -3463,10 +3467,11 @@ class BatchApiRun {
 /** Whether one more entry of `bytes` fits a batch within the provider's limits. */
 function chunkFits(
   api: BatchApi,
-  chunk: { count: number; bytes: number },
+  chunk: { weight: number; bytes: number },
   bytes: number,
+  weight: number,
 ): boolean {
-  return chunk.count + 1 <= api.maxRequests &&
+  return chunk.weight + weight <= api.maxRequests &&
     chunk.bytes + bytes <= api.maxBytes;
 }
 
@@ -3482,11 +3487,14 @@ async function dryRunBatchApi(
   const api = provider.batchApi!;
   const framing = Buffer.byteLength(api.framing[0] + api.framing[2]);
   const sep = Buffer.byteLength(api.framing[1]);
-  const done: { endpoint: string; count: number; bytes: number }[] = [];
-  const open = new Map<
-    string,
-    { endpoint: string; count: number; bytes: number }
-  >();
+  type Planned = {
+    endpoint: string;
+    count: number;
+    weight: number;
+    bytes: number;
+  };
+  const done: Planned[] = [];
+  const open = new Map<string, Planned>();
   let total = 0;
   for await (const [line, text] of lines(o.input, o.shard)) {
     if (text.trim() === "") continue;
@@ -3494,18 +3502,20 @@ async function dryRunBatchApi(
     const body = batchBody(provider, item, o.model);
     const key = api.target(item.path, body);
     const bytes = Buffer.byteLength(api.entry(item.customId, item.path, body));
+    const weight = api.weight?.(item.path, body) ?? 1;
     let b = open.get(key);
-    if (b && !chunkFits(api, b, bytes + sep)) {
+    if (b && !chunkFits(api, b, bytes + sep, weight)) {
       done.push(b);
       b = undefined;
     }
     if (!b) {
       open.set(
         key,
-        b = { endpoint: key, count: 0, bytes: framing - sep },
+        b = { endpoint: key, count: 0, weight: 0, bytes: framing - sep },
       );
     }
     b.count++;
+    b.weight += weight;
     b.bytes += bytes + sep;
     total++;
   }

@@ -160,7 +160,7 @@ describe("paceline run --batch-api", () => {
   }
 
   it(
-    "120,000 OpenAI lines over two endpoints: four batches within 50,000 lines, one endpoint each; output in input order",
+    "120,000 OpenAI lines over two endpoints: four batches within 50,000 requests (embeddings: 50,000 inputs), one endpoint each; output in input order",
     async () => {
       const s = await sim({ batchMs: 500 });
       const n = 120_000;
@@ -180,7 +180,7 @@ describe("paceline run --batch-api", () => {
       expect(dry.code).toBe(0);
       expect(dry.out).toMatch(/120,000 openai requests in 4 batches/);
       expect(dry.out).toMatch(
-        /batch 1: \/v1\/chat\/completions, 50,000 requests/,
+        /batch 1: \/v1\/embeddings, 37,500 requests/,
       );
       expect(dry.out).toMatch(/50 % of live requests/);
       expect(s.stats().received).toBe(0);
@@ -208,8 +208,8 @@ describe("paceline run --batch-api", () => {
       expect(listed).toEqual([
         "/v1/chat/completions 10000",
         "/v1/chat/completions 50000",
-        "/v1/embeddings 10000",
-        "/v1/embeddings 50000",
+        "/v1/embeddings 22500",
+        "/v1/embeddings 37500",
       ]);
       const ids = readResults(output).map((x) => x.custom_id);
       expect(ids).toEqual(lines.map((l) => JSON.parse(l).custom_id));

@@ -5844,7 +5844,7 @@ export interface BatchStatus {
  * ```
  */
 export interface BatchApi {
-  /** The most requests in one batch. */
+  /** The most requests in one batch (each counted as {@linkcode BatchApi.weight} says). */
   readonly maxRequests: number;
   /** The most bytes in one batch's upload. */
   readonly maxBytes: number;
@@ -5863,6 +5863,8 @@ export interface BatchApi {
   target(path: string, body: Record<string, unknown>): string;
   /** One request as an upload carries it. */
   entry(customId: string, path: string, body: Record<string, unknown>): string;
+  /** How many of `maxRequests` a request uses; default 1. */
+  weight?(path: string, body: Record<string, unknown>): number;
   /** Uploads the requests as a file first, where the provider wants one (OpenAI); resolves to its id. */
   upload?(call: BatchCall, file: Blob, name: string): Promise<string>;
   /**
@@ -6537,12 +6539,20 @@ function openaiBatchStatus(b: Record<string, unknown>): BatchStatus {
 const openaiBatchApi: BatchApi = {
   maxRequests: 50_000,
   maxBytes: 200 * 1024 * 1024,
-  limits: "at most 50,000 requests and 200 MB per batch, one endpoint each",
+  limits:
+    "at most 50,000 requests (embeddings: inputs) and 200 MB per batch, one endpoint each",
   priceFactor: 0.5,
   framing: ["", "\n", "\n"],
   target: (path) => path,
   entry: (customId, url, body) =>
     JSON.stringify({ custom_id: customId, method: "POST", url, body }),
+  // An embeddings batch holds at most 50,000 inputs in all: an array of
+  // strings (or of token arrays) counts each.
+  weight: (url, body) =>
+    url === "/v1/embeddings" && Array.isArray(body.input) &&
+      typeof body.input[0] !== "number"
+      ? Math.max(1, body.input.length)
+      : 1,
   async upload(call, file, name) {
     const form = new FormData();
     form.append("purpose", "batch");

@@ -2018,6 +2018,22 @@ class SimBatches {
         body: o!.body as Record<string, unknown>,
       });
     });
+    const inputs = kind === "embeddings"
+      ? requests.reduce((n, r) => {
+        const input = r.body.input;
+        return n + (Array.isArray(input) && typeof input[0] !== "number"
+          ? input.length
+          : 1);
+      }, 0)
+      : 0;
+    if (!errors.length && inputs > 50_000) {
+      errors.push({
+        code: "too_many_inputs",
+        message:
+          `The batch input file has ${inputs} embedding inputs; an embeddings batch holds at most 50,000.`,
+        line: null,
+      });
+    }
     if (!errors.length && requests.length > 50_000) {
       errors.push({
         code: "too_many_requests",

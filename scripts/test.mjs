@@ -96,6 +96,7 @@ step(
       "test/fetch_smoke.ts",
       "test/cli_smoke.ts",
       "test/cli_kill_smoke.ts",
+      "test/cli_batch_smoke.ts",
     ),
 );
 step("deno lint", () => deno("lint"));
@@ -265,6 +266,14 @@ step(
 step(
   "CLI journal: fatal stop, then resume (Bun)",
   () => smoke(bin("bun"), ["test/cli_smoke.ts"]),
+);
+step(
+  "CLI --batch-api through the simulator's Batch APIs (Deno, Bun, Node 24)",
+  () => {
+    smoke(bin("deno"), ["run", "-A", "test/cli_batch_smoke.ts"]);
+    smoke(bin("bun"), ["test/cli_batch_smoke.ts"]);
+    return smoke(node24(), ["test/cli_batch_smoke.ts"]);
+  },
 );
 step(
   "shared limits on redis-server (Deno npm:redis, Bun RedisClient)",
