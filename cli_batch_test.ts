@@ -404,10 +404,27 @@ describe("paceline run --batch-api", () => {
         result: { type: string; error?: { error: { type: string } } };
       }[];
       expect(rows.length).toBe(n);
-      expect(rows.some((x) => x.result.error?.error.type === "canceled")).toBe(
-        true,
-      );
+      const canceled =
+        rows.filter((x) => x.result.error?.error.type === "canceled").length;
+      expect(canceled).toBeGreaterThan(0);
       expect(s.stats().batches.created).toBe(1);
+      // --retry-errored with --batch-api: exactly those, through a new batch.
+      const before = s.stats().batches.requests;
+      const again = await runOn(
+        input,
+        output,
+        s.url,
+        "--batch-api",
+        "--retry-errored",
+        "--poll-ms",
+        "50",
+        "--quiet",
+      );
+      expect(again.code).toBe(0);
+      expect(s.stats().batches.created).toBe(2);
+      expect(s.stats().batches.requests - before).toBe(canceled);
+      expect(s.stats().accepted).toBe(0); // nothing live
+      expect(readResults(output).length).toBe(n);
     },
     30_000,
   );
