@@ -2703,10 +2703,10 @@ function isSubmission(b: BatchStatus, s: Submission): boolean {
     : b.total === s.count && b.createdAt >= s.at - 60_000;
 }
 
-/** Marks a submission's lines in `into` (one byte per input line). */
-function markLines(s: Submission, into: Uint8Array): void {
+/** Marks a submission's lines in `into` (one byte per input line), or clears them. */
+function markLines(s: Submission, into: Uint8Array, value = 1): void {
   for (let k = 0; k < s.lines.length; k += 2) {
-    into.fill(1, s.lines[k]!, s.lines[k + 1]!);
+    into.fill(value, s.lines[k]!, s.lines[k + 1]!);
   }
 }
 
@@ -2983,7 +2983,8 @@ class BatchApiRun {
   #waiting = new AbortController();
   /** Ends submissions' calls too, at the second signal. */
   #calls = new AbortController();
-  #submitted = 0;
+  /** A batch was refused for room our running batches hold: submit again when one ends. */
+  #requeued = false;
   #finished = 0;
   #errors = 0;
   #startedAt = performance.now();
@@ -3201,7 +3202,6 @@ class BatchApiRun {
     }
     this.log.note({ n: s.n, batch: status.id });
     this.statuses.set(s.n, status);
-    this.#submitted++;
     rmSync(`${this.o.output}.upload-${s.n}`, { force: true });
   }
 
@@ -3305,14 +3305,15 @@ class BatchApiRun {
         try {
           const status = await this.api.retrieve(this.#call(), s.id!);
           this.statuses.set(s.n, status);
-          if (status.phase === "ended") await this.#collect(s, status);
-          if (status.phase === "failed") {
-            this.log.note({ n: s.n, failed: status.failure });
-            this.#fatal(
-              0,
-              `batch ${s.id} (${s.count} requests, ${s.endpoint}) failed: ${status.failure}`,
-            );
+          if (status.phase === "ended") {
+            await this.#collect(s, status);
+            if (this.#requeued) {
+              // Room freed: what was refused for room goes in again.
+              this.#requeued = false;
+              await this.#submitAll();
+            }
           }
+          if (status.phase === "failed") this.#failed(s, status);
         } catch (e) {
           if (this.#stop) return;
           if (e instanceof BatchRefused) {
@@ -3327,6 +3328,30 @@ class BatchApiRun {
       }
       this.#progress();
     }
+  }
+
+  /**
+   * A batch the provider refused whole: its lines are free again. Refused
+   * for room that our other batches hold (too many tokens enqueued), it is
+   * submitted again when one of them ends; otherwise the run stops (exit 3).
+   */
+  #failed(s: Submission, status: BatchStatus): void {
+    this.log.note({ n: s.n, failed: status.failure });
+    markLines(s, this.covered, 0);
+    const running = this.log.pending().length;
+    if (status.requeue && running > 0) {
+      this.#requeued = true;
+      this.#say(
+        `batch ${s.id} (${s.count} requests) was refused for now: ${status.failure}. Its requests go in again when one of the ${running} batch${
+          running === 1 ? "" : "es"
+        } still running ends.`,
+      );
+      return;
+    }
+    this.#fatal(
+      0,
+      `batch ${s.id} (${s.count} requests, ${s.endpoint}) failed: ${status.failure}`,
+    );
   }
 
   /**

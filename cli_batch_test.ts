@@ -5,6 +5,7 @@ import { describe, expect, it } from "vitest";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { sim } from "./test/sims.ts";
+import { inputTokensOf, type Kind } from "./sim.ts";
 import {
   anthropicLines,
   batchFiles,
@@ -575,6 +576,41 @@ describe("paceline run --batch-api", () => {
     });
     expect(readResults(output).map(skeletonOf)).toEqual(
       readResults(live).map(skeletonOf),
+    );
+  });
+
+  it("a batch refused for too many enqueued tokens goes in again when our other batch ends; nothing is lost or sent twice", async () => {
+    const urls = ["/v1/chat/completions", "/v1/completions"];
+    const n = 100;
+    const lines = Array.from(
+      { length: n },
+      (_, i) => openaiLine(urls[i % 2]!, i, "gpt-sim"),
+    );
+    const tokens = urls.map((url) =>
+      lines.map((l) => JSON.parse(l)).filter((l) => l.url === url)
+        .reduce((t, l) => t + inputTokensOf(l.body, url.slice(4) as Kind), 0)
+    );
+    // Room for either batch, not both at once.
+    const s = await sim({
+      batchMs: 300,
+      batchEnqueuedTokens: Math.max(...tokens) + 1,
+    });
+    expect(Math.max(...tokens) + 1).toBeLessThan(tokens[0]! + tokens[1]!);
+    const { input, output } = batchFiles(lines.join("\n") + "\n");
+    const r = await runOn(
+      input,
+      output,
+      `${s.url}/v1`,
+      "--batch-api",
+      "--poll-ms",
+      "50",
+    );
+    expect(r.code).toBe(0);
+    expect(r.err).toMatch(/was refused for now: Enqueued token limit reached/);
+    expect(s.stats().batches).toMatchObject({ created: 3, failed: 1 });
+    expect(s.stats().batches.requests).toBe(n + n / 2);
+    expect(readResults(output).map((x) => x.custom_id)).toEqual(
+      lines.map((l) => JSON.parse(l).custom_id),
     );
   });
 });

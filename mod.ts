@@ -5822,6 +5822,12 @@ export interface BatchStatus {
   readonly tag?: string;
   /** Why it failed, in the provider's words. */
   readonly failure?: string;
+  /**
+   * It failed for room that other batches' ending frees (OpenAI's
+   * `token_limit_exceeded`: too many tokens enqueued for a model): the
+   * same requests may be submitted again once one of them ends.
+   */
+  readonly requeue?: boolean;
   /** Once ended: where its results are (paths or URLs of JSONL files). */
   readonly results: readonly string[];
 }
@@ -6519,6 +6525,10 @@ function openaiBatchStatus(b: Record<string, unknown>): BatchStatus {
       : "the batch failed with no reason given")
     : undefined;
   const tag = (b.metadata as Record<string, unknown> | null)?.paceline;
+  const requeue = phase === "failed" && Array.isArray(errors) &&
+    errors.some((e: Record<string, unknown>) =>
+      e?.code === "token_limit_exceeded"
+    );
   return {
     id: String(b.id),
     phase,
@@ -6529,6 +6539,7 @@ function openaiBatchStatus(b: Record<string, unknown>): BatchStatus {
     createdAt: countOf(b.created_at) * 1000,
     ...(typeof tag === "string" ? { tag } : {}),
     ...(failure ? { failure } : {}),
+    ...(requeue ? { requeue } : {}),
     results: phase === "ended"
       ? [b.output_file_id, b.error_file_id].filter((f) => typeof f === "string")
         .map((f) => `/v1/files/${encodeURIComponent(f as string)}/content`)
