@@ -3090,7 +3090,17 @@ class BatchApiRun {
       process.on("SIGTERM", onSignal);
     }
     try {
-      for (const s of this.log.pending()) await this.#recover(s);
+      for (const s of this.log.pending()) {
+        await this.#recover(s).catch((e) => {
+          if (this.#stop) throw e;
+          this.#fatal(
+            e instanceof BatchRefused ? e.status : 0,
+            `could not look for submission ${s.n}'s batch (${
+              (e as Error).message
+            }); nothing was submitted again`,
+          );
+        });
+      }
       for (const s of this.log.pending()) markLines(s, this.covered);
       await this.#submitAll();
       await this.#watch();
@@ -3197,7 +3207,14 @@ class BatchApiRun {
           );
         }
         await pause(2000 * attempt, this.#calls.signal);
-        status = await this.#find(s);
+        status = await this.#find(s).catch((e) =>
+          this.#fatal(
+            e instanceof BatchRefused ? e.status : 0,
+            `could not create a batch (${
+              (e as Error).message
+            }); it is journaled, and the next run finds it or creates it, never twice`,
+          )
+        );
       }
     }
     this.log.note({ n: s.n, batch: status.id });
@@ -3286,7 +3303,13 @@ class BatchApiRun {
             `the ${this.provider.name} Files API refused the upload: ${e.message}`,
           );
         }
-        throw e;
+        if (this.#stop) throw e;
+        this.#fatal(
+          0,
+          `could not upload a batch's requests (${
+            (e as Error).message
+          }); the submission is journaled, and the next run makes it, never twice`,
+        );
       }
       this.log.note({ n: s.n, file: input });
     }
@@ -3439,6 +3462,31 @@ class BatchApiRun {
     else o.err(`paceline: ${line}\n`);
   }
 
+  /** What is still out at the provider, and what to do about it, in words. */
+  #stillOut(pending: Submission[]): string {
+    const made = pending.filter((s) => s.id).map((s) => s.id!);
+    const unsure = pending.length - made.length;
+    const them = (n: number): string => n === 1 ? "it" : "them";
+    return (made.length
+      ? ` ${made.length} batch${made.length === 1 ? "" : "es"} keep${
+        made.length === 1 ? "s" : ""
+      } running at ${this.provider.name} (${
+        made.join(", ")
+      }): run the same command again to collect ${
+        them(made.length)
+      } (nothing is submitted twice), or \`paceline cancel ${this.o.output}\` to cancel ${
+        them(made.length)
+      }.`
+      : "") +
+      (unsure
+        ? ` ${unsure} submission${
+          unsure === 1 ? "" : "s"
+        } went unanswered: the next run looks for ${
+          them(unsure)
+        } at the provider before sending ${them(unsure)} again.`
+        : "");
+  }
+
   /** The final word and the exit code. */
   conclude(): number {
     const { o, output } = this;
@@ -3451,17 +3499,7 @@ class BatchApiRun {
       output.waiting ? `, ${output.waiting} more in ${this.journal.path}` : ""
     }`;
     const pending = this.log.pending();
-    const running = pending.length
-      ? ` ${pending.length} batch${pending.length === 1 ? "" : "es"} keep${
-        pending.length === 1 ? "s" : ""
-      } running at ${this.provider.name} (${
-        pending.map((s) => s.id ?? `submission ${s.n}`).join(", ")
-      }): run the same command again to collect ${
-        pending.length === 1 ? "it" : "them"
-      } (nothing is submitted twice), or \`paceline cancel ${o.output}\` to cancel ${
-        pending.length === 1 ? "it" : "them"
-      }.`
-      : "";
+    const running = this.#stillOut(pending);
     if (this.#stop?.code === 3) {
       o.err(
         `\npaceline: stopped: ${this.#stop.why}.\nNothing was recorded for the lines it concerns. Results kept: ${kept}.${running}\nFix the cause, then run the same command again: lines already in a batch are collected, not submitted again.\n`,
