@@ -1294,6 +1294,14 @@ function retryable(outcome: Outcome): boolean {
     (!st || st === 408 || st === 409 || st === 429 || st >= 500);
 }
 
+/** The path a line's answer streams from, if its endpoint streams at all. */
+function streamPathOf(provider: Provider, path: string): string | undefined {
+  const to = provider.streamPaths?.[path] ?? path;
+  return provider.endpoints.some((e) => e.path === to && e.streams)
+    ? to
+    : undefined;
+}
+
 /**
  * Sends one request. Failures become outcomes; `undefined` means there is
  * no result (aborted, or never sent because the run is stopping).
@@ -1306,12 +1314,13 @@ async function perform(
   stream: boolean,
   signal: AbortSignal,
 ): Promise<Outcome | undefined> {
-  stream &&= provider.endpoints.some((e) => e.path === item.path && e.streams);
+  const path = stream ? streamPathOf(provider, item.path) : undefined;
+  stream = path !== undefined;
   const body = stream
     ? provider.streamBody(item.body)
     : provider.wholeBody(item.body);
   try {
-    const response = await f(ep.url(item.path, item.body), {
+    const response = await f(ep.url(path ?? item.path, item.body), {
       method: "POST",
       headers: ep.headers,
       body: JSON.stringify(body),
@@ -4013,8 +4022,8 @@ const RUN_FLAGS: Flag[] = [
   {
     name: "stream",
     help: [
-      "use streaming requests (Messages and chat completions;",
-      "other endpoints are sent whole)",
+      "use streaming requests (Messages, chat completions,",
+      "Gemini's :streamGenerateContent; others are sent whole)",
     ],
     set: (o) => o.stream = true,
   },

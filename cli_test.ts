@@ -1404,3 +1404,47 @@ describe("paceline run: journal, stalls and fatal stops", () => {
     expect(s.stats().received).toBe(before);
   });
 });
+
+describe("paceline run --stream with Gemini lines", () => {
+  it("streams from :streamGenerateContent: a server that cuts streams fails those lines (no retries) but not whole ones; a healthy one gives what whole requests give", async () => {
+    const lines = Array.from({ length: 12 }, (_, i) =>
+      JSON.stringify({
+        key: `g-${i}`,
+        request: {
+          contents: [{ role: "user", parts: [{ text: `Question ${i}` }] }],
+          generationConfig: { maxOutputTokens: 30 },
+        },
+      }));
+    const run = (base: string, output: string, ...extra: string[]) =>
+      runCli([
+        "run",
+        files.input,
+        "-o",
+        output,
+        "--base-url",
+        `${base}/v1beta`,
+        "--model",
+        "gemini-sim",
+        "--quiet",
+        ...extra,
+      ], NO_KEYS);
+    const files = batchFiles(lines.join("\n") + "\n");
+    const cuts = await sim({ faults: { truncatedStream: 1 } });
+    const whole = join(files.d, "whole.jsonl");
+    expect((await run(cuts.url, whole, "--retries", "0")).code).toBe(0);
+    const cut = join(files.d, "cut.jsonl");
+    expect((await run(cuts.url, cut, "--retries", "0", "--stream")).code)
+      .toBe(1);
+    expect(readResults(cut).every((r) => r.error)).toBe(true);
+    const healthy = await sim();
+    const streamed = join(files.d, "streamed.jsonl");
+    expect((await run(healthy.url, streamed, "--stream")).code).toBe(0);
+    const text = (r: Record<string, unknown>) =>
+      (r.response as {
+        candidates: { content: { parts: { text: string }[] } }[];
+      }).candidates[0]!.content.parts[0]!.text;
+    expect(readResults(streamed).map(text)).toEqual(
+      readResults(whole).map(text),
+    );
+  });
+});

@@ -5973,6 +5973,12 @@ export interface Provider {
   readonly usageInEvent: string;
   /** The body to send for a streamed request (usage included). */
   streamBody(body: Record<string, unknown>): Record<string, unknown>;
+  /**
+   * Where an endpoint's answer streams from, when that is another path
+   * (Gemini: `:streamGenerateContent` for `:generateContent`); otherwise
+   * the endpoint streams itself if it streams at all.
+   */
+  readonly streamPaths?: Readonly<Record<string, string>>;
   /** The body to send for a whole (not streamed) answer. */
   wholeBody(body: Record<string, unknown>): Record<string, unknown>;
   /** The last event of a whole stream (`message_stop`, `[DONE]`): a stream without it was cut short. */
@@ -7274,6 +7280,7 @@ export const geminiProvider: Provider = {
   },
   usageInEvent: "",
   streamBody: (body) => body,
+  streamPaths: { ":generateContent": ":streamGenerateContent" },
   // Streaming is the other URL; the API refuses unknown fields like "stream".
   wholeBody: (body) => body,
   streamEnd: "",
