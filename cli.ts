@@ -67,13 +67,16 @@ import {
   type Provider,
   providerOf,
   providers,
+  QuotaError,
   type RateLimitedFetch,
   rateLimitedFetch,
   type RateLimiterOptions,
   type RedisEval,
   RedisLimiterError,
   RedisRateLimiter,
+  retry,
   type Stats,
+  systemClock,
   windowLoads,
   type WindowSpec,
   type WindowUsage,
@@ -2110,8 +2113,12 @@ async function runBatch(
   }
   if (o.batchApi) return await runBatchApi(o, provider, read);
   if (o.dryRun) {
-    const all = (): boolean => true;
-    await checkFits(o.input, all, windowsFor(o.limits, o.windowMs), o.shard);
+    await checkFits(
+      o.input,
+      everyLine,
+      windowsFor(o.limits, o.windowMs),
+      o.shard,
+    );
     o.out(
       await dryRun(
         o.input,
@@ -2712,6 +2719,23 @@ function isSubmission(b: BatchStatus, s: Submission): boolean {
     : b.total === s.count && b.createdAt >= s.at - 60_000;
 }
 
+/**
+ * The provider's batch of a submission whose creation went unanswered, if
+ * it exists: the earliest recent one that is this submission's and is not
+ * already another's in the log.
+ */
+async function findSubmitted(
+  api: BatchApi,
+  call: BatchCall,
+  s: Submission,
+  log: SubmissionLog,
+): Promise<BatchStatus | undefined> {
+  const known = new Set([...log.subs.values()].map((x) => x.id));
+  const recent = await api.list(call, s.at - 300_000);
+  return recent.filter((b) => !known.has(b.id) && isSubmission(b, s))
+    .sort((a, b) => a.createdAt - b.createdAt)[0];
+}
+
 /** Marks a submission's lines in `into` (one byte per input line), or clears them. */
 function markLines(s: Submission, into: Uint8Array, value = 1): void {
   for (let k = 0; k < s.lines.length; k += 2) {
@@ -2726,16 +2750,9 @@ function markLines(s: Submission, into: Uint8Array, value = 1): void {
 function pendingBatches(output: string): Submission[] {
   const path = `${output}.batches`;
   if (!existsSync(path)) return [];
-  const subs: Submission[] = [];
-  scanLines(path, (text) => {
-    try {
-      const e = JSON.parse(text);
-      if (e.begin) subs.push({ ...e.begin, state: "begun" });
-      const s = subs.find((x) => x.n === e.n);
-      if (s && (e.failed || e.collected || e.abandoned)) s.state = "collected";
-    } catch { /* a torn line */ }
-  });
-  return subs.filter((s) => s.state === "begun");
+  const log = SubmissionLog.open(path, undefined);
+  log.close();
+  return log.pending();
 }
 
 /** A Blob of a file on disk, read as it is sent where the runtime can. */
@@ -2779,6 +2796,36 @@ async function* jsonlRows(
   }
 }
 
+/**
+ * The lines `want` picks (by index among the run's lines), each as its
+ * batch upload entry, with the batch target it belongs to and its weight
+ * toward the provider's per-batch limit.
+ */
+async function* batchEntries(
+  o: RunOptions,
+  provider: Provider,
+  want: (index: number) => boolean,
+): AsyncGenerator<
+  { index: number; key: string; entry: string; weight: number }
+> {
+  const api = provider.batchApi!;
+  let index = -1;
+  for await (const [line, text] of lines(o.input, o.shard)) {
+    if (text.trim() === "" || !want(++index)) continue;
+    const item = parseLine(line, text, {});
+    const body = batchBody(provider, item, o.model);
+    yield {
+      index,
+      key: api.target(item.path, body),
+      entry: api.entry(item.customId, item.path, body),
+      weight: api.weight?.(item.path, body) ?? 1,
+    };
+  }
+}
+
+/** Every line: what dry runs plan. */
+const everyLine = (): boolean => true;
+
 /** A line's body as a batch carries it: whole, with `--model` where it names none (Gemini). */
 function batchBody(
   provider: Provider,
@@ -2803,8 +2850,8 @@ class BatchRefused extends Error {
  * The {@linkcode BatchCall} of a run: to the base URL only (a results URL
  * elsewhere is asked of the base URL instead, so the key goes nowhere
  * else), signed as live requests are. 429s and, where `retryAll`, 5xx and
- * network failures are retried after the server's wait or a backoff;
- * other refusals throw a BatchRefused.
+ * network failures are retried by {@linkcode retry} (the server's wait,
+ * else a backoff); other refusals throw a BatchRefused.
  */
 function batchCaller(
   ep: Endpoint,
@@ -2821,43 +2868,43 @@ function batchCaller(
       ? target.href
       : onBase(ep.base, `${target.pathname}${target.search}`);
     const json = typeof body === "string" || body instanceof Blob;
-    for (let attempt = 1;; attempt++) {
-      let response: Response | undefined;
-      let failure: unknown;
-      try {
-        response = await fetch(url, {
-          method,
-          headers: json
-            ? { ...headers, "content-type": "application/json" }
-            : headers,
-          body,
-          signal,
-        });
-      } catch (e) {
-        if (signal.aborted) throw signal.reason;
-        failure = e;
-      }
-      if (response?.ok) return response;
-      const text = response ? await response.text() : "";
-      const status = response?.status ?? 0;
-      const again = status === 429 ||
-        (retryAll && (status === 0 || status >= 500));
-      if (!again || attempt >= tries) {
-        const what = response
-          ? HttpError.from(response, text).message
-          : `${(failure as Error)?.message ?? failure}`;
-        if (status >= 400 && status < 500 && status !== 429) {
-          throw new BatchRefused(status, scrub(what, ep.apiKey));
-        }
-        throw new Error(scrub(what, ep.apiKey), { cause: failure });
-      }
-      const told = response
-        ? parseRetryAfter(response.headers, Date.now(), {
-          maxMs: MAX_RETRY_AFTER_MS,
-        })
-        : undefined;
-      await pause(told ?? Math.min(500 * 2 ** attempt, 30_000), signal);
+    const init = {
+      method,
+      headers: json
+        ? { ...headers, "content-type": "application/json" }
+        : headers,
+      body,
+    };
+    let response: Response;
+    try {
+      response = await retry((_, signal) => fetch(url, { ...init, signal }), {
+        retries: tries - 1,
+        signal,
+        maxRetryAfterMs: MAX_RETRY_AFTER_MS,
+        // Where an unknown outcome must not be sent again (a create), only
+        // a 429 (refused, so nothing was made) is retried.
+        shouldRetry: retryAll
+          ? undefined
+          : (f) =>
+            f instanceof Response && f.status === 429 ? undefined : false,
+      });
+    } catch (e) {
+      if (signal.aborted) throw signal.reason;
+      const what = scrub((e as Error)?.message ?? String(e), ep.apiKey);
+      if (e instanceof QuotaError) throw new BatchRefused(429, what);
+      throw new Error(what, { cause: e });
     }
+    if (response.ok) return response;
+    const what = scrub(
+      HttpError.from(response, await response.text()).message,
+      ep.apiKey,
+    );
+    if (
+      response.status >= 400 && response.status < 500 && response.status !== 429
+    ) {
+      throw new BatchRefused(response.status, what);
+    }
+    throw new Error(what);
   };
 }
 
@@ -2871,22 +2918,6 @@ function onBase(base: string, path: string): string {
   return last && path.startsWith(`/${last}/`)
     ? `${base}${path.slice(last.length + 1)}`
     : `${base}${path}`;
-}
-
-/** Waits `ms`, or until `signal` aborts (then rejects with its reason). */
-function pause(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((done, fail) => {
-    if (signal.aborted) return fail(signal.reason);
-    const stop = (): void => {
-      clearTimeout(timer);
-      fail(signal.reason);
-    };
-    const timer = setTimeout(() => {
-      signal.removeEventListener("abort", stop);
-      done();
-    }, ms);
-    signal.addEventListener("abort", stop, { once: true });
-  });
 }
 
 /** Requests being written to one batch's upload file, for one endpoint. */
@@ -3174,16 +3205,13 @@ class BatchApiRun {
   }
 
   /** The provider's batch of a submission whose creation's answer was lost, if it exists. */
-  async #find(s: Submission): Promise<BatchStatus | undefined> {
-    const known = new Set(
-      [...this.log.subs.values()].map((x) => x.id).filter(Boolean),
-    );
-    const recent = await this.api.list(
+  #find(s: Submission): Promise<BatchStatus | undefined> {
+    return findSubmitted(
+      this.api,
       batchCaller(this.ep, this.#calls.signal, true),
-      s.at - 300_000,
+      s,
+      this.log,
     );
-    return recent.filter((b) => !known.has(b.id) && isSubmission(b, s))
-      .sort((a, b) => a.createdAt - b.createdAt)[0];
   }
 
   /**
@@ -3215,7 +3243,7 @@ class BatchApiRun {
             }); it is journaled, and the next run finds it or creates it, never twice`,
           );
         }
-        await pause(2000 * attempt, this.#calls.signal);
+        await systemClock.sleep(2000 * attempt, this.#calls.signal);
         status = await this.#find(s).catch((e) =>
           this.#fatal(
             e instanceof BatchRefused ? e.status : 0,
@@ -3252,16 +3280,13 @@ class BatchApiRun {
   async #submitAll(): Promise<void> {
     const open = new Map<string, UploadChunk>();
     let next = Math.max(0, ...this.log.subs.keys()) + 1;
-    let i = -1;
-    for await (const [line, text] of lines(this.o.input, this.o.shard)) {
+    const entries = batchEntries(
+      this.o,
+      this.provider,
+      (i) => this.work.needs(i) && !this.covered[i],
+    );
+    for await (const { index, key, entry, weight } of entries) {
       if (this.#stop) break;
-      if (text.trim() === "") continue;
-      if (!this.work.needs(++i) || this.covered[i]) continue;
-      const item = parseLine(line, text, {});
-      const body = batchBody(this.provider, item, this.o.model);
-      const key = this.api.target(item.path, body);
-      const entry = this.api.entry(item.customId, item.path, body);
-      const weight = this.api.weight?.(item.path, body) ?? 1;
       let chunk = open.get(key);
       if (chunk && !chunkFits(this.api, chunk, chunk.cost(entry), weight)) {
         open.delete(key);
@@ -3272,7 +3297,7 @@ class BatchApiRun {
         chunk = new UploadChunk(next++, this.o.output, key, this.api);
         open.set(key, chunk);
       }
-      chunk.add(i, entry, weight);
+      chunk.add(index, entry, weight);
     }
     for (const chunk of open.values()) {
       if (this.#stop) chunk.discard();
@@ -3331,7 +3356,9 @@ class BatchApiRun {
     for (let first = true;; first = false) {
       const pending = this.log.pending();
       if (!pending.length || this.#stop) return;
-      if (!first) await pause(this.o.pollMs ?? 30_000, this.#waiting.signal);
+      if (!first) {
+        await systemClock.sleep(this.o.pollMs ?? 30_000, this.#waiting.signal);
+      }
       for (const s of pending) {
         if (this.#stop) return;
         try {
@@ -3568,13 +3595,10 @@ async function dryRunBatchApi(
   const done: Planned[] = [];
   const open = new Map<string, Planned>();
   let total = 0;
-  for await (const [line, text] of lines(o.input, o.shard)) {
-    if (text.trim() === "") continue;
-    const item = parseLine(line, text, {});
-    const body = batchBody(provider, item, o.model);
-    const key = api.target(item.path, body);
-    const bytes = Buffer.byteLength(api.entry(item.customId, item.path, body));
-    const weight = api.weight?.(item.path, body) ?? 1;
+  for await (
+    const { key, entry, weight } of batchEntries(o, provider, everyLine)
+  ) {
+    const bytes = Buffer.byteLength(entry);
     let b = open.get(key);
     if (b && !chunkFits(api, b, bytes + sep, weight)) {
       done.push(b);
@@ -3643,9 +3667,7 @@ export async function cancelBatches(
     const call = batchCaller(ep, new AbortController().signal, true, 3);
     let id = s.id;
     if (!id) {
-      const found = (await provider.batchApi.list(call, s.at - 300_000))
-        .find((b) => isSubmission(b, s));
-      id = found?.id;
+      id = (await findSubmitted(provider.batchApi, call, s, log))?.id;
     }
     if (!id) {
       io.out(

@@ -30,6 +30,16 @@ function runOn(
   );
 }
 
+/** `paceline run --batch-api` of `input` into `output` against `base`, polling every 50 ms. */
+function viaBatch(
+  input: string,
+  output: string,
+  base: string,
+  ...flags: string[]
+) {
+  return runOn(input, output, base, "--batch-api", "--poll-ms", "50", ...flags);
+}
+
 /** The shape of a value: its keys and value types, arrays by their first item. */
 function shape(v: unknown): unknown {
   if (Array.isArray(v)) return v.length ? [shape(v[0])] : [];
@@ -119,15 +129,7 @@ describe("paceline run --batch-api", () => {
           .join("\n") + "\n";
         const { d, input, output } = batchFiles(text);
         const base = format === "openai" ? `${s.url}/v1` : s.url;
-        const batch = await runOn(
-          input,
-          output,
-          base,
-          "--batch-api",
-          "--poll-ms",
-          "100",
-          "--quiet",
-        );
+        const batch = await viaBatch(input, output, base, "--quiet");
         expect(batch.err).toBe("");
         expect(batch.code).toBe(0);
         expect(s.stats().batches).toMatchObject({
@@ -185,15 +187,7 @@ describe("paceline run --batch-api", () => {
       );
       expect(dry.out).toMatch(/50 % of live requests/);
       expect(s.stats().received).toBe(0);
-      const r = await runOn(
-        input,
-        output,
-        `${s.url}/v1`,
-        "--batch-api",
-        "--poll-ms",
-        "100",
-        "--quiet",
-      );
+      const r = await viaBatch(input, output, `${s.url}/v1`, "--quiet");
       expect(r.err).toBe("");
       expect(r.code).toBe(0);
       expect(s.stats().batches).toMatchObject({
@@ -226,14 +220,7 @@ describe("paceline run --batch-api", () => {
       const { input, output } = batchFiles(anthropicLines(n).join("\n") + "\n");
       await submitThenStop(input, output, s.url, "SIGKILL");
       expect(s.stats().batches.created).toBe(1);
-      const r = await runOn(
-        input,
-        output,
-        s.url,
-        "--batch-api",
-        "--poll-ms",
-        "100",
-      );
+      const r = await viaBatch(input, output, s.url);
       expect(r.code).toBe(0);
       expect(r.err).toMatch(/1 batch from an earlier run to collect/);
       expect(s.stats().batches.created).toBe(1);
@@ -268,15 +255,7 @@ describe("paceline run --batch-api", () => {
         const kept = readFileSync(`${output}.batches`, "utf8").split("\n")
           .filter((l) => !l.includes('"batch"'));
         writeFileSync(`${output}.batches`, kept.join("\n"));
-        const r = await runOn(
-          input,
-          output,
-          base,
-          "--batch-api",
-          "--poll-ms",
-          "100",
-          "--quiet",
-        );
+        const r = await viaBatch(input, output, base, "--quiet");
         expect(r.code).toBe(0);
         expect(s.stats().batches.created).toBe(1);
         expect(readResults(output).length).toBe(n);
@@ -295,14 +274,7 @@ describe("paceline run --batch-api", () => {
       });
       const n = 200;
       const { input, output } = batchFiles(anthropicLines(n).join("\n") + "\n");
-      const r = await runOn(
-        input,
-        output,
-        s.url,
-        "--batch-api",
-        "--poll-ms",
-        "50",
-      );
+      const r = await viaBatch(input, output, s.url);
       expect(r.code).toBe(1);
       const rows = readResults(output) as {
         custom_id: string;
@@ -348,14 +320,7 @@ describe("paceline run --batch-api", () => {
       const s = await sim({ batchMs: 200, batchEnqueuedTokens: 100 });
       const n = 40;
       const { input, output } = batchFiles(openaiLines(n).join("\n") + "\n");
-      const r = await runOn(
-        input,
-        output,
-        `${s.url}/v1`,
-        "--batch-api",
-        "--poll-ms",
-        "50",
-      );
+      const r = await viaBatch(input, output, `${s.url}/v1`);
       expect(r.code).toBe(3);
       expect(r.err).toMatch(/failed: Enqueued token limit reached for gpt-sim/);
       expect(r.err).toMatch(/token_limit_exceeded/);
@@ -391,15 +356,7 @@ describe("paceline run --batch-api", () => {
       expect(c.code).toBe(0);
       expect(c.out).toMatch(/msgbatch_\w+: canceling/);
       expect(s.stats().batches.canceled).toBe(1);
-      const r = await runOn(
-        input,
-        output,
-        s.url,
-        "--batch-api",
-        "--poll-ms",
-        "50",
-        "--quiet",
-      );
+      const r = await viaBatch(input, output, s.url, "--quiet");
       expect(r.code).toBe(1);
       const rows = readResults(output) as {
         result: { type: string; error?: { error: { type: string } } };
@@ -597,14 +554,7 @@ describe("paceline run --batch-api", () => {
     });
     expect(Math.max(...tokens) + 1).toBeLessThan(tokens[0]! + tokens[1]!);
     const { input, output } = batchFiles(lines.join("\n") + "\n");
-    const r = await runOn(
-      input,
-      output,
-      `${s.url}/v1`,
-      "--batch-api",
-      "--poll-ms",
-      "50",
-    );
+    const r = await viaBatch(input, output, `${s.url}/v1`);
     expect(r.code).toBe(0);
     expect(r.err).toMatch(/was refused for now: Enqueued token limit reached/);
     expect(s.stats().batches).toMatchObject({ created: 3, failed: 1 });
