@@ -8630,6 +8630,8 @@ function limitNamedIn(json: unknown): PaceKey | undefined {
 }
 /** In the start phase, the in-flight cap grows this often while it binds. */
 const RAMP_MS = 500;
+/** Quiet stretches before a probe, at first; doubled after each failed probe. */
+const PATIENCE = 4;
 
 /**
  * Pace finding from 429s alone: a part of the request path, on only while
@@ -8655,6 +8657,15 @@ const RAMP_MS = 500;
  *   search climbs by a quarter per stretch, so a raised limit is found
  *   within a few windows. A 429 at `good` (the limit dropped) cuts to 70 %.
  *   The 429s of requests sent before a cut are one signal, not many.
+ * - **A whole-second wait** (relays round `retry-after` up) leaves the
+ *   server's window anywhere from the start's span less that second to
+ *   the span, so the first estimate holds whatever it is, and may be a
+ *   third too low. So the first step up (a quarter) is taken at once, not
+ *   after a stretch; if it holds, the next is as likely to fail as to hold
+ *   (the `ceiling` is the rate of the shortest such window), so it waits
+ *   its turn as a probe. A step's 429 that comes within a stretch of the
+ *   step holding is the step failing, not the limit dropping: back to the
+ *   pace before it, or to 95 % of what the last stretch sent if more.
  *
  * Estimates of latency-based limiters (Vegas, BBR, Netflix's
  * concurrency-limits) read queueing delay, which a relay's 429s do not
@@ -8676,6 +8687,14 @@ class PaceFinder {
   #scale = 1;
   #good = 1;
   #bad: number | undefined;
+  /** The pace `good` held before its last step up, and when that step held. */
+  #heldFrom = 1;
+  #heldAt = -Infinity;
+  /**
+   * Until the first step up has held: the fastest pace the start allows if
+   * the server's window is no shorter than the start's sends.
+   */
+  #ceiling = Infinity;
   /** The virtual schedule: the earliest next send per key. */
   #next: [number, number] = [0, 0];
   /**
@@ -8692,7 +8711,13 @@ class PaceFinder {
   #stretchStart = 0;
   #stretchSent: [number, number] = [0, 0];
   #quiet = 0;
-  #patience = 4;
+  #patience = PATIENCE;
+  /**
+   * Sends of the last stretch, three numbers each: when it went, and the
+   * requests and input tokens sent before it.
+   */
+  #log: number[] = [];
+  #logHead = 0;
   #queue: (PaceTurn | undefined)[] = [];
   #head = 0;
   #timer: AbortController | undefined;
@@ -8805,20 +8830,53 @@ class PaceFinder {
       this.#pausedUntil = Math.max(this.#pausedUntil, now + told);
     }
     if (turn.sentAt <= this.#cutAt) return;
+    this.#ceiling = Infinity;
     if (this.#phase === "start") this.#estimate(turn, told);
-    else if (this.#scale > this.#good) { // a probe failed
-      this.#bad = this.#scale;
-      this.#scale = this.#good;
-      this.#patience = Math.min(this.#patience * 2, 64);
-    } else { // at the pace that held: the limit dropped
+    else if (this.#scale > this.#good) this.#stepFailed(turn, this.#good);
+    else if (now - this.#heldAt < this.#stretchMs) {
+      // The pace had held one stretch only: its step's 429 came late.
+      this.#stepFailed(turn, this.#heldFrom);
+    } else { // at a pace that held: the limit dropped
       this.#bad = this.#scale;
       this.#scale = this.#good = this.#scale * 0.7;
+      // Probes that failed against the old limit say nothing of the new.
+      this.#patience = PATIENCE;
     }
     this.#cutAt = now;
     this.#quiet = 0;
     this.#newStretch(Math.max(now, this.#pausedUntil));
     this.#stats.pace(this.perSecond);
     this.#pump();
+  }
+
+  /**
+   * A step up drew a 429: back to the pace that held before it, or to 95 %
+   * of what was sent over the last stretch if that is more (the step held
+   * most of it); twice the patience before the next probe.
+   */
+  #stepFailed(turn: PaceTurn, held: number): void {
+    const failed = this.#bad = this.#scale;
+    const sent = this.#sentOver(turn) * 0.95;
+    this.#scale = this.#good = Math.min(Math.max(held, sent), failed * 0.97);
+    this.#patience = Math.min(this.#patience * 2, 64);
+  }
+
+  /**
+   * What was sent over the stretch before the turn, as a scale of the
+   * pace: the fastest the server allows if its window is the longest the
+   * start allows.
+   */
+  #sentOver(turn: PaceTurn): number {
+    const log = this.#log;
+    let i = this.#logHead;
+    while (i < log.length && log[i]! <= turn.sentAt - this.#stretchMs) i += 3;
+    let scale = Infinity;
+    for (let k = 0; k < 2 && i < log.length; k++) {
+      if (!this.#paced[k] || !(this.#base[k]! > 0)) continue;
+      const sent = turn.before[k]! - log[i + 1 + k]!;
+      scale = Math.min(scale, sent / this.#stretchMs / this.#base[k]!);
+    }
+    return scale === Infinity ? 0 : scale;
   }
 
   /** The first 429: the rate from what the start saw, and pacing from now. */
@@ -8830,12 +8888,16 @@ class PaceFinder {
       // are refused too, if at all, after this).
       this.#base[i] = Math.max(turn.before[i]!, i === 0 ? 1 : 0) / span;
     }
-    // A whole-second wait on a short span says little of the window's
-    // length: climb from here. A precise one says the rate: stay under it.
+    // A precise wait says the rate: stay under it. A whole-second one on a
+    // short span leaves the window anywhere from the span less that second
+    // to the span: the rate found holds whichever it is, so take the first
+    // step up at once; the ceiling is where the shortest would put it.
     const precise = told !== undefined &&
       (told % 1000 !== 0 || span >= 10_000);
-    this.#good = this.#scale = precise ? 0.95 : 1;
+    this.#good = precise ? 0.95 : 1;
+    this.#scale = precise ? 0.95 : 1.25;
     this.#bad = precise ? 1 : undefined;
+    this.#ceiling = precise || span <= wait ? Infinity : span / (span - wait);
     this.#stretchMs = Math.min(Math.max(span, RAMP_MS), 60_000);
     this.#phase = "pacing";
     this.#disarm();
@@ -8860,11 +8922,24 @@ class PaceFinder {
     this.#newStretch(now);
     if (!bound) return;
     if (this.#scale > this.#good) {
+      this.#heldFrom = this.#good;
+      this.#heldAt = now;
       this.#good = this.#scale;
       if (this.#bad !== undefined && this.#good >= this.#bad) {
         this.#bad = undefined;
       }
       this.#quiet = this.#patience; // a probe held: probe again now
+    }
+    // The first step held under the ceiling: the next is as likely to fail
+    // as to hold, so it waits its turn as a probe toward the ceiling.
+    const ceiling = this.#ceiling;
+    this.#ceiling = Infinity;
+    if (
+      ceiling !== Infinity && this.#bad === undefined && this.#good > 1 &&
+      this.#good < ceiling
+    ) {
+      this.#bad = ceiling;
+      this.#quiet = 0;
     }
     const bad = this.#bad;
     if (bad === undefined) this.#scale = this.#good * 1.25;
@@ -8902,6 +8977,13 @@ class PaceFinder {
     this.#sent[1] += turn.inputTokens;
     this.#inflight++;
     if (this.#phase !== "pacing") return;
+    const log = this.#log;
+    log.push(now, turn.before[0], turn.before[1]);
+    while (log[this.#logHead]! <= now - this.#stretchMs) this.#logHead += 3;
+    if (this.#logHead > 3000 && this.#logHead * 2 > log.length) {
+      log.splice(0, this.#logHead);
+      this.#logHead = 0;
+    }
     if (now - this.#stretchStart >= this.#stretchMs) this.#endStretch(now);
     this.#stretchSent[0] += turn.requests;
     this.#stretchSent[1] += turn.inputTokens;

@@ -893,6 +893,33 @@ async function runPaced(
   return endedAt;
 }
 
+/**
+ * The least makespan of `sizes`, sent in order, against `silentRelay`'s
+ * window by a client that knows the limit: each request as soon as the
+ * window (counted at arrival) has room for it, then its answer.
+ */
+function leastMakespan(
+  sizes: number[],
+  o: { limit: number; windowMs: number; latencyMs: number },
+): number {
+  const log: { t: number; amount: number }[] = [];
+  let head = 0;
+  let used = 0;
+  let arrive = o.latencyMs / 2;
+  for (const amount of sizes) {
+    for (;;) {
+      while (head < log.length && log[head]!.t + o.windowMs <= arrive) {
+        used -= log[head++]!.amount;
+      }
+      if (used + amount <= o.limit) break;
+      arrive = log[head]!.t + o.windowMs;
+    }
+    log.push({ t: arrive, amount });
+    used += amount;
+  }
+  return arrive + o.latencyMs / 2;
+}
+
 describe("request path: pace finding (no limits known, 429s alone)", () => {
   /** `n` requests through a fresh fetch with no limits, against a silent relay. */
   async function paceRun(
@@ -955,6 +982,36 @@ describe("request path: pace finding (no limits known, 429s alone)", () => {
     const minimum = ((total - 3000) / 3000) * 2000;
     expect(st.refused).toBeLessThanOrEqual(5);
     expect(makespan / minimum).toBeLessThanOrEqual(1.3);
+  });
+
+  it("the issue's token case: 3,000 per 2 s at 100 ms, 200 prompts (16,482 tokens): ≤ 5 × 429, ≤ 1.3 × the least makespan", async () => {
+    // The prompts of the CLI measurement: 28 to 57 words, 54 to 111 tokens.
+    const size = (i: number) => Math.round(1.94 * (28 + ((i * 7) % 30)));
+    const o = { limit: 3000, windowMs: 2000, latencyMs: 100, tokens: true };
+    const { st, makespan, f } = await paceRun(o, 200, size);
+    const least = leastMakespan(
+      Array.from({ length: 200 }, (_, i) => size(i)),
+      o,
+    );
+    expect(least).toBeGreaterThan(10_000); // six windows' worth, in order
+    expect(st.refused).toBeLessThanOrEqual(5);
+    expect(makespan / least).toBeLessThanOrEqual(1.3);
+    expect(f.stats.toJSON().pace!.inputTokens).toBeGreaterThan(1300);
+  });
+
+  it("a step up whose 429 comes just after it held goes back near the step, not to 70 %", async () => {
+    const size = (i: number) => Math.round(1.94 * (28 + ((i * 7) % 30)));
+    const { st, pace, f } = await paceRun(
+      { limit: 3000, windowMs: 2000, latencyMs: 90, tokens: true },
+      200,
+      size,
+    );
+    const last429 = st.refusedAt.at(-1)!;
+    expect(last429).toBeGreaterThan(3000); // a step's, not the start's
+    const before = pace.filter(([t]) => t < last429 - 1000).at(-1)![1];
+    const after = f.stats.toJSON().pace!.requests!;
+    expect(after).toBeGreaterThan(0.9 * before);
+    expect(after).toBeLessThan(before);
   });
 
   it("a limit that drops mid-run costs at most 3 more 429s; one that rises is found again within a few windows", async () => {
