@@ -15,9 +15,7 @@ import PQueue from "p-queue";
 import pRetry, { AbortError } from "p-retry";
 import { mapConcurrent, rateLimitedFetch } from "../dist/mod.js";
 import { inputTokensOf } from "../dist/sim.js";
-import { median, table } from "./lib.mjs";
-
-const simPath = fileURLToPath(new URL("../dist/sim.js", import.meta.url));
+import { median, startSimChild, table } from "./lib.mjs";
 
 /** A full collection now, so a contender's CPU time holds only its own garbage. */
 function collectGarbage() {
@@ -25,45 +23,6 @@ function collectGarbage() {
   runInNewContext("gc")();
 }
 const cliPath = fileURLToPath(new URL("../dist/cli.js", import.meta.url));
-
-async function startSimChild(limits, windowMs, extra = []) {
-  const child = spawn(process.execPath, [
-    simPath,
-    "--port",
-    "0",
-    ...(limits
-      ? [
-        "--rpm",
-        String(limits.requests),
-        "--itpm",
-        String(limits.inputTokens),
-        "--otpm",
-        String(limits.outputTokens),
-        "--window-ms",
-        String(windowMs),
-      ]
-      : []),
-    ...extra,
-  ], { stdio: ["ignore", "pipe", "inherit"] });
-  const url = await new Promise((resolve, reject) => {
-    let out = "";
-    child.stdout.on("data", (d) => {
-      out += d;
-      const m = /listening on (http:\/\/\S+)/.exec(out);
-      if (m) resolve(m[1]);
-    });
-    child.on("exit", (c) => reject(new Error(`simulator exited ${c}`)));
-  });
-  return {
-    url,
-    stats: async () => (await fetch(`${url}/_sim/stats`)).json(),
-    close: () =>
-      new Promise((r) => {
-        child.on("exit", r);
-        child.kill();
-      }),
-  };
-}
 
 const TOPICS = [
   "rate limits",

@@ -1,8 +1,10 @@
 // @ts-check
 // Shared helpers for the benchmarks: interleaved rounds, medians, tables.
+import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { availableParallelism, cpus } from "node:os";
 import { createRequire } from "node:module";
+import { fileURLToPath } from "node:url";
 
 const require = createRequire(import.meta.url);
 
@@ -91,4 +93,46 @@ export async function interleave(contenders, rounds, base) {
     max: Math.max(...values.get(c.name)),
     ratio: base ? median(ratios.get(c.name)) : NaN,
   }));
+}
+
+const simPath = fileURLToPath(new URL("../dist/sim.js", import.meta.url));
+
+/** A simulator (dist/sim.js) in a child process: its URL, its stats, and how to stop it. */
+export async function startSimChild(limits, windowMs, extra = []) {
+  const child = spawn(process.execPath, [
+    simPath,
+    "--port",
+    "0",
+    ...(limits
+      ? [
+        "--rpm",
+        String(limits.requests),
+        "--itpm",
+        String(limits.inputTokens),
+        "--otpm",
+        String(limits.outputTokens),
+        "--window-ms",
+        String(windowMs),
+      ]
+      : []),
+    ...extra,
+  ], { stdio: ["ignore", "pipe", "inherit"] });
+  const url = await new Promise((resolve, reject) => {
+    let out = "";
+    child.stdout.on("data", (d) => {
+      out += d;
+      const m = /listening on (http:\/\/\S+)/.exec(out);
+      if (m) resolve(m[1]);
+    });
+    child.on("exit", (c) => reject(new Error(`simulator exited ${c}`)));
+  });
+  return {
+    url,
+    stats: async () => (await fetch(`${url}/_sim/stats`)).json(),
+    close: () =>
+      new Promise((r) => {
+        child.on("exit", r);
+        child.kill();
+      }),
+  };
 }

@@ -8,6 +8,7 @@ import { pool } from "./pool.mjs";
 import { memory } from "./memory.mjs";
 import { e2e } from "./e2e.mjs";
 import { shared } from "./shared.mjs";
+import { relay } from "./relay.mjs";
 
 const quick = process.argv.includes("--quick");
 const json = process.argv.includes("--json");
@@ -18,6 +19,7 @@ const topics = [
   ["memory", memory],
   ["e2e", e2e],
   ["shared", shared],
+  ["relay", relay],
 ];
 const only = process.argv.slice(2).filter((a) => !a.startsWith("--"));
 

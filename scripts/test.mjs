@@ -380,7 +380,7 @@ step("bench --quick (smoke: it runs and yields numbers)", () => {
     else if (v && typeof v === "object") Object.values(v).forEach(walk);
   };
   walk(json);
-  for (const topic of ["pool", "limiter", "accuracy", "memory"]) {
+  for (const topic of ["pool", "limiter", "accuracy", "memory", "relay"]) {
     if (!(topic in json)) {
       throw new Error(`bench topic ${topic} missing\n${out}`);
     }
