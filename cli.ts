@@ -1922,9 +1922,11 @@ function progressLine(
     )
     : s.pace?.requests !== undefined
     ? [
-      `pace ${fmtRate((s.pace.requests * minute) / 1000)} req/${
-        unitOf(minute)
-      } (found from 429s)`,
+      `pace ${fmtRate((s.pace.requests * minute) / 1000)} req${
+        s.pace.inputTokens
+          ? `, ${fmtCount((s.pace.inputTokens * minute) / 1000)} in tok`
+          : ""
+      }/${unitOf(minute)} (found from 429s)`,
     ]
     : [
       `${fmtCount(elapsed > 0 ? (s.requests / elapsed) * minute : 0)} req/${

@@ -1000,7 +1000,9 @@ describe("paceline run: journal, stalls and fatal stops", () => {
     const refused = s.stats().rateLimited.requests;
     expect(refused).toBeGreaterThan(0); // it was paced by 429s
     expect(refused).toBeLessThanOrEqual(8);
-    const found = /pace found +([\d.]+) requests\/s from 429s/.exec(r.err);
+    const found =
+      /pace found +([\d.]+) requests\/s, ([\d,]+) input tokens\/s from 429s/
+        .exec(r.err);
     expect(found).not.toBeNull();
     // 5 per 200 ms is 25 per second; evenly spaced, it holds below that.
     expect(Number(found![1])).toBeGreaterThan(3);

@@ -5565,9 +5565,11 @@ export class Stats {
       `queue wait   ${ms(s.queueWaitMs)}`,
       ...(s.pace?.requests !== undefined
         ? [
-          `pace found   ${+s.pace.requests.toPrecision(
-            3,
-          )} requests/s from 429s (no limits were known)`,
+          `pace found   ${+s.pace.requests.toPrecision(3)} requests/s${
+            s.pace.inputTokens
+              ? `, ${n(s.pace.inputTokens)} input tokens/s`
+              : ""
+          } from 429s (no limits were known)`,
         ]
         : []),
     ].join("\n");
