@@ -8634,6 +8634,8 @@ function limitNamedIn(json: unknown): PaceKey | undefined {
 const RAMP_MS = 500;
 /** Quiet stretches before a probe, at first; doubled after each failed probe. */
 const PATIENCE = 4;
+/** How long the start's sends are kept, for a window learned from them. */
+const LOG_START_MS = 70_000;
 
 /**
  * Pace finding from 429s alone: a part of the request path, on only while
@@ -8668,6 +8670,14 @@ const PATIENCE = 4;
  *   its turn as a probe. A step's 429 that comes within a stretch of the
  *   step holding is the step failing, not the limit dropping: back to the
  *   pace before it, or to 95 % of what the last stretch sent if more.
+ * - **A precise wait** (to the ms, or whole seconds on a span of 10 s or
+ *   more, as a per-minute limit gives) also says how long the window is,
+ *   at most: the span. Then, instead of an even pace, the start's sends
+ *   may go again as they leave that window, all of them (what the window
+ *   held, it holds again), so a per-minute limit lets its minute's worth
+ *   go as the minute refills rather than spread over the next. A 429 at
+ *   that pace means the window was wrong (a shorter one hides in it, or
+ *   the server refills a bucket): the same rate, evenly, from then on.
  *
  * Estimates of latency-based limiters (Vegas, BBR, Netflix's
  * concurrency-limits) read queueing delay, which a relay's 429s do not
@@ -8715,8 +8725,16 @@ class PaceFinder {
   #quiet = 0;
   #patience = PATIENCE;
   /**
-   * Sends of the last stretch, three numbers each: when it went, and the
-   * requests and input tokens sent before it.
+   * With a precise first wait on a long enough span: the server's window
+   * as the start found it, in which a pace's worth goes as soon as the
+   * window has room (a burst as the window refills); 0 while the pace is
+   * even.
+   */
+  #windowMs = 0;
+  /**
+   * Sends of the last stretch (of the last 70 s, in the start), three
+   * numbers each: when it went, and the requests and input tokens sent
+   * before it.
    */
   #log: number[] = [];
   #logHead = 0;
@@ -8835,7 +8853,13 @@ class PaceFinder {
     this.#ceiling = Infinity;
     if (this.#phase === "start") this.#estimate(turn, told);
     else if (this.#scale > this.#good) this.#stepFailed(turn, this.#good);
-    else if (now - this.#heldAt < this.#stretchMs) {
+    else if (this.#windowMs > 0) {
+      // A learned window that drew a 429 at its pace was wrong (a shorter
+      // one hides in it, or the server refills a bucket): the same pace,
+      // evenly spaced from now.
+      this.#windowMs = 0;
+      this.#next[0] = this.#next[1] = now;
+    } else if (now - this.#heldAt < this.#stretchMs) {
       // The pace had held one stretch only: its step's 429 came late.
       this.#stepFailed(turn, this.#heldFrom);
     } else { // at a pace that held: the limit dropped
@@ -8896,9 +8920,14 @@ class PaceFinder {
     // step up at once; the ceiling is where the shortest would put it.
     const precise = told !== undefined &&
       (told % 1000 !== 0 || span >= 10_000);
-    this.#good = precise ? 0.95 : 1;
-    this.#scale = precise ? 0.95 : 1.25;
-    this.#bad = precise ? 1 : undefined;
+    // It also says how long the window is, at most: the start's sends
+    // (kept for 70 s) may go again as they leave it, all of them (what a
+    // window held, it holds again). Evenly, 95 % of the rate.
+    this.#windowMs = precise && span <= LOG_START_MS ? span : 0;
+    const held = this.#windowMs > 0 ? 1 : 0.95;
+    this.#good = precise ? held : 1;
+    this.#scale = precise ? held : 1.25;
+    this.#bad = precise ? held * 1.1 : undefined;
     this.#ceiling = precise || span <= wait ? Infinity : span / (span - wait);
     this.#stretchMs = Math.min(Math.max(span, RAMP_MS), 60_000);
     this.#phase = "pacing";
@@ -8958,6 +8987,8 @@ class PaceFinder {
     let at = this.#pausedUntil;
     if (this.#phase === "start") {
       if (this.#inflight >= this.#cap) return Infinity;
+    } else if (this.#windowMs > 0) {
+      at = Math.max(at, this.#windowRoom(turn));
     } else {
       if (this.#paced[0]) at = Math.max(at, this.#next[0]);
       if (this.#paced[1] && turn.inputTokens > 0) {
@@ -8965,6 +8996,32 @@ class PaceFinder {
       }
     }
     return at - now;
+  }
+
+  /**
+   * When the learned window has room for the turn in each key that paces:
+   * once the sends before the first one that must stay have left it.
+   */
+  #windowRoom(turn: PaceTurn): number {
+    const log = this.#log;
+    const amounts = [turn.requests, turn.inputTokens];
+    let at = -Infinity;
+    for (let k = 0; k < 2; k++) {
+      if (!this.#paced[k] || !(this.#base[k]! > 0) || !amounts[k]) continue;
+      const limit = this.#base[k]! * this.#scale * this.#windowMs;
+      // The first send that may stay is the first with this much before it.
+      const need = this.#sent[k]! + amounts[k]! - limit;
+      let lo = this.#logHead / 3;
+      let hi = log.length / 3;
+      if (lo === hi || log[lo * 3 + 1 + k]! >= need) continue;
+      while (lo + 1 < hi) { // log[lo] must leave; find the first that stays
+        const mid = (lo + hi) >>> 1;
+        if (log[mid * 3 + 1 + k]! >= need) hi = mid;
+        else lo = mid;
+      }
+      at = Math.max(at, log[(hi - 1) * 3]! + this.#windowMs);
+    }
+    return at;
   }
 
   /** The turn goes now: count it and move the schedule on. */
@@ -8978,17 +9035,21 @@ class PaceFinder {
     this.#sent[0] += turn.requests;
     this.#sent[1] += turn.inputTokens;
     this.#inflight++;
-    if (this.#phase !== "pacing") return;
     const log = this.#log;
     log.push(now, turn.before[0], turn.before[1]);
-    while (log[this.#logHead]! <= now - this.#stretchMs) this.#logHead += 3;
+    const keep = this.#phase === "pacing"
+      ? Math.max(this.#stretchMs, this.#windowMs)
+      : LOG_START_MS;
+    while (log[this.#logHead]! <= now - keep) this.#logHead += 3;
     if (this.#logHead > 3000 && this.#logHead * 2 > log.length) {
       log.splice(0, this.#logHead);
       this.#logHead = 0;
     }
+    if (this.#phase !== "pacing") return;
     if (now - this.#stretchStart >= this.#stretchMs) this.#endStretch(now);
     this.#stretchSent[0] += turn.requests;
     this.#stretchSent[1] += turn.inputTokens;
+    if (this.#windowMs > 0) return;
     const amounts = [turn.requests, turn.inputTokens];
     for (let i = 0; i < 2; i++) {
       const rate = this.#base[i]! * this.#scale;

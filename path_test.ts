@@ -792,7 +792,14 @@ describe("mod.ts opens with an index of every export", () => {
  */
 function silentRelay(
   clock: ManualClock,
-  o: { limit: number; windowMs: number; latencyMs: number; tokens?: boolean },
+  o: {
+    limit: number;
+    windowMs: number;
+    latencyMs: number;
+    tokens?: boolean;
+    /** Also send the wait to the ms (`retry-after-ms`). */
+    precise?: boolean;
+  },
 ) {
   const log: { t: number; amount: number }[] = [];
   let head = 0;
@@ -802,6 +809,7 @@ function silentRelay(
     accepted: 0,
     refused: 0,
     refusedAt: [] as number[],
+    acceptedAt: [] as number[],
   };
   const relay = {
     limit: o.limit,
@@ -837,6 +845,9 @@ function silentRelay(
             status: 429,
             headers: {
               "retry-after": String(Math.max(1, Math.ceil(wait / 1000))),
+              ...(o.precise
+                ? { "retry-after-ms": String(Math.ceil(wait)) }
+                : {}),
             },
           },
         );
@@ -844,6 +855,7 @@ function silentRelay(
         log.push({ t: now, amount });
         used += amount;
         st.accepted++;
+        st.acceptedAt.push(now);
         response = Response.json({
           usage: { input_tokens: amount, output_tokens: 1 },
         });
@@ -1012,6 +1024,58 @@ describe("request path: pace finding (no limits known, 429s alone)", () => {
     const after = f.stats.toJSON().pace!.requests!;
     expect(after).toBeGreaterThan(0.9 * before);
     expect(after).toBeLessThan(before);
+  });
+
+  it("a per-minute limit (100 per 60 s): the start's sends go again as they leave the window, so 300 requests take 2 windows, not 3", async () => {
+    const o = { limit: 100, windowMs: 60_000, latencyMs: 100 };
+    const { st, makespan } = await paceRun(o, 300);
+    const least = leastMakespan(Array(300).fill(1), o);
+    expect(makespan / least).toBeLessThanOrEqual(1.1);
+    expect(st.refused).toBeLessThanOrEqual(8); // those on their way at the first
+    expect(Math.max(...st.refusedAt)).toBeLessThan(5000);
+  });
+
+  it("a wait to the ms (retry-after-ms) says the window too: 3,000 tokens per 2 s, ≤ 1.25 × the least makespan", async () => {
+    const size = (i: number) => Math.round(1.94 * (28 + ((i * 7) % 30)));
+    const o = {
+      limit: 3000,
+      windowMs: 2000,
+      latencyMs: 100,
+      tokens: true,
+      precise: true,
+    };
+    const { st, makespan } = await paceRun(o, 200, size);
+    const least = leastMakespan(
+      Array.from({ length: 200 }, (_, i) => size(i)),
+      o,
+    );
+    expect(makespan / least).toBeLessThanOrEqual(1.25);
+    expect(st.refused).toBeLessThanOrEqual(8);
+  });
+
+  it("a learned window that draws a 429 at its pace (here: the limit halved) gives way to an even pace: no more bursts", async () => {
+    const { st, pace } = await paceRun({
+      limit: 100,
+      windowMs: 60_000,
+      latencyMs: 100,
+      limitAt: (t) => t < 90_000 ? 100 : 50,
+    }, 400);
+    const after = st.refusedAt.find((t) => t > 90_000)!;
+    expect(after).toBeDefined();
+    // In the window, a burst went at each refill; from the 429 on, none.
+    const inSecond = (from: number) => {
+      let most = 0;
+      for (const t of st.acceptedAt.filter((t) => t >= from)) {
+        most = Math.max(
+          most,
+          st.acceptedAt.filter((u) => u >= t && u < t + 1000).length,
+        );
+      }
+      return most;
+    };
+    expect(inSecond(60_000)).toBeGreaterThan(10);
+    expect(inSecond(after + 1)).toBeLessThanOrEqual(3);
+    expect(pace.at(-1)![1]).toBeLessThanOrEqual(50 / 60);
   });
 
   it("a limit that drops mid-run costs at most 3 more 429s; one that rises is found again within a few windows", async () => {

@@ -3031,6 +3031,7 @@ Usage: node dist/sim.js [flags]      deno run -A sim.ts [flags]
   --fault-slow P, --fault-mid-stream P, --fault-truncate P   probabilities 0..1
   --quota-after N      after N accepted requests, answer the spend-limit 429
   --no-limit-headers   send no rate-limit headers (a relay that passes none on)
+  --retry-after-ms     also send the wait to the ms on 429s (retry-after-ms)
   --no-prompt-cache    cache nothing; --cache-min-tokens N  the shortest
                        prefix Anthropic-style caching keeps (default 1024)
   --latency-ms N       base latency; --latency-per-token-ms N per output token
@@ -3116,6 +3117,9 @@ export function parseSimArgs(
         break;
       case "--no-limit-headers":
         o.limitHeaders = false;
+        break;
+      case "--retry-after-ms":
+        o.retryAfterMs = true;
         break;
       case "--no-prompt-cache":
         o.promptCache = false;

@@ -669,6 +669,9 @@ describe("simulator CLI flags", () => {
     expect(
       parseSimArgs(["--no-limit-headers", "--cache-min-tokens", "2048"]),
     ).toMatchObject({ limitHeaders: false, promptCache: { minTokens: 2048 } });
+    expect(parseSimArgs(["--retry-after-ms"])).toMatchObject({
+      retryAfterMs: true,
+    });
     expect(parseSimArgs(["--no-prompt-cache"])).toMatchObject({
       promptCache: false,
     });
