@@ -2,8 +2,9 @@
 // Through a relay that sends no limits (issue #25): `paceline run` with no
 // limits given, against the simulator's silent mode (429s with a
 // whole-second `retry-after`, no limit headers), for a limit in requests
-// per 2 s, one per 200 ms and one in input tokens per 2 s; then the same
-// run with the limits given, and the least makespan any client could reach.
+// per 2 s, one per 200 ms, one in input tokens per 2 s and one per 12 s
+// (long enough for the window to be learned); then the same run with the
+// limits given, and the least makespan any client could reach.
 import { spawnSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -133,7 +134,16 @@ export async function relay({ quick }) {
       limit: 3000,
       key: "inputTokens",
     },
-  ].slice(quick ? 1 : 0, quick ? 2 : 3);
+    {
+      // A "minute" long enough (a span of 10 s or more) for the window to
+      // be learned: the start's requests go again as they leave it.
+      name: "100 requests per 12 s",
+      flags: ["--rpm", "100"],
+      windowMs: 12_000,
+      limit: 100,
+      key: "requests",
+    },
+  ].slice(quick ? 1 : 0, quick ? 2 : 4);
   const dir = mkdtempSync(join(tmpdir(), "paceline-relay-"));
   const results = [];
   try {
