@@ -8922,7 +8922,7 @@ class PaceFinder {
       (told % 1000 !== 0 || span >= 10_000);
     // It also says how long the window is, at most: the start's sends
     // (kept for 70 s) may go again as they leave it, all of them (what a
-    // window held, it holds again). Evenly, 95 % of the rate.
+    // window held, it holds again). Without one, evenly at 95 % of it.
     this.#windowMs = precise && span <= LOG_START_MS ? span : 0;
     const held = this.#windowMs > 0 ? 1 : 0.95;
     this.#good = precise ? held : 1;
@@ -9035,16 +9035,7 @@ class PaceFinder {
     this.#sent[0] += turn.requests;
     this.#sent[1] += turn.inputTokens;
     this.#inflight++;
-    const log = this.#log;
-    log.push(now, turn.before[0], turn.before[1]);
-    const keep = this.#phase === "pacing"
-      ? Math.max(this.#stretchMs, this.#windowMs)
-      : LOG_START_MS;
-    while (log[this.#logHead]! <= now - keep) this.#logHead += 3;
-    if (this.#logHead > 3000 && this.#logHead * 2 > log.length) {
-      log.splice(0, this.#logHead);
-      this.#logHead = 0;
-    }
+    this.#logSend(turn, now);
     if (this.#phase !== "pacing") return;
     if (now - this.#stretchStart >= this.#stretchMs) this.#endStretch(now);
     this.#stretchSent[0] += turn.requests;
@@ -9056,6 +9047,20 @@ class PaceFinder {
       if (rate > 0) {
         this.#next[i] = Math.max(this.#next[i]!, now) + amounts[i]! / rate;
       }
+    }
+  }
+
+  /** Logs the send; drops those older than a stretch (70 s in the start) or the learned window. */
+  #logSend(turn: PaceTurn, now: number): void {
+    const log = this.#log;
+    log.push(now, turn.before[0], turn.before[1]);
+    const keep = this.#phase === "pacing"
+      ? Math.max(this.#stretchMs, this.#windowMs)
+      : LOG_START_MS;
+    while (log[this.#logHead]! <= now - keep) this.#logHead += 3;
+    if (this.#logHead > 3000 && this.#logHead * 2 > log.length) {
+      log.splice(0, this.#logHead);
+      this.#logHead = 0;
     }
   }
 
